@@ -1,0 +1,211 @@
+"""The Forward-INF engine against brute force, on tiny models (float64 where exactness is asserted)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from worker.forward_inf import (
+    AttributionInputError,
+    CausalLM,
+    Classification,
+    Diffusion,
+    ForwardInf,
+    MirrorConfig,
+    Regression,
+    attribute,
+    build,
+)
+
+
+@pytest.fixture
+def problem():
+    torch.manual_seed(0)
+    model = build("mlp", {"in_features": 6, "hidden": [8], "out_features": 3, "activation": "tanh"}).double()
+    x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    return model, x, y
+
+
+def per_sample_grads(model, x, y):
+    """(N, P) gradients by a plain autograd loop: the reference."""
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    return torch.stack(rows)
+
+
+def test_linear_sgd_equals_lr_times_gradient_dot_products(problem):
+    model, x, y = problem
+    grads = per_sample_grads(model, x, y)
+    config = MirrorConfig.preset("testing", lr=0.01)
+    scores = attribute(model, Classification(), (x, y), (x[:5], y[:5]), config)
+    assert scores.shape == (5, 40)
+    torch.testing.assert_close(scores, 0.01 * grads[:5] @ grads.T, rtol=1e-5, atol=0)
+
+
+def test_finite_sgd_small_step_matches_gradient_dot_products(problem):
+    model, x, y = problem
+    grads = per_sample_grads(model, x, y)
+    config = MirrorConfig.preset("testing", mode="finite", lr=1e-5)
+    scores = attribute(model, Classification(), (x, y), (x[:5], y[:5]), config) / 1e-5
+    ref = grads[:5] @ grads.T
+    for j in range(5):
+        assert torch.corrcoef(torch.stack([scores[j], ref[j]]))[0, 1] >= 0.9999
+
+
+def test_descent_has_the_same_sign_convention(problem):
+    model, x, y = problem
+    config = MirrorConfig.preset("testing", mode="finite", lr=1e-6)
+    up = attribute(model, Classification(), (x, y), (x[:3], y[:3]), config)
+    down = attribute(model, Classification(), (x, y), (x[:3], y[:3]), config.replace(direction="descent"))
+    torch.testing.assert_close(up, down, rtol=1e-3, atol=1e-12)
+    assert (up.gather(1, torch.arange(3)[:, None]) > 0).all()  # a point supports itself
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "signsgd"])
+@pytest.mark.parametrize("mode", ["finite", "linear"])
+def test_test_points_swept_together_equal_separate_calls(problem, optimizer, mode):
+    model, x, y = problem
+    config = MirrorConfig.preset("testing", optimizer=optimizer, mode=mode, steps=2, lr=1e-3, max_param_sets=3)
+    fi = ForwardInf(model, Classification(), config).prepare((x, y))
+    together = fi.scores((x[:8], y[:8]))
+    apart = torch.cat([fi.scores((x[j : j + 1], y[j : j + 1])) for j in range(8)])
+    torch.testing.assert_close(together, apart, rtol=1e-6, atol=1e-15)
+
+
+def test_base_losses_are_computed_once_per_training_point(problem):
+    model, x, y = problem
+    seen = []
+    model.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    fi = ForwardInf(model, Classification(), MirrorConfig.preset("testing", mode="finite", batch_size=16))
+    fi.prepare([(x[:25], y[:25]), (x[25:], y[25:])])
+    assert sum(seen) == 40
+    torch.testing.assert_close(fi.base, F.cross_entropy(model(x), y, reduction="none").detach())
+    seen.clear()
+    fi.scores((x[:2], y[:2]))
+    fi.scores((x[2:4], y[2:4]))
+    # per query: the test points (a batch of 2, vmapped single points) and one sweep of the 40 training
+    # points (batches of 16, 9, 15); no base losses again
+    assert sum(s for s in seen if s > 2) == 2 * 40
+
+
+def test_group_mode_is_one_step_on_the_mean_loss(problem):
+    model, x, y = problem
+    config = MirrorConfig.preset("testing", group=True)
+    grads = per_sample_grads(model, x, y)
+    scores = attribute(model, Classification(), (x, y), (x[:6], y[:6]), config)
+    assert scores.shape == (1, 40)
+    torch.testing.assert_close(scores[0], config.lr * grads @ grads[:6].mean(0), rtol=1e-5, atol=0)
+
+
+def test_parameter_globs_perturb_only_those_parameters(problem):
+    model, x, y = problem
+    config = MirrorConfig.preset("testing", params=("net.3.*",))
+    scores = attribute(model, Classification(), (x, y), (x[:2], y[:2]), config)
+    grads = per_sample_grads(model, x, y)
+    last = sum(p.numel() for p in model.net[3].parameters())
+    torch.testing.assert_close(scores, config.lr * grads[:2, -last:] @ grads[:, -last:].T, rtol=1e-5, atol=0)
+
+
+def test_memorised_test_point_is_flagged_and_its_sgd_step_normalised(problem):
+    model, x, y = problem
+    with torch.no_grad():
+        model.net[3].bias[:] = torch.tensor([0.0, 0.0, 60.0])  # class 2 becomes certain: loss ~ 0
+    test = (x[:4], torch.full((4,), 2))
+    fi = ForwardInf(model, Classification(), MirrorConfig.preset("testing", safeguard="normalize")).prepare((x, y))
+    mirror = fi.mirror(test)
+    assert mirror.memorized.all()
+    scores = fi.sweep(mirror)
+    unguarded = ForwardInf(model, Classification(), MirrorConfig.preset("testing")).prepare((x, y)).scores(test)
+    assert scores.abs().max() > 1e6 * unguarded.abs().max()  # the row carries a usable signal again
+    # same ranking, rescaled: the direction of the gradient is kept
+    assert torch.equal(scores.argsort(1), unguarded.argsort(1))
+
+
+def test_match_score_puts_an_exact_duplicate_first(problem):
+    model, x, y = problem
+    config = MirrorConfig.preset("leakage", dtype="float64")
+    scores = attribute(model, Classification(), (x, y), (x[7:9], y[7:9]), config)
+    assert scores.argmax(1).tolist() == [7, 8]
+    assert scores[:, [7, 8]].diagonal().abs().max() < 1e-9
+
+
+def test_regression_task(problem):
+    model, x, _ = problem
+    targets = torch.randn(40, 3, dtype=torch.float64)
+    scores = attribute(model, Regression(), (x, targets), (x[:3], targets[:3]), MirrorConfig.preset("testing"))
+    assert scores.shape == (3, 40) and torch.isfinite(scores).all()
+    assert (scores[:, :3].diagonal() > 0).all()  # lr * |g|^2: each point supports itself
+
+
+def test_causal_lm_task_honours_the_target_mask():
+    torch.manual_seed(0)
+    model = build("gpt", {"vocab_size": 11, "block_size": 8, "d_model": 16, "n_layer": 1, "n_head": 2})
+    tokens = torch.randint(0, 11, (12, 8))
+    query = tokens[:2].clone()
+    mask = torch.zeros_like(query)
+    mask[:, 5:] = 1  # only the completion counts
+    scores = attribute(model, CausalLM(), tokens, (query, mask), MirrorConfig(max_param_sets=1))
+    assert scores.shape == (2, 12) and torch.isfinite(scores).all()
+    changed = query.clone()
+    changed[:, 1:5] = (changed[:, 1:5] + 1) % 11  # the prompt changes, so the completion's loss does too
+    other = attribute(model, CausalLM(), tokens, (changed, mask), MirrorConfig())
+    assert not torch.allclose(scores, other)
+    full = attribute(model, CausalLM(), tokens, query, MirrorConfig())
+    assert not torch.allclose(scores, full)  # the mask matters
+
+
+def test_diffusion_task_is_deterministic():
+    torch.manual_seed(0)
+    model = build("unet", {"in_channels": 1, "width": 8, "time_dim": 8})
+    images = torch.rand(10, 1, 8, 8)
+    config = MirrorConfig(mode="finite", optimizer="adam", lr=1e-3)
+    first = attribute(model, Diffusion(draws=2), images, images[:2], config)
+    second = attribute(model, Diffusion(draws=2), images, images[:2], config)
+    assert first.shape == (2, 10) and torch.isfinite(first).all()
+    assert torch.equal(first, second)
+
+
+def test_cnn_on_images_runs_end_to_end():
+    torch.manual_seed(0)
+    model = build("cnn", {"in_channels": 1, "num_classes": 10, "width": 4, "image_size": 8})
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    scores = attribute(model, Classification(), (x, y), (x[:3], y[:3]), MirrorConfig(mode="finite", optimizer="adam"))
+    assert scores.shape == (3, 16) and torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda x, y: ((x[:, :5], y), (x[:2, :5], y[:2])), "cannot process"),
+        (lambda x, y: ((x, y.double()), (x[:2], y[:2])), "integer class labels"),
+        (lambda x, y: ((x, y + 5), (x[:2], y[:2])), "outside 0..2"),
+        (lambda x, y: ((x[:0], y[:0]), (x[:2], y[:2])), "empty"),
+        (lambda x, y: ((x.masked_fill(x > 2, float("nan")), y), (x[:2], y[:2])), "NaN"),
+        (lambda x, y: ((x, y), (x[:2].masked_fill(x[:2] > 0, float("inf")), y[:2])), "test set has NaN or infinite"),
+        (lambda x, y: ((x, y[:30]), (x[:2], y[:2])), "differ in length"),
+        (lambda x, y: (iter([(x, y)]), (x[:2], y[:2])), "one-shot iterator"),
+        (lambda x, y: ((x, y), "text"), "cannot read a batch"),
+        (lambda x, y: (x, (x[:2], y[:2])), "targets are required"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_message(problem, change, message):
+    model, x, y = problem
+    train, test = change(x, y)
+    with pytest.raises(AttributionInputError, match=message):
+        attribute(model, Classification(), train, test, MirrorConfig.preset("testing"))
+
+
+def test_bad_settings_are_refused(problem):
+    model, x, y = problem
+    with pytest.raises(AttributionInputError, match="matches none"):
+        ForwardInf(model, Classification(), MirrorConfig(params=("encoder.*",)))
+    with pytest.raises(AttributionInputError, match="optimizer"):
+        MirrorConfig(optimizer="rmsprop")
+    with pytest.raises(AttributionInputError, match="steps"):
+        MirrorConfig(steps=0)
+    with pytest.raises(AttributionInputError, match="unknown preset"):
+        MirrorConfig.preset("fastest")
+    with pytest.raises(AttributionInputError, match="unknown builtin"):
+        build("resnet50")

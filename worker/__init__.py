@@ -1,0 +1,1 @@
+"""The attribution worker: RQ jobs around the Forward-INF engine (`worker.forward_inf`)."""

@@ -1,0 +1,57 @@
+"""Real data and tiny real models for the demo registry, the tests and the benchmarks.
+
+Data ships inside scikit-learn (`load_digits`: 1,797 8x8 images of handwritten digits), so nothing is
+downloaded. Training is deterministic (seeded, single-threaded-safe full-batch optimisation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .forward_inf import build
+
+
+def digits(test_size: int = 360, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train (N, 64) float32 in [0, 1], y_train (N,), x_test, y_test), a seeded random split."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.tensor(np.random.default_rng(seed).permutation(len(y)))
+    x, y = x[order], y[order]
+    return x[test_size:], y[test_size:], x[:test_size], y[:test_size]
+
+
+def train_classifier(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int = 300,
+    lr: float = 1e-2,
+    weight_decay: float = 0.0,
+    batch_size: int | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Train with Adam on cross-entropy (full batch unless `batch_size`); returns the model in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    n = len(y)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen) if batch_size else torch.arange(n)
+        for lo in range(0, n, batch_size or n):
+            idx = order[lo : lo + (batch_size or n)]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def digits_mlp(x: torch.Tensor, y: torch.Tensor, hidden: int = 64, epochs: int = 300, seed: int = 0) -> nn.Module:
+    """The demo model: an MLP 64 -> hidden -> 10 trained on the given digits."""
+    torch.manual_seed(seed)
+    model = build("mlp", {"in_features": 64, "hidden": [hidden], "out_features": 10})
+    return train_classifier(model, x, y, epochs=epochs, seed=seed)

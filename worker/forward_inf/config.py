@@ -1,0 +1,132 @@
+"""Method settings for the mirrored step and the sweep, and the engine's one exception.
+
+`MirrorConfig` is plain data (a frozen dataclass): the service's pydantic `MethodSettings`
+(app/schemas.py) carries the same fields over HTTP, and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["AttributionInputError", "MirrorConfig", "PRESETS"]
+
+
+class AttributionInputError(ValueError):
+    """The model, the data or the settings do not fit together; the message says how."""
+
+
+Optimizer = Literal["sgd", "adam", "signsgd"]
+Direction = Literal["ascent", "descent"]
+Mode = Literal["finite", "linear"]
+ScoreKind = Literal["signed", "abs", "match"]
+Safeguard = Literal["normalize", "none"]
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    """How to take the mirrored step(s) on the test points and sweep the training set.
+
+    Attributes:
+        optimizer: update rule of the mirrored step: "sgd" (step = lr * grad), "adam" (a fresh Adam,
+            whose first step is lr * g / (|g| + eps), i.e. about lr * sign(g)), "signsgd".
+        lr: step size.
+        steps: number of mirrored steps (>= 1). `linear` mode uses the first step's direction only.
+        direction: "ascent" (unlearn the test point, the paper's default) or "descent".
+        mode: "finite" takes the step(s) and reads each training loss change (arXiv 2402.08922);
+            "linear" is the exact first-order value, the directional derivative of each training loss
+            along the first step (forward-mode autodiff, no step-size error).
+        params: name globs (fnmatch) of the parameters that are perturbed; the rest stay fixed.
+        score: "signed" (positive = the training point supports the test prediction), "abs", or "match":
+            -|score_i - score_self| / |score_self|, where score_self is the test point's own response to
+            its mirrored step. An exact duplicate of the test point responds identically (0, the top);
+            this is the leakage detector (raw loss changes favour inputs of large norm instead).
+        group: treat all test points as one query: one step on their mean loss, one score row.
+        batch_size: training points per forward batch in the sweep.
+        max_param_sets: perturbed parameter sets swept together (each training batch is read once per
+            group of this many test points); halved automatically on out-of-memory.
+        device: torch device string; None keeps the model where it is.
+        dtype: "float32" or "float64"; None keeps the model's dtype.
+        adam_betas, adam_eps: Adam's constants.
+        memorized_loss: a test point whose loss is below this is treated as memorised (its gradient,
+            and so an SGD step, is nearly zero and carries no signal).
+        safeguard: for memorised test points under SGD, "normalize" rescales the gradient to unit norm
+            before the step, so the row still ranks training points; "none" leaves it (rows near zero).
+            Adam and signSGD steps are scale-free already.
+    """
+
+    optimizer: Optimizer = "sgd"
+    lr: float = 1e-3
+    steps: int = 1
+    direction: Direction = "ascent"
+    mode: Mode = "linear"
+    params: tuple[str, ...] = ("*",)
+    score: ScoreKind = "signed"
+    group: bool = False
+    batch_size: int = 512
+    max_param_sets: int = 16
+    device: str | None = None
+    dtype: Literal["float32", "float64"] | None = None
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    memorized_loss: float = 1e-4
+    safeguard: Safeguard = "normalize"
+
+    def __post_init__(self) -> None:
+        checks = {
+            "optimizer": ("sgd", "adam", "signsgd"),
+            "direction": ("ascent", "descent"),
+            "mode": ("finite", "linear"),
+            "score": ("signed", "abs", "match"),
+            "safeguard": ("normalize", "none"),
+            "dtype": ("float32", "float64", None),
+        }
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise AttributionInputError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if not self.lr > 0:
+            raise AttributionInputError(f"lr={self.lr}: must be > 0")
+        for name in ("steps", "batch_size", "max_param_sets"):
+            if int(getattr(self, name)) < 1:
+                raise AttributionInputError(f"{name}={getattr(self, name)}: must be >= 1")
+        if isinstance(self.params, str):
+            object.__setattr__(self, "params", (self.params,))
+        if not self.params:
+            raise AttributionInputError("params: at least one name glob is needed")
+
+    @property
+    def sign(self) -> float:
+        """+1 for ascent, -1 for descent: theta' = theta + sign * update, score = sign * dL."""
+        return 1.0 if self.direction == "ascent" else -1.0
+
+    def replace(self, **changes) -> MirrorConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> MirrorConfig:
+        """A named, measured setting (see docs/benchmarks.md): "attribution", "leakage", "mislabeled",
+        "testing" (float64, for exactness checks)."""
+        if name not in PRESETS:
+            raise AttributionInputError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+# Chosen by measurement (bench/engine.py, tests/test_engine_realdata.py; figures in docs/benchmarks.md):
+# - attribution: the exact first-order score (single-checkpoint TracIn, no step-size error) ranked
+#   leave-one-out effects best among the one-step settings on digits.
+# - leakage: a finite Adam ascent step with the "match" score. A memorised duplicate has a tiny gradient,
+#   so gradient dot products miss it (digits MLP, 20 planted: top-1 0/20); a sign-like Adam step moves
+#   every weight, but the raw loss change favours images with more ink (top-1 0-1/20 for lr 0.005-1.0).
+#   The duplicate's loss change equals the test point's own: "match" finds 20/20 at lr 0.01, 0.05, 0.2.
+# - mislabeled: group mode over a clean reference set; descent ("learn the clean set"), whose loss
+#   changes expose training points that the clean data disagrees with.
+PRESETS: dict[str, dict] = {
+    "attribution": {},
+    "leakage": {"mode": "finite", "optimizer": "adam", "lr": 0.05, "score": "match"},
+    "mislabeled": {"mode": "linear", "group": True},
+    "testing": {"dtype": "float64", "safeguard": "none"},
+}

@@ -1,0 +1,162 @@
+"""`ForwardInf`: prepare a (model, training set) once, then answer attribution queries with a mirrored
+step on the test points and one forward sweep over the training set.
+
+    fi = ForwardInf(model, task, MirrorConfig()).prepare(train)   # base losses, computed once
+    scores = fi.scores(test)                                       # (n_test, n_train); (1, n_train) in group mode
+
+`attribute(model, task, train, test, config)` is the one-shot form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .config import AttributionInputError, MirrorConfig
+from .data import Batch, Examples
+from .mirror import Functional, Mirror, mirror_step
+from .sweep import Progress, sweep
+from .tasks import TEST_INDEX_OFFSET, Task
+
+__all__ = ["ForwardInf", "attribute"]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class ForwardInf:
+    """Forward-INF over one model and one training set.
+
+    The model is put in eval mode (no dropout noise, no BatchNorm drift) and moved to the config's
+    device and dtype, in place.
+    """
+
+    def __init__(self, model: torch.nn.Module, task: Task, config: MirrorConfig | None = None):
+        self.config = config or MirrorConfig()
+        self.task = task
+        dtype = getattr(torch, self.config.dtype) if self.config.dtype else None
+        self.model = model.eval().to(device=self.config.device, dtype=dtype)
+        first = next(iter(self.model.parameters()), None)
+        if first is None:
+            raise AttributionInputError("the model has no parameters")
+        self.device, self.dtype = first.device, first.dtype
+        self.fm = Functional(self.model, self.config.params)
+        self.train: Examples | None = None
+        self.base: torch.Tensor | None = None
+
+    # -- data ----------------------------------------------------------------------------------------
+    def _batches(self, examples: Examples, index_offset: int = 0, validate: bool = True) -> Iterator[Batch]:
+        """Batches moved to the device, floating inputs cast to the model's dtype, task-prepared; with
+        `validate`, NaN/inf refused (the sweep skips this: prepare() checked the training set)."""
+        for batch in examples:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            for key in ("inputs", "targets"):
+                value = batch.get(key)
+                if value is not None and value.is_floating_point():
+                    if validate and not torch.isfinite(value).all():
+                        raise AttributionInputError(f"the {examples.what} has NaN or infinite {key}")
+                    batch[key] = value.to(self.dtype)
+            batch["index"] = batch["index"] + index_offset
+            yield self.task.prepare(batch)
+
+    def _checked_forward(self, batch: Batch, what: str) -> torch.Tensor:
+        """The model's output on `batch`, or an AttributionInputError naming what does not fit."""
+        try:
+            out = self.task.forward(self.fm.caller(self.fm.theta), batch)
+        except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+            if _is_oom(exc):
+                raise
+            shapes = {k: f"{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in batch.items()}
+            raise AttributionInputError(f"the model cannot process the {what} ({shapes}): {exc}") from exc
+        self.task.check(out, batch)
+        return out
+
+    # -- the method ----------------------------------------------------------------------------------
+    def prepare(self, train, base: torch.Tensor | None = None, progress: Progress | None = None) -> ForwardInf:
+        """Bind the training set and compute its base losses once (or adopt `base`, computed before
+        for the same model and training set)."""
+        self.train = Examples(train, self.config.batch_size, "training set")
+        if base is None:
+            parts = []
+            with torch.no_grad():
+                for n, batch in enumerate(self._batches(self.train), 1):
+                    if n == 1:  # the first batch doubles as the check that model and data fit
+                        out = self._checked_forward(batch, self.train.what)
+                    else:
+                        out = self.task.forward(self.fm.caller(self.fm.theta), batch)
+                    parts.append(self.task.criterion(out, batch))
+                    if progress:
+                        progress(n, self.train.num_batches())
+            base = torch.cat(parts)
+        elif self.config.mode == "finite" and not torch.isfinite(base).all():
+            raise AttributionInputError("the given base losses are not finite")
+        self.base = base.to(self.device, self.dtype)
+        return self
+
+    def mirror(self, test) -> Mirror:
+        """The mirrored step(s) on the test points (all of them at once)."""
+        examples = Examples(test, 1 << 62, "test set")
+        batch = next(self._batches(examples, TEST_INDEX_OFFSET))
+        with torch.no_grad():
+            self._checked_forward(batch, examples.what)
+        return mirror_step(self.fm, self.task, batch, self.config)
+
+    def scores(self, test, progress: Progress | None = None) -> torch.Tensor:
+        """(n_test, n_train) scores, or (1, n_train) in group mode; positive = the training point
+        supports (lowers the loss of) the test point. Raises AttributionInputError on bad input."""
+        if self.train is None:
+            raise AttributionInputError("call prepare(train) before scores(test)")
+        m = self.mirror(test)
+        return self.sweep(m, progress)
+
+    def sweep(self, m: Mirror, progress: Progress | None = None) -> torch.Tensor:
+        deltas = m.first if self.config.mode == "linear" else m.total
+        k = m.test_loss.shape[0]
+        per_chunk = self.train.num_batches()
+        total = per_chunk * -(-k // self.config.max_param_sets) if per_chunk else None
+        rows, lo, size, done = [], 0, self.config.max_param_sets, 0
+        while lo < k:
+            hi = min(k, lo + size)
+            part = {n: d[lo:hi] for n, d in deltas.items()}
+
+            def report(i, _total, base_done=done):
+                if progress:
+                    progress(base_done + i, total)
+
+            try:
+                rows.append(
+                    sweep(
+                        self.fm,
+                        self.task,
+                        self._batches(self.train, validate=False),
+                        part,
+                        self.config.mode,
+                        self.base,
+                        self.config.sign,
+                        report,
+                        total,
+                    ).cpu()
+                )
+            except (RuntimeError, torch.OutOfMemoryError) as exc:
+                if not _is_oom(exc) or size == 1:
+                    raise
+                size //= 2  # back off: fewer parameter sets per pass over the training set
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            done += per_chunk or 0
+            lo = hi
+        scores = torch.cat(rows)
+        if self.config.score == "abs":
+            return scores.abs()
+        if self.config.score == "match":  # 0 = responds exactly as the test point itself; lower = less alike
+            own = m.self_score.cpu()[:, None]
+            return -(scores - own).abs() / own.abs().clamp_min(torch.finfo(scores.dtype).tiny)
+        return scores
+
+
+def attribute(model: torch.nn.Module, task: Task, train, test, config: MirrorConfig | None = None) -> torch.Tensor:
+    """One-shot Forward-INF: (n_test, n_train) scores (see ForwardInf.scores)."""
+    return ForwardInf(model, task, config).prepare(train).scores(test)

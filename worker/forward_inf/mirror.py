@@ -1,0 +1,114 @@
+"""The mirrored step: a few optimizer steps on each test point, functionally and batched over test points.
+
+For test point j (or the whole test set in `group` mode) with gradient g_j = grad L(theta; z_j):
+
+    theta'_j = theta + sign * update(g_j)          sign = +1 ascent (unlearn z_j), -1 descent
+
+with update = lr * g (sgd), lr * sign(g) (signsgd), or a fresh Adam's step. No model is copied: the
+selected parameters are a dict of tensors, stacked to (k, *shape) for k test points, and per-test-point
+gradients come from torch.func.vmap(grad(...)). arXiv 2402.08922, Sec. 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatch
+
+import torch
+from torch.func import functional_call, grad_and_value, jvp, vmap
+
+from .config import AttributionInputError, MirrorConfig
+
+Params = dict[str, torch.Tensor]
+
+
+class Functional:
+    """A module viewed as a pure function of its selected parameters (name globs)."""
+
+    def __init__(self, model: torch.nn.Module, globs: tuple[str, ...]):
+        named = dict(model.named_parameters())
+        for glob in globs:
+            if not any(fnmatch(name, glob) for name in named):
+                raise AttributionInputError(f"parameter glob {glob!r} matches none of {sorted(named)}")
+        self.model = model
+        self.theta: Params = {n: p.detach() for n, p in named.items() if any(fnmatch(n, g) for g in globs)}
+        self.fixed: Params = {n: p.detach() for n, p in named.items() if n not in self.theta}
+        self.fixed.update(dict(model.named_buffers()))
+
+    def caller(self, params: Params):
+        """`call(*args)` = the model's forward under `params` (the selected ones; the rest fixed)."""
+        merged = {**self.fixed, **params}
+        return lambda *args: functional_call(self.model, merged, args)
+
+
+@dataclass
+class Mirror:
+    """The outcome of the mirrored step(s) for k rows (test points, or 1 in group mode).
+
+    first: (k, *shape) per parameter, the first step's update (the tangent of `linear` mode).
+    total: (k, *shape) per parameter, the sum of all updates (theta'_j = theta + total_j).
+    test_loss: (k,) loss of each row's test point(s) before the step.
+    self_score: (k,) the row's score of its own test point(s) (what an exact duplicate in the
+        training set would score): sign * loss change (finite) or directional derivative (linear).
+    memorized: (k,) bool, rows whose loss was below `memorized_loss`.
+    """
+
+    first: Params
+    total: Params
+    test_loss: torch.Tensor
+    self_score: torch.Tensor
+    memorized: torch.Tensor
+
+
+def mirror_step(fm: Functional, task, test: dict, config: MirrorConfig) -> Mirror:
+    """Take `config.steps` mirrored steps on each test point of the prepared batch `test`."""
+
+    def example_loss(params, example):  # one test point, no batch dimension
+        return task.loss(fm.caller(params), {k: v.unsqueeze(0) for k, v in example.items()})[0]
+
+    def group_loss(params, batch):
+        return task.loss(fm.caller(params), batch).mean()
+
+    row_loss, in_dims, k = (
+        (group_loss, (0, None), 1) if config.group else (example_loss, (0, 0), test["inputs"].shape[0])
+    )
+    grad_fn = vmap(grad_and_value(row_loss), in_dims=in_dims)
+
+    params = {n: p.expand(k, *p.shape).clone() for n, p in fm.theta.items()}  # (k, *shape)
+    state: dict[str, Params] = {"m": {}, "v": {}}
+    first = total = None
+    for step in range(1, config.steps + 1):
+        grads, losses = grad_fn(params, test)  # (k, *shape), (k,)
+        if step == 1:
+            test_loss = losses.detach()
+            memorized = test_loss < config.memorized_loss
+            if config.optimizer == "sgd" and config.safeguard == "normalize" and memorized.any():
+                norm = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values())).clamp_min(1e-30)
+                scale = torch.where(memorized, 1.0 / norm, torch.ones_like(norm))
+                grads = {n: g * scale.reshape(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
+        update = _update(grads, state, step, config)
+        params = {n: params[n] + config.sign * update[n] for n in params}
+        delta = {n: config.sign * u for n, u in update.items()}
+        first = delta if first is None else first
+        total = delta if total is None else {n: total[n] + delta[n] for n in total}
+    with torch.no_grad():
+        if config.mode == "finite":
+            own = vmap(row_loss, in_dims=in_dims)(params, test) - test_loss
+        else:
+            along = vmap(lambda t, x: jvp(lambda q: row_loss(q, x), (fm.theta,), (t,))[1], in_dims=(0, in_dims[1]))
+            own = along(first, test)
+    return Mirror(first, total, test_loss, config.sign * own, memorized)
+
+
+def _update(grads: Params, state: dict[str, Params], step: int, config: MirrorConfig) -> Params:
+    if config.optimizer == "sgd":
+        return {n: config.lr * g for n, g in grads.items()}
+    if config.optimizer == "signsgd":
+        return {n: config.lr * g.sign() for n, g in grads.items()}
+    b1, b2 = config.adam_betas
+    out = {}
+    for n, g in grads.items():
+        m = state["m"][n] = b1 * state["m"].get(n, torch.zeros_like(g)) + (1 - b1) * g
+        v = state["v"][n] = b2 * state["v"].get(n, torch.zeros_like(g)) + (1 - b2) * g * g
+        out[n] = config.lr * (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + config.adam_eps)
+    return out

@@ -74,11 +74,24 @@ def test_test_points_swept_together_equal_separate_calls(problem, optimizer, mod
     torch.testing.assert_close(together, apart, rtol=1e-6, atol=1e-15)
 
 
+@pytest.mark.parametrize("mode", ["finite", "linear"])
+def test_stacking_strategies_agree(problem, mode):
+    model, x, y = problem
+    config = MirrorConfig.preset("testing", mode=mode, optimizer="adam", batch_size=16)
+    results = {
+        way: ForwardInf(model, Classification(), config.replace(stacking=way)).prepare((x, y)).scores((x[:5], y[:5]))
+        for way in ("vmap", "loop", "auto")
+    }
+    torch.testing.assert_close(results["vmap"], results["loop"], rtol=1e-10, atol=1e-15)
+    torch.testing.assert_close(results["auto"], results["loop"], rtol=1e-10, atol=1e-15)
+
+
 def test_base_losses_are_computed_once_per_training_point(problem):
     model, x, y = problem
     seen = []
     model.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
-    fi = ForwardInf(model, Classification(), MirrorConfig.preset("testing", mode="finite", batch_size=16))
+    config = MirrorConfig.preset("testing", mode="finite", batch_size=16, stacking="vmap")
+    fi = ForwardInf(model, Classification(), config)
     fi.prepare([(x[:25], y[:25]), (x[25:], y[25:])])
     assert sum(seen) == 40
     torch.testing.assert_close(fi.base, F.cross_entropy(model(x), y, reduction="none").detach())

@@ -46,6 +46,8 @@ class MirrorConfig:
         batch_size: training points per forward batch in the sweep.
         max_param_sets: perturbed parameter sets swept together (each training batch is read once per
             group of this many test points); halved automatically on out-of-memory.
+        stacking: how several parameter sets meet a training batch: "vmap", "loop", or "auto" (time
+            both on the first batch, keep the faster; the results agree to rounding).
         device: torch device string; None keeps the model where it is.
         dtype: "float32" or "float64"; None keeps the model's dtype.
         adam_betas, adam_eps: Adam's constants.
@@ -66,6 +68,7 @@ class MirrorConfig:
     group: bool = False
     batch_size: int = 512
     max_param_sets: int = 16
+    stacking: Literal["auto", "vmap", "loop"] = "auto"
     device: str | None = None
     dtype: Literal["float32", "float64"] | None = None
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -81,6 +84,7 @@ class MirrorConfig:
             "score": ("signed", "abs", "match"),
             "safeguard": ("normalize", "none"),
             "dtype": ("float32", "float64", None),
+            "stacking": ("auto", "vmap", "loop"),
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:

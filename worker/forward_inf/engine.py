@@ -45,6 +45,7 @@ class ForwardInf:
         self.fm = Functional(self.model, self.config.params)
         self.train: Examples | None = None
         self.base: torch.Tensor | None = None
+        self._stacking = self.config.stacking  # "auto" resolves on the first batched sweep
 
     # -- data ----------------------------------------------------------------------------------------
     def _batches(self, examples: Examples, index_offset: int = 0, validate: bool = True) -> Iterator[Batch]:
@@ -112,32 +113,33 @@ class ForwardInf:
         return self.sweep(m, progress)
 
     def sweep(self, m: Mirror, progress: Progress | None = None) -> torch.Tensor:
+        """Scores for an existing mirror, `max_param_sets` rows per pass over the training set (halved
+        on out-of-memory). `progress(done, total)` is called after every batch and may raise to cancel."""
         deltas = m.first if self.config.mode == "linear" else m.total
         k = m.test_loss.shape[0]
-        per_chunk = self.train.num_batches()
-        total = per_chunk * -(-k // self.config.max_param_sets) if per_chunk else None
+        per_pass = self.train.num_batches()
         rows, lo, size, done = [], 0, self.config.max_param_sets, 0
         while lo < k:
             hi = min(k, lo + size)
-            part = {n: d[lo:hi] for n, d in deltas.items()}
+            total = done + per_pass * -(-(k - lo) // size) if per_pass else None
 
-            def report(i, _total, base_done=done):
+            def report(i, _total, before=done, total=total):
                 if progress:
-                    progress(base_done + i, total)
+                    progress(before + i, total)
 
+            batches = self._batches(self.train, validate=False)
+            part = {n: d[lo:hi] for n, d in deltas.items()}
             try:
-                rows.append(
-                    sweep(
-                        self.fm,
-                        self.task,
-                        self._batches(self.train, validate=False),
-                        part,
-                        self.config.mode,
-                        self.base,
-                        self.config.sign,
-                        report,
-                        total,
-                    ).cpu()
+                row, self._stacking = sweep(
+                    self.fm,
+                    self.task,
+                    batches,
+                    part,
+                    self.config.mode,
+                    self.base,
+                    self.config.sign,
+                    self._stacking,
+                    report,
                 )
             except (RuntimeError, torch.OutOfMemoryError) as exc:
                 if not _is_oom(exc) or size == 1:
@@ -146,7 +148,8 @@ class ForwardInf:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            done += per_chunk or 0
+            rows.append(row.cpu())
+            done += per_pass or 0
             lo = hi
         scores = torch.cat(rows)
         if self.config.score == "abs":

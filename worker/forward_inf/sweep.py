@@ -10,6 +10,7 @@ L(theta; z_i) depend only on the model and the training set: ForwardInf.prepare 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -29,34 +30,52 @@ def sweep(
     mode: str,
     base: torch.Tensor | None,
     sign: float,
+    stacking: str = "auto",
     progress: Progress | None = None,
-    total: int | None = None,
-) -> torch.Tensor:
-    """(k, N) scores of every training point for k parameter-set deltas ((k, *shape) each)."""
+) -> tuple[torch.Tensor, str]:
+    """(k, N) scores of every training point for k parameter-set deltas ((k, *shape) each).
+
+    `stacking` says how the k parameter sets meet a batch: "vmap" (one batched forward; wins for small
+    models and on GPUs), "loop" (k forwards over the batch while it is in cache; wins for convolutions
+    on CPU, whose batched-weight rule is slow), or "auto": time both on the first batch and keep the
+    faster. Returns the scores and the stacking used.
+    """
     k = next(iter(deltas.values())).shape[0]
     if mode == "finite":
-        perturbed = {n: fm.theta[n] + d for n, d in deltas.items()}  # (k, *shape)
+        stacked = {n: fm.theta[n] + d for n, d in deltas.items()}  # (k, *shape) perturbed parameters
 
-        def losses(batch):  # (k, B) loss changes
-            if k == 1:
-                new = task.loss(fm.caller({n: p[0] for n, p in perturbed.items()}), batch)[None]
-            else:
-                new = vmap(lambda p: task.loss(fm.caller(p), batch))(perturbed)
-            return new - base[batch["index"]]
+        def one(params, batch):  # (B,) perturbed losses; the base is subtracted below
+            return task.loss(fm.caller(params), batch)
     else:
+        stacked = deltas
 
-        def losses(batch):  # (k, B) directional derivatives
-            def along(tangent):
-                return jvp(lambda p: task.loss(fm.caller(p), batch), (fm.theta,), (tangent,))[1]
+        def one(tangent, batch):  # (B,) directional derivatives along `tangent`
+            return jvp(lambda p: task.loss(fm.caller(p), batch), (fm.theta,), (tangent,))[1]
 
-            if k == 1:
-                return along({n: d[0] for n, d in deltas.items()})[None]
-            return vmap(along)(deltas)
+    def by_loop(batch):
+        return torch.stack([one({n: p[j] for n, p in stacked.items()}, batch) for j in range(k)])
 
+    def by_vmap(batch):
+        return vmap(one, in_dims=(0, None))(stacked, batch)
+
+    ways = {"loop": by_loop, "vmap": by_vmap}
     out = []
     with torch.no_grad():
         for done, batch in enumerate(batches, 1):
-            out.append(sign * losses(batch))
+            if k == 1:
+                value = by_loop(batch)
+            elif stacking == "auto":
+                timings = {}
+                for name, way in ways.items():
+                    start = time.perf_counter()
+                    value = way(batch)
+                    timings[name] = time.perf_counter() - start
+                stacking = min(timings, key=timings.get)
+            else:
+                value = ways[stacking](batch)
+            if mode == "finite":
+                value = value - base[batch["index"]]
+            out.append(sign * value)
             if progress:
-                progress(done, total)
-    return torch.cat(out, dim=1)
+                progress(done, None)
+    return torch.cat(out, dim=1), stacking

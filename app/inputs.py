@@ -1,0 +1,136 @@
+"""Check a request against the registry and the model's input spec, before anything is enqueued.
+
+Every problem becomes an InvalidInput (422) or NotFound (404) naming the field and the reason, so a
+job never fails on input that could have been refused at the door.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from worker.registry import DatasetManifest, ModelManifest, Registry
+
+from .errors import InvalidInput, NotFound, PayloadTooLarge
+from .schemas import AttributionCreate, DatasetTest, InlineTest
+from .settings import Settings
+
+
+def resolve(
+    request: AttributionCreate, registry: Registry, settings: Settings
+) -> tuple[ModelManifest, DatasetManifest]:
+    model = registry.model(request.model)
+    if model is None:
+        raise NotFound(f"unknown model {request.model!r}")
+    dataset = registry.dataset(request.dataset)
+    if dataset is None:
+        raise NotFound(f"unknown dataset {request.dataset!r}")
+    if dataset.input.shape != model.input.shape or dataset.input.dtype != model.input.dtype:
+        raise InvalidInput(
+            f"dataset {dataset.id!r} holds {dataset.input.dtype} examples of shape {dataset.input.shape}; "
+            f"model {model.id!r} takes {model.input.dtype} of shape {model.input.shape}"
+        )
+    if request.top_k > settings.max_top_k:
+        raise InvalidInput(f"top_k={request.top_k} exceeds the limit of {settings.max_top_k}", _loc("top_k"))
+    if isinstance(request.test, InlineTest):
+        check_inline(request.test, model, settings)
+    else:
+        check_records(request.test, registry, model, settings)
+    return model, dataset
+
+
+def _loc(*loc, msg: str = "") -> list[dict]:
+    return [{"loc": ["body", *loc], "msg": msg}] if msg else [{"loc": ["body", *loc]}]
+
+
+def _count_limit(n: int, settings: Settings) -> None:
+    if n > settings.max_test_points:
+        raise PayloadTooLarge(f"{n} test points exceed the limit of {settings.max_test_points} per request")
+
+
+def check_inline(test: InlineTest, model: ModelManifest, settings: Settings) -> None:
+    spec, n = model.input, len(test.inputs)
+    _count_limit(n, settings)
+    try:
+        x = np.asarray(test.inputs, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise InvalidInput(
+            "test.inputs: must be a regular numeric array (one array per test point)", _loc("test", "inputs")
+        ) from None
+    shape = list(x.shape[1:])
+    if len(shape) != len(spec.shape) or any(
+        want not in (-1, got) for want, got in zip(spec.shape, shape, strict=False)
+    ):
+        raise InvalidInput(
+            f"test.inputs: each test point must have shape {spec.shape} for model {model.id!r}, got {shape}",
+            _loc("test", "inputs"),
+        )
+    if not np.isfinite(x).all():
+        raise InvalidInput("test.inputs: contains NaN or infinity", _loc("test", "inputs"))
+    if spec.dtype == "int64" and not (x == np.round(x)).all():
+        raise InvalidInput("test.inputs: must be integers (token ids) for this model", _loc("test", "inputs"))
+    if spec.range is not None and ((x < spec.range[0]).any() or (x > spec.range[1]).any()):
+        raise InvalidInput(
+            f"test.inputs: values must lie in [{spec.range[0]}, {spec.range[1]}], got [{x.min():g}, {x.max():g}]",
+            _loc("test", "inputs"),
+        )
+    if spec.vocab_size is not None and ((x < 0).any() or (x >= spec.vocab_size).any()):
+        raise InvalidInput(f"test.inputs: token ids must lie in 0..{spec.vocab_size - 1}", _loc("test", "inputs"))
+    _check_targets(test.targets, n, model, x.shape[1:])
+
+
+def _check_targets(targets, n: int, model: ModelManifest, input_shape) -> None:
+    loc = _loc("test", "targets")
+    if model.task == "diffusion":
+        if targets is not None:
+            raise InvalidInput("test.targets: a diffusion model takes images only", loc)
+        return
+    if targets is None:
+        if model.task in ("classification", "regression"):
+            raise InvalidInput(f"test.targets: required for a {model.task} model (one per test point)", loc)
+        return
+    if len(targets) != n:
+        raise InvalidInput(f"test.targets: {len(targets)} targets for {n} test points", loc)
+    try:
+        y = np.asarray(targets, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise InvalidInput("test.targets: must be a regular numeric array", loc) from None
+    if not np.isfinite(y).all():
+        raise InvalidInput("test.targets: contains NaN or infinity", loc)
+    if model.task == "classification":
+        classes = model.input.num_classes
+        if y.ndim != 1 or not (y == np.round(y)).all():
+            raise InvalidInput("test.targets: class labels must be integers, one per test point", loc)
+        if classes is not None and ((y < 0).any() or (y >= classes).any()):
+            raise InvalidInput(f"test.targets: labels must lie in 0..{classes - 1}", loc)
+    elif model.task == "causal-lm" and y.shape != (n, *input_shape):
+        raise InvalidInput("test.targets: a causal-LM target mask must match the token arrays' shape", loc)
+
+
+def check_records(test: DatasetTest, registry: Registry, model: ModelManifest, settings: Settings) -> None:
+    dataset = registry.dataset(test.dataset)
+    if dataset is None:
+        raise NotFound(f"unknown dataset {test.dataset!r} (test.dataset)")
+    if (test.records is None) == (test.indices is None):
+        raise InvalidInput("test: give exactly one of 'records' or 'indices'", _loc("test"))
+    picks = test.records if test.records is not None else test.indices
+    if not picks:
+        raise InvalidInput("test: no test points selected", _loc("test"))
+    _count_limit(len(picks), settings)
+    if dataset.input.shape != model.input.shape:
+        raise InvalidInput(
+            f"test.dataset {dataset.id!r} holds examples of shape {dataset.input.shape}; "
+            f"model {model.id!r} takes {model.input.shape}",
+            _loc("test", "dataset"),
+        )
+    if test.indices is not None:
+        bad = [i for i in test.indices if i >= dataset.size]
+        if bad:
+            raise InvalidInput(
+                f"test.indices: {bad[:5]} out of range for {dataset.id!r} ({dataset.size} records)",
+                _loc("test", "indices"),
+            )
+    else:
+        known = set(dataset.record_ids())
+        missing = [r for r in test.records if r not in known]
+        if missing:
+            raise NotFound(f"test.records: unknown record ids in {dataset.id!r}: {missing[:5]}")

@@ -1,0 +1,166 @@
+"""The API process: `create_app()` wires routers, the error handler, the Redis pool and metrics.
+
+It never imports torch (a test checks): the maths runs in workers, reached through Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from worker.registry import Registry, RegistryError
+
+from . import metrics
+from .errors import InvalidInput, PayloadTooLarge, ServiceError, Unavailable
+from .routes import attributions, health, models
+from .settings import Settings
+
+PROBLEM = "application/problem+json"
+
+
+def connect(settings: Settings) -> Redis:
+    """A pooled client that fails fast: no retries, short timeouts (Redis down -> 503 in ~1 s)."""
+    return Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_timeout_s,
+        socket_timeout=settings.redis_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def problem(request: Request, exc: ServiceError) -> JSONResponse:
+    body = {
+        "type": "about:blank",
+        "title": exc.title,
+        "status": exc.status,
+        "detail": exc.detail,
+        "instance": request.url.path,
+    }
+    if exc.errors:
+        body["errors"] = exc.errors
+    return JSONResponse(body, status_code=exc.status, media_type=PROBLEM)
+
+
+def translate(exc: Exception) -> ServiceError:
+    """Foreign exceptions -> the service's error tree (the one place this happens)."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, RedisError):
+        return Unavailable(f"the job store (Redis) is unavailable: {type(exc).__name__}; retry shortly")
+    if isinstance(exc, RequestValidationError):
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
+        return InvalidInput(detail or "invalid request", errors)
+    if isinstance(exc, RegistryError):
+        return ServiceError(f"the model registry is misconfigured: {exc}")
+    return ServiceError("internal error; the request was not processed")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.redis = connect(settings)
+        yield
+        app.state.redis.close()
+
+    app = FastAPI(
+        title="Training-data attribution service",
+        version="1.0.0",
+        lifespan=lifespan,
+        description="Which training examples made the model do this? Forward-INF attribution "
+        "(arXiv 2402.08922): a mirrored step on the test points, one forward sweep "
+        "over the training set.",
+    )
+    app.state.settings, app.state.registry = settings, Registry(settings.registry_dir)
+    for router in (attributions.router, models.router, health.router):
+        app.include_router(router)
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception):
+        return problem(request, translate(exc))
+
+    for foreign in (ServiceError, RedisError, RequestValidationError, RegistryError):
+        app.add_exception_handler(foreign, on_error)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        start = time.perf_counter()
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > settings.max_body_bytes:  # refuse before reading the body
+            response = problem(
+                request, PayloadTooLarge(f"body of {length} bytes exceeds the limit of {settings.max_body_bytes}")
+            )
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.REQUESTS.labels(request.method, path, str(response.status_code)).inc()
+        metrics.LATENCY.labels(path).observe(time.perf_counter() - start)
+        return response
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+class BodyLimit:
+    """Stops reading a body (chunked, or longer than its Content-Length said) once it passes `limit`
+    bytes: the app sees a disconnect, and the client gets a 413 problem."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received, too_large, started = 0, False, False
+
+        async def limited():
+            nonlocal received, too_large
+            if too_large:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                too_large = True
+                return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message):
+            nonlocal started
+            if not too_large:
+                started = True
+                await send(message)
+
+        try:
+            await self.app(scope, limited, guarded)
+        except Exception:
+            if not too_large:
+                raise
+        if too_large and not started:
+            body = json.dumps(
+                {
+                    "type": "about:blank",
+                    "title": PayloadTooLarge.title,
+                    "status": 413,
+                    "detail": f"body exceeds the limit of {self.limit} bytes",
+                }
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 413,
+                    "headers": [(b"content-type", PROBLEM.encode()), (b"content-length", str(len(body)).encode())],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,61 @@
+"""Registered models and datasets (read-only: the operator manages the registry on disk)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from ..deps import RegistryDep
+from ..errors import NotFound
+from ..schemas import DatasetPublic, ModelPublic
+
+router = APIRouter(prefix="/v1", tags=["registry"])
+
+
+def _model(m) -> ModelPublic:
+    return ModelPublic(
+        id=m.id,
+        version=m.version,
+        description=m.description,
+        task=m.task,
+        architecture=m.architecture,
+        input=m.input.model_dump(exclude_none=True),
+        method_defaults=m.method,
+        digest=m.digest,
+    )
+
+
+def _dataset(d) -> DatasetPublic:
+    return DatasetPublic(
+        id=d.id,
+        version=d.version,
+        description=d.description,
+        size=d.size,
+        shards=len(d.shards),
+        input=d.input.model_dump(exclude_none=True),
+        trained=d.trained,
+        digest=d.digest,
+    )
+
+
+@router.get("/models", operation_id="list_models")
+def list_models(registry: RegistryDep) -> list[ModelPublic]:
+    return [_model(m) for m in registry.models()]
+
+
+@router.get("/models/{model_id}", operation_id="get_model")
+def get_model(model_id: str, registry: RegistryDep) -> ModelPublic:
+    if (m := registry.model(model_id)) is None:
+        raise NotFound(f"unknown model {model_id!r}")
+    return _model(m)
+
+
+@router.get("/datasets", operation_id="list_datasets")
+def list_datasets(registry: RegistryDep) -> list[DatasetPublic]:
+    return [_dataset(d) for d in registry.datasets()]
+
+
+@router.get("/datasets/{dataset_id}", operation_id="get_dataset")
+def get_dataset(dataset_id: str, registry: RegistryDep) -> DatasetPublic:
+    if (d := registry.dataset(dataset_id)) is None:
+        raise NotFound(f"unknown dataset {dataset_id!r}")
+    return _dataset(d)

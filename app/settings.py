@@ -1,0 +1,47 @@
+"""Every knob of the service, in one pydantic-settings class, read from ATTR_* environment variables
+(and REDIS_URL). The API and the worker each build one `Settings()` at start; tests pass their own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATTR_", extra="ignore", populate_by_name=True)
+
+    environment: Literal["development", "production"] = "development"
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "ATTR_REDIS_URL"))
+    redis_timeout_s: float = Field(1.0, description="socket connect/read timeout: Redis down -> 503 fast")
+    namespace: str = Field("fi", description="prefix of every key this service writes (RQ's own: rq:)")
+    queue: str = "attributions"
+    registry_dir: Path = Path("var/registry")
+
+    # request limits
+    max_body_bytes: int = 8 << 20
+    max_test_points: int = 256
+    max_top_k: int = 100
+    max_memorization_records: int = 64
+
+    # jobs and caches
+    job_timeout_s: int = 3600
+    job_retries: int = Field(2, description="re-runs of a job whose worker died (SIGKILL, OOM)")
+    heartbeat_ttl_s: int = Field(30, description="a running job not heartbeated this long is abandoned")
+    maintenance_interval_s: int = Field(10, description="how often a worker requeues abandoned jobs")
+    score_ttl_s: int = 7 * 24 * 3600
+    base_loss_ttl_s: int = 30 * 24 * 3600
+    job_record_ttl_s: int = 24 * 3600
+
+    # worker
+    device: str = Field("auto", description='"auto" (cuda if available, else cpu), "cpu", "cuda:0", ...')
+    dtype: Literal["float32", "float64"] = "float32"
+    batch_size: int = 1024
+    warm_bytes: int = Field(2 << 30, description="budget of the worker's warm cache (models, shards, losses)")
+    warm_on_start: bool = True
+    progress_interval_s: float = 0.25
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.namespace, *parts))

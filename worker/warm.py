@@ -1,0 +1,129 @@
+"""The worker's warm state: models, training-set shards and base losses, in an LRU under a byte budget.
+
+Base losses are looked up warm, then in Redis (so a restarted worker does not recompute them), and
+only then computed. Counters say what was loaded or computed; the worker publishes them in its
+heartbeat (tests and /metrics read them).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from .forward_inf import AttributionInputError, Task, build, make_task
+from .registry import DatasetManifest, ModelManifest, RegistryError, verify
+from .store import Store
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, torch.nn.Module):
+        return sum(nbytes(t) for t in (*value.parameters(), *value.buffers()))
+    if isinstance(value, dict | tuple | list):
+        return sum(nbytes(v) for v in (value.values() if isinstance(value, dict) else value))
+    return 0
+
+
+class Warm:
+    def __init__(self, store: Store, budget_bytes: int, device: torch.device, dtype: torch.dtype):
+        self.store, self.budget, self.device, self.dtype = store, budget_bytes, device, dtype
+        self.items: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        self.counters: Counter[str] = Counter()
+
+    @property
+    def bytes(self) -> int:
+        return sum(size for _, size in self.items.values())
+
+    def _get(self, key: tuple, load: Callable[[], Any]) -> Any:
+        if key in self.items:
+            self.items.move_to_end(key)
+            self.counters["warm_hits"] += 1
+            return self.items[key][0]
+        value = load()
+        size = nbytes(value)
+        self.items[key] = (value, size)
+        while self.bytes > self.budget and len(self.items) > 1:  # evict least recently used, keep the newest
+            self.items.popitem(last=False)
+            self.counters["evictions"] += 1
+        return value
+
+    # -- models --------------------------------------------------------------------------------------
+    def model(self, m: ModelManifest) -> tuple[torch.nn.Module, Task]:
+        return self._get(("model", m.digest), lambda: self._load_model(m))
+
+    def _load_model(self, m: ModelManifest) -> tuple[torch.nn.Module, Task]:
+        self.counters["model_loads"] += 1
+        if m.architecture.startswith("builtin:"):
+            model = build(m.architecture, m.params)
+        else:  # python:package.module:factory, operator code named in the operator's manifest
+            _, module, factory = m.architecture.split(":")
+            model = getattr(importlib.import_module(module), factory)(**m.params)
+        state = load_file(verify(m.path / m.weights, m.sha256))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise RegistryError(f"model {m.id!r}: weights do not fit the architecture: {exc}") from exc
+        return model.to(self.device, self.dtype).eval(), make_task(m.task, **m.task_params)
+
+    # -- data ----------------------------------------------------------------------------------------
+    def shard(self, d: DatasetManifest, n: int) -> dict[str, torch.Tensor]:
+        return self._get(("shard", d.digest, n), lambda: self._load_shard(d, n))
+
+    def _load_shard(self, d: DatasetManifest, n: int) -> dict[str, torch.Tensor]:
+        self.counters["shard_loads"] += 1
+        shard = d.shards[n]
+        path = verify(d.path / shard.file, shard.sha256)
+        if path.suffix == ".npy":
+            data = {"inputs": torch.from_numpy(np.load(path, allow_pickle=False))}
+            if shard.targets:
+                data["targets"] = torch.from_numpy(
+                    np.load(verify(d.path / shard.targets, shard.targets_sha256 or ""), allow_pickle=False)
+                )
+        else:
+            data = {k: v for k, v in load_file(path).items() if k in ("inputs", "targets")}
+        if "inputs" not in data or len(data["inputs"]) != shard.size:
+            raise RegistryError(f"dataset {d.id!r} shard {n}: expected 'inputs' with {shard.size} examples")
+        return {k: v.to(self.device) for k, v in data.items()}
+
+    def examples(self, d: DatasetManifest, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Records of a dataset by global index (for test points given by reference)."""
+        bounds = np.cumsum([0] + [s.size for s in d.shards])
+        parts: dict[str, list[torch.Tensor]] = {}
+        for i in indices:
+            if not 0 <= i < bounds[-1]:
+                raise AttributionInputError(f"record index {i} is out of range for {d.id!r}")
+            n = int(np.searchsorted(bounds, i, side="right") - 1)
+            for k, v in self.shard(d, n).items():
+                parts.setdefault(k, []).append(v[i - bounds[n]])
+        return {k: torch.stack(v) for k, v in parts.items()}
+
+    # -- base losses ---------------------------------------------------------------------------------
+    def base(self, m: ModelManifest, d: DatasetManifest, n: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """L(theta; z_i) for shard n: warm, else from Redis, else computed (and stored in both)."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        key = ("base", m.digest, d.digest, n, dtype)
+
+        def load():
+            raw = self.store.get_base(m.digest, d.digest, n, dtype)
+            if raw is not None and len(raw) == d.shards[n].size * self.dtype.itemsize:
+                self.counters["base_from_redis"] += 1
+                return torch.frombuffer(bytearray(raw), dtype=self.dtype).to(self.device)
+            self.counters["base_computes"] += 1
+            value = compute().detach()
+            self.store.put_base(m.digest, d.digest, n, dtype, value.cpu().numpy().tobytes())
+            return value
+
+        return self._get(key, load)

@@ -26,6 +26,7 @@ from rq.serializers import JSONSerializer
 from app.settings import Settings
 
 from . import jobs
+from .forward_inf import AttributionInputError, ForwardInf, MirrorConfig
 from .registry import Registry, RegistryError
 from .store import Store
 from .warm import Warm, resolve_device
@@ -119,16 +120,18 @@ class WarmWorker(SimpleWorker):
         threading.Thread(target=loop, daemon=True, name="worker-heartbeat").start()
 
     def warm_up(self) -> None:
-        """Load every registered model and its training shards, within the budget."""
+        """Load every registered model and the shards of the datasets it trained on, within the budget,
+        and take one mirrored step on a training example (torch.func's first call costs ~2 s)."""
         ctx = self.context
         for m in ctx.registry.models():
             try:
-                ctx.warm.model(m)
+                model, task = ctx.warm.model(m)
                 for d in ctx.registry.datasets():
                     if m.id in d.trained:
-                        for n in range(len(d.shards)):
-                            ctx.warm.shard(d, n)
-            except (RegistryError, OSError) as exc:
+                        shards = [ctx.warm.shard(d, n) for n in range(len(d.shards))]
+                        example = {k: v[:1] for k, v in shards[0].items()}
+                        ForwardInf(model, task, MirrorConfig(dtype=self.settings.dtype)).mirror(example)
+            except (RegistryError, AttributionInputError, OSError) as exc:
                 log.error("warm-up skipped %s: %s", m.id, exc)
 
     def teardown(self):

@@ -1,0 +1,36 @@
+"""What a user on a Docker host runs: the compose file parses and names things that exist."""
+
+import re
+
+import yaml
+
+from tests.conftest import ROOT
+
+
+def test_compose_file_names_files_and_targets_that_exist():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stages = set(re.findall(r"^FROM \S+ AS (\w+)", dockerfile, flags=re.M))
+    assert {"redis", "api", "worker"} <= set(compose["services"])
+    for name, service in compose["services"].items():
+        build = service.get("build")
+        if build:
+            assert (ROOT / build["context"] / build["dockerfile"]).is_file(), name
+            assert build["target"] in stages, name
+    assert "--appendonly" in compose["services"]["redis"]["command"]
+    assert compose["services"]["redis"]["healthcheck"]["test"]
+    gpu = compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["capabilities"] == ["gpu"]
+    for path in re.findall(r"^COPY (\S+)", dockerfile, flags=re.M):
+        assert (ROOT / path).exists(), path
+    # the API image installs no torch; the worker image does
+    assert re.search(r"AS api\n(?:(?!FROM).*\n)*RUN pip install \.\n", dockerfile)
+    assert "TORCH_SPEC" in dockerfile.split("AS worker")[1]
+
+
+def test_readme_commands_exist():
+    readme = (ROOT / "README.md").read_text()
+    for script in ("./scripts/serve", "./scripts/test"):
+        assert script in readme
+        assert (ROOT / script).stat().st_mode & 0o111
+    assert "./scripts/test" in (ROOT / ".ci" / "run").read_text()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 from redis import Redis
 from rq import Queue
@@ -100,10 +101,17 @@ class Jobs:
             job = Job.fetch(key, connection=self.redis, serializer=JSONSerializer)
         return self._public(key, job, None, request.top_k), False
 
-    def get(self, key: str, top_k: int | None = None) -> AttributionPublic:
-        if (result := self._result(key)) is not None:
-            return self._public(key, None, result, top_k)
-        return self._public(key, self._job(key), None, top_k)
+    def get(self, key: str, top_k: int | None = None, wait_s: float = 0.0) -> AttributionPublic:
+        """The job's public view; with `wait_s`, wait up to that long for it to end (a long poll, so
+        clients need not poll in a tight loop)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            if (result := self._result(key)) is not None:
+                return self._public(key, None, result, top_k)
+            public = self._public(key, self._job(key), None, top_k)
+            if public.status not in ("queued", "running") or time.monotonic() >= deadline:
+                return public
+            time.sleep(self.settings.long_poll_interval_s)
 
     def _job(self, key: str) -> Job:
         try:

@@ -93,29 +93,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for foreign in (ServiceError, RedisError, RequestValidationError, RegistryError):
         app.add_exception_handler(foreign, on_error)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        start = time.perf_counter()
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > settings.max_body_bytes:  # refuse before reading the body
-            response = problem(
-                request, PayloadTooLarge(f"body of {length} bytes exceeds the limit of {settings.max_body_bytes}")
-            )
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.REQUESTS.labels(request.method, path, str(response.status_code)).inc()
-        metrics.LATENCY.labels(path).observe(time.perf_counter() - start)
-        return response
-
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(Guard, limit=settings.max_body_bytes)
     return app
 
 
-class BodyLimit:
-    """Stops reading a body (chunked, or longer than its Content-Length said) once it passes `limit`
-    bytes: the app sees a disconnect, and the client gets a 413 problem."""
+class Guard:
+    """Pure ASGI (no per-request task like BaseHTTPMiddleware): refuses bodies over `limit` bytes, by
+    Content-Length before reading or while streaming a chunked one (the app then sees a disconnect),
+    and counts requests and latency per route for /metrics."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -123,44 +108,55 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        received, too_large, started = 0, False, False
+        start, received, too_large, status = time.perf_counter(), 0, False, 500
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            too_large = True
+            await self._refuse(send, f"body of {int(length)} bytes exceeds the limit of {self.limit}")
+            status = 413
+        else:
 
-        async def limited():
-            nonlocal received, too_large
-            if too_large:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                too_large = True
-                return {"type": "http.disconnect"}
-            return message
+            async def limited():
+                nonlocal received, too_large
+                if too_large:
+                    return {"type": "http.disconnect"}
+                message = await receive()
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    too_large = True
+                    return {"type": "http.disconnect"}
+                return message
 
-        async def guarded(message):
-            nonlocal started
-            if not too_large:
-                started = True
+            async def guarded(message):
+                nonlocal status
+                if too_large:
+                    return
+                if message["type"] == "http.response.start":
+                    status = message["status"]
                 await send(message)
 
-        try:
-            await self.app(scope, limited, guarded)
-        except Exception:
-            if not too_large:
-                raise
-        if too_large and not started:
-            body = json.dumps(
-                {
-                    "type": "about:blank",
-                    "title": PayloadTooLarge.title,
-                    "status": 413,
-                    "detail": f"body exceeds the limit of {self.limit} bytes",
-                }
-            ).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 413,
-                    "headers": [(b"content-type", PROBLEM.encode()), (b"content-length", str(len(body)).encode())],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            try:
+                await self.app(scope, limited, guarded)
+            except Exception:
+                if not too_large:
+                    raise
+            if too_large:
+                status = 413
+                await self._refuse(send, f"body exceeds the limit of {self.limit} bytes")
+        path = getattr(scope.get("route"), "path", "unmatched")
+        metrics.REQUESTS.labels(scope["method"], path, str(status)).inc()
+        metrics.LATENCY.labels(path).observe(time.perf_counter() - start)
+
+    @staticmethod
+    async def _refuse(send, detail: str) -> None:
+        body = json.dumps(
+            {"type": "about:blank", "title": PayloadTooLarge.title, "status": 413, "detail": detail}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", PROBLEM.encode()), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

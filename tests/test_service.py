@@ -59,8 +59,11 @@ def test_full_loop_matches_the_engine_and_caches(client, settings, worker, regis
     job = created.json()
     assert job["status"] == "queued" and created.headers["location"] == f"/v1/attributions/{job['id']}"
 
+    start = time.monotonic()
+    waited = client.get(f"/v1/attributions/{job['id']}", params={"wait_s": 0.3}).json()
+    assert waited["status"] == "queued" and time.monotonic() - start >= 0.3  # a long poll that times out
     worker.work(burst=True)
-    done = client.get(f"/v1/attributions/{job['id']}", params={"top_k": 5}).json()
+    done = client.get(f"/v1/attributions/{job['id']}", params={"top_k": 5, "wait_s": 5}).json()
     assert done["status"] == "finished", done
     assert done["progress"]["done"] == done["progress"]["total"] > 0
     assert set(done["timing"]) == {"load_s", "mirror_s", "sweep_s", "store_s"}

@@ -18,7 +18,7 @@ from rq.job import Job
 from app.schemas import AttributionJob, DatasetTest
 from app.settings import Settings
 
-from .forward_inf import AttributionInputError, ForwardInf, MirrorConfig
+from .forward_inf import AttributionInputError, MirrorConfig
 from .registry import Registry, RegistryError
 from .store import Store
 from .warm import Warm
@@ -104,7 +104,6 @@ def run(request: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
         raise RegistryError(f"{request.model!r} or {request.dataset!r} is no longer registered")
     if model_m.digest != request.model_digest or data_m.digest != request.dataset_digest:
         raise RegistryError("the model or dataset changed since the request was made; submit it again")
-    model, task = ctx.warm.model(model_m)
     shards = [ctx.warm.shard(data_m, n) for n in range(len(data_m.shards))]
     test = _test_points(request, ctx)
     method = dict(request.method)
@@ -115,7 +114,7 @@ def run(request: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
         dtype=ctx.settings.dtype,
         batch_size=ctx.settings.batch_size,
     )
-    fi = ForwardInf(model, task, config)
+    fi = ctx.warm.engine(model_m, config)
     bases = [ctx.warm.base(model_m, data_m, n, lambda s=s: fi.prepare(s).base) for n, s in enumerate(shards)]
     reporter.timing["load_s"] = time.perf_counter() - t
 
@@ -140,7 +139,7 @@ def run(request: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
         "model": request.model,
         "dataset": request.dataset,
         "method": {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()},
-        "rows": _top(scores, mirror, data_m.record_ids(), ctx.settings.max_top_k),
+        "rows": _top(scores, mirror, ctx.warm.record_ids(data_m), ctx.settings.max_top_k),
         "progress": {"done": total, "total": total, "unit": "batches", "eta_s": 0.0},
     }
     reporter.timing["store_s"] = time.perf_counter() - t  # the summary; the write itself follows

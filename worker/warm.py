@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .forward_inf import AttributionInputError, Task, build, make_task
+from .forward_inf import AttributionInputError, ForwardInf, MirrorConfig, Task, build, make_task
 from .registry import DatasetManifest, ModelManifest, RegistryError, verify
 from .store import Store
 
@@ -32,6 +32,10 @@ def nbytes(value: Any) -> int:
         return value.numel() * value.element_size()
     if isinstance(value, torch.nn.Module):
         return sum(nbytes(t) for t in (*value.parameters(), *value.buffers()))
+    if isinstance(value, str):
+        return len(value) + 49  # CPython's str header
+    if isinstance(value, ForwardInf):
+        return nbytes(value.model)  # its scratch copy of the model, once made
     if isinstance(value, dict | tuple | list):
         return sum(nbytes(v) for v in (value.values() if isinstance(value, dict) else value))
     return 0
@@ -78,6 +82,16 @@ class Warm:
             raise RegistryError(f"model {m.id!r}: weights do not fit the architecture: {exc}") from exc
         return model.to(self.device, self.dtype).eval(), make_task(m.task, **m.task_params)
 
+    def engine(self, m: ModelManifest, config: MirrorConfig) -> ForwardInf:
+        """A ForwardInf per (model, settings), kept warm: its measured stacking choice and its scratch
+        copy of the model carry over to the next job with the same settings."""
+
+        def make():
+            model, task = self.model(m)
+            return ForwardInf(model, task, config)
+
+        return self._get(("engine", m.digest, config), make)
+
     # -- data ----------------------------------------------------------------------------------------
     def shard(self, d: DatasetManifest, n: int) -> dict[str, torch.Tensor]:
         return self._get(("shard", d.digest, n), lambda: self._load_shard(d, n))
@@ -97,6 +111,9 @@ class Warm:
         if "inputs" not in data or len(data["inputs"]) != shard.size:
             raise RegistryError(f"dataset {d.id!r} shard {n}: expected 'inputs' with {shard.size} examples")
         return {k: v.to(self.device) for k, v in data.items()}
+
+    def record_ids(self, d: DatasetManifest) -> list[str]:
+        return self._get(("records", d.digest), d.record_ids)
 
     def examples(self, d: DatasetManifest, indices: list[int]) -> dict[str, torch.Tensor]:
         """Records of a dataset by global index (for test points given by reference)."""

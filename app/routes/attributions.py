@@ -35,10 +35,15 @@ def create_attribution(
 
 @router.get("/{attribution_id}", operation_id="get_attribution", responses=PROBLEMS)
 def get_attribution(
-    attribution_id: str, jobs: JobsDep, top_k: Annotated[int, Query(ge=1, le=1000)] = 10
+    attribution_id: str,
+    jobs: JobsDep,
+    settings: SettingsDep,
+    top_k: Annotated[int, Query(ge=1, le=1000)] = 10,
+    wait_s: Annotated[float, Query(ge=0, description="wait up to this long (capped) for the job to end")] = 0.0,
 ) -> AttributionPublic:
-    """Status, progress, timing and, when finished, the top-k proponents and opponents per test point."""
-    return jobs.get(attribution_id, top_k)
+    """Status, progress, timing and, when finished, the top-k proponents and opponents per test point.
+    With `wait_s`, a long poll: the answer comes when the job ends or the wait is over."""
+    return jobs.get(attribution_id, top_k, min(wait_s, settings.max_wait_s))
 
 
 @router.get(

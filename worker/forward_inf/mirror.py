@@ -11,6 +11,7 @@ gradients come from torch.func.vmap(grad(...)). arXiv 2402.08922, Sec. 3.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
@@ -34,11 +35,24 @@ class Functional:
         self.theta: Params = {n: p.detach() for n, p in named.items() if any(fnmatch(n, g) for g in globs)}
         self.fixed: Params = {n: p.detach() for n, p in named.items() if n not in self.theta}
         self.fixed.update(dict(model.named_buffers()))
+        self._scratch: torch.nn.Module | None = None
 
     def caller(self, params: Params):
         """`call(*args)` = the model's forward under `params` (the selected ones; the rest fixed)."""
         merged = {**self.fixed, **params}
         return lambda *args: functional_call(self.model, merged, args)
+
+    def loaded(self, params: Params) -> torch.nn.Module:
+        """A second copy of the model (made once per engine, never per test point) holding `params`:
+        sweeping one parameter set over many batches then runs plain forwards, without functional_call's
+        per-call reparametrisation (which costs as much as a small model's forward)."""
+        if self._scratch is None:
+            self._scratch = copy.deepcopy(self.model)
+        with torch.no_grad():
+            named = dict(self._scratch.named_parameters())
+            for name, value in params.items():
+                named[name].copy_(value)
+        return self._scratch
 
 
 @dataclass

@@ -37,8 +37,8 @@ def sweep(
 
     `stacking` says how the k parameter sets meet a batch: "vmap" (one batched forward; wins for small
     models and on GPUs), "loop" (k forwards over the batch while it is in cache; wins for convolutions
-    on CPU, whose batched-weight rule is slow), or "auto": time both on the first batch and keep the
-    faster. Returns the scores and the stacking used.
+    on CPU, whose batched-weight rule is slow), or "auto": time both on the first batch (after a
+    warm-up call each) and keep the faster. Returns the scores and the stacking used.
     """
     k = next(iter(deltas.values())).shape[0]
     if mode == "finite":
@@ -59,14 +59,18 @@ def sweep(
         return vmap(one, in_dims=(0, None))(stacked, batch)
 
     ways = {"loop": by_loop, "vmap": by_vmap}
+    if k == 1 and mode == "finite":
+        single = fm.loaded({n: p[0] for n, p in stacked.items()})
+        ways["loop"] = lambda batch: task.loss(single, batch)[None]
     out = []
     with torch.no_grad():
         for done, batch in enumerate(batches, 1):
             if k == 1:
-                value = by_loop(batch)
-            elif stacking == "auto":
+                value = ways["loop"](batch)
+            elif stacking == "auto":  # each way once to warm up, then timed
                 timings = {}
                 for name, way in ways.items():
+                    way(batch)
                     start = time.perf_counter()
                     value = way(batch)
                     timings[name] = time.perf_counter() - start

@@ -222,3 +222,45 @@ def test_bad_settings_are_refused(problem):
         MirrorConfig.preset("fastest")
     with pytest.raises(AttributionInputError, match="unknown builtin"):
         build("resnet50")
+
+
+@pytest.mark.parametrize("kind", ["hessian", "diag"])
+def test_preconditioned_linear_scores_are_influence_function_scores(problem, kind):
+    model, x, y = problem
+    grads = per_sample_grads(model, x, y)
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().flatten() for p in params])
+
+    def mean_loss(v):
+        chunks, at = [], 0
+        for p in params:
+            chunks.append(v[at : at + p.numel()].reshape(p.shape))
+            at += p.numel()
+        names = [n for n, _ in model.named_parameters()]
+        out = torch.func.functional_call(model, dict(zip(names, chunks, strict=True)), (x,))
+        return F.cross_entropy(out, y)
+
+    damping = 0.05
+    if kind == "hessian":
+        hessian = torch.autograd.functional.hessian(mean_loss, flat)
+        values, vectors = torch.linalg.eigh(hessian)
+        assert values.min() < -damping  # this tanh MLP is not convex: the positive part is used
+        curvature = (vectors * values.clamp_min(0)) @ vectors.T + damping * torch.eye(len(flat), dtype=flat.dtype)
+    else:
+        curvature = torch.diag(grads.pow(2).mean(0) + damping)
+    config = MirrorConfig.preset("testing", precondition=kind, damping=damping, lr=0.01)
+    scores = attribute(model, Classification(), (x, y), (x[:4], y[:4]), config)
+    expected = 0.01 * grads @ torch.linalg.solve(curvature, grads[:4].T)  # (N, 4): g_i . H^-1 g_j
+    torch.testing.assert_close(scores, expected.T, rtol=1e-6, atol=1e-12)
+
+
+def test_hessian_preconditioning_refuses_a_model_too_large():
+    model = build("mlp", {"in_features": 64, "hidden": [512], "out_features": 10})
+    x, y = torch.rand(8, 64), torch.randint(0, 10, (8,))
+    with pytest.raises(AttributionInputError, match="select fewer with `params`"):
+        attribute(model, Classification(), (x, y), (x[:1], y[:1]), MirrorConfig(precondition="hessian"))
+    # the last layer alone is small enough
+    scores = attribute(
+        model, Classification(), (x, y), (x[:1], y[:1]), MirrorConfig(precondition="hessian", params=("net.3.*",))
+    )
+    assert scores.shape == (1, 8) and torch.isfinite(scores).all()

@@ -34,7 +34,7 @@ def worker_stats(worker) -> dict:
     return {**worker.context.stats, **worker.context.warm.counters}
 
 
-def direct_scores(registry_dir, indices):
+def direct_scores(registry_dir, indices, config=None):
     """The engine called directly on the registered model and data: what the service must return."""
     from safetensors.torch import load_file
 
@@ -49,7 +49,7 @@ def direct_scores(registry_dir, indices):
     train = (torch.cat([s["inputs"] for s in shards]), torch.cat([s["targets"] for s in shards]))
     test = load_file(registry.dataset("digits-test").path / "shard-000.safetensors")
     return attribute(
-        model, Classification(), train, (test["inputs"][indices], test["targets"][indices]), MirrorConfig()
+        model, Classification(), train, (test["inputs"][indices], test["targets"][indices]), config or MirrorConfig()
     )
 
 
@@ -90,6 +90,21 @@ def test_full_loop_matches_the_engine_and_caches(client, settings, worker, regis
     assert matrix.dtype == np.float32 and matrix.shape == (3, 1437)
     np.testing.assert_allclose(matrix, expected.numpy(), rtol=1e-4, atol=1e-7)
     np.testing.assert_array_equal(matrix, np.array(scores["scores"], dtype=np.float32))
+
+
+def test_influence_function_preconditioning_over_http(client, worker, registry_dir):
+    from worker.forward_inf import MirrorConfig
+
+    method = {"precondition": "hessian", "damping": 0.01, "params": ["net.3.*"]}
+    job = post(client, method=method).json()
+    worker.work(burst=True)
+    done = client.get(job["links"]["self"], params={"top_k": 5}).json()
+    assert done["status"] == "finished", done
+    expected = direct_scores(
+        registry_dir, TEST["indices"], MirrorConfig(precondition="hessian", damping=0.01, params=("net.3.*",))
+    )
+    for row, want in zip(done["result"]["rows"], expected, strict=True):
+        assert [p["index"] for p in row["proponents"]] == want.topk(5).indices.tolist()
 
 
 def test_identical_requests_share_one_job(client, settings):

@@ -114,7 +114,9 @@ def run(request: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
         dtype=ctx.settings.dtype,
         batch_size=ctx.settings.batch_size,
     )
-    fi = ctx.warm.engine(model_m, config)
+    fi = ctx.warm.engine(model_m, data_m, config)
+    if config.precondition != "none" and fi.curvature is None:  # once per (model, dataset, settings)
+        fi.curvature = fi.estimate_curvature(shards)
     bases = [ctx.warm.base(model_m, data_m, n, lambda s=s: fi.prepare(s).base) for n, s in enumerate(shards)]
     reporter.timing["load_s"] = time.perf_counter() - t
 
@@ -148,7 +150,19 @@ def run(request: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
     return {"key": request.key, "shape": list(scores.shape)}
 
 
-ENGINE_FIELDS = {"optimizer", "lr", "steps", "direction", "mode", "params", "score", "group", "safeguard"}
+ENGINE_FIELDS = {
+    "optimizer",
+    "lr",
+    "steps",
+    "direction",
+    "mode",
+    "params",
+    "score",
+    "group",
+    "safeguard",
+    "precondition",
+    "damping",
+}
 
 
 def _engine_fields(method: dict) -> dict:

@@ -82,15 +82,15 @@ class Warm:
             raise RegistryError(f"model {m.id!r}: weights do not fit the architecture: {exc}") from exc
         return model.to(self.device, self.dtype).eval(), make_task(m.task, **m.task_params)
 
-    def engine(self, m: ModelManifest, config: MirrorConfig) -> ForwardInf:
-        """A ForwardInf per (model, settings), kept warm: its measured stacking choice and its scratch
-        copy of the model carry over to the next job with the same settings."""
+    def engine(self, m: ModelManifest, d: DatasetManifest, config: MirrorConfig) -> ForwardInf:
+        """A ForwardInf per (model, training set, settings), kept warm: its measured stacking choice, its
+        scratch copy of the model and its curvature estimate carry over to the next job."""
 
         def make():
             model, task = self.model(m)
             return ForwardInf(model, task, config)
 
-        return self._get(("engine", m.digest, config), make)
+        return self._get(("engine", m.digest, d.digest, config), make)
 
     # -- data ----------------------------------------------------------------------------------------
     def shard(self, d: DatasetManifest, n: int) -> dict[str, torch.Tensor]:

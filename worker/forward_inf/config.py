@@ -53,6 +53,10 @@ class MirrorConfig:
         adam_betas, adam_eps: Adam's constants.
         memorized_loss: a test point whose loss is below this is treated as memorised (its gradient,
             and so an SGD step, is nearly zero and carries no signal).
+        precondition: "none", "diag" (diagonal empirical Fisher) or "hessian" (exact, small models or
+            parameter subsets): the step is taken along H^-1 g, so `linear` scores become influence-function
+            scores lr * g_i . H^-1 g_j (curvature.py). Estimated once per (model, training set).
+        damping: added to the curvature's diagonal (plays the role of the training's weight decay).
         safeguard: for memorised test points under SGD, "normalize" rescales the gradient to unit norm
             before the step, so the row still ranks training points; "none" leaves it (rows near zero).
             Adam and signSGD steps are scale-free already.
@@ -75,6 +79,8 @@ class MirrorConfig:
     adam_eps: float = 1e-8
     memorized_loss: float = 1e-4
     safeguard: Safeguard = "normalize"
+    precondition: Literal["none", "diag", "hessian"] = "none"
+    damping: float = 1e-3
 
     def __post_init__(self) -> None:
         checks = {
@@ -85,10 +91,13 @@ class MirrorConfig:
             "safeguard": ("normalize", "none"),
             "dtype": ("float32", "float64", None),
             "stacking": ("auto", "vmap", "loop"),
+            "precondition": ("none", "diag", "hessian"),
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise AttributionInputError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if not self.damping >= 0:
+            raise AttributionInputError(f"damping={self.damping}: must be >= 0")
         if not self.lr > 0:
             raise AttributionInputError(f"lr={self.lr}: must be > 0")
         for name in ("steps", "batch_size", "max_param_sets"):

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from .config import AttributionInputError, MirrorConfig
+from .curvature import Curvature, estimate
 from .data import Batch, Examples
 from .mirror import Functional, Mirror, mirror_step
 from .sweep import Progress, sweep
@@ -45,6 +46,7 @@ class ForwardInf:
         self.fm = Functional(self.model, self.config.params)
         self.train: Examples | None = None
         self.base: torch.Tensor | None = None
+        self.curvature: Curvature | None = None
         self._stacking = self.config.stacking  # "auto" resolves on the first batched sweep
 
     # -- data ----------------------------------------------------------------------------------------
@@ -94,7 +96,20 @@ class ForwardInf:
         elif self.config.mode == "finite" and not torch.isfinite(base).all():
             raise AttributionInputError("the given base losses are not finite")
         self.base = base.to(self.device, self.dtype)
+        if self.config.precondition != "none" and not self._curvature_fits():
+            self.curvature = self.estimate_curvature(train)
         return self
+
+    def _curvature_fits(self) -> bool:
+        c = self.curvature
+        return c is not None and c.kind == self.config.precondition and c.damping == self.config.damping
+
+    def estimate_curvature(self, train) -> Curvature:
+        """The damped curvature of the mean training loss (config.precondition, config.damping); prepare()
+        calls this once when needed. For a training set in several parts, pass all of them (a list of
+        batches) here and assign the result to `self.curvature` before prepare()."""
+        examples = Examples(train, self.config.batch_size, "training set")
+        return estimate(self.fm, self.task, self._batches(examples), self.config.precondition, self.config.damping)
 
     def mirror(self, test) -> Mirror:
         """The mirrored step(s) on the test points (all of them at once)."""
@@ -102,7 +117,10 @@ class ForwardInf:
         batch = next(self._batches(examples, TEST_INDEX_OFFSET))
         with torch.no_grad():
             self._checked_forward(batch, examples.what)
-        return mirror_step(self.fm, self.task, batch, self.config)
+        if self.config.precondition != "none" and not self._curvature_fits():
+            raise AttributionInputError("precondition is set: call prepare(train) first (it estimates the curvature)")
+        solve = self.curvature.solve if self.config.precondition != "none" else None
+        return mirror_step(self.fm, self.task, batch, self.config, solve)
 
     def scores(self, test, progress: Progress | None = None) -> torch.Tensor:
         """(n_test, n_train) scores, or (1, n_train) in group mode; positive = the training point

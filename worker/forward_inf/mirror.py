@@ -74,8 +74,9 @@ class Mirror:
     memorized: torch.Tensor
 
 
-def mirror_step(fm: Functional, task, test: dict, config: MirrorConfig) -> Mirror:
-    """Take `config.steps` mirrored steps on each test point of the prepared batch `test`."""
+def mirror_step(fm: Functional, task, test: dict, config: MirrorConfig, precondition=None) -> Mirror:
+    """Take `config.steps` mirrored steps on each test point of the prepared batch `test`;
+    `precondition(grads)` (curvature.Curvature.solve) maps each gradient g to H^-1 g first."""
 
     def example_loss(params, example):  # one test point, no batch dimension
         return task.loss(fm.caller(params), {k: v.unsqueeze(0) for k, v in example.items()})[0]
@@ -100,6 +101,8 @@ def mirror_step(fm: Functional, task, test: dict, config: MirrorConfig) -> Mirro
                 norm = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values())).clamp_min(1e-30)
                 scale = torch.where(memorized, 1.0 / norm, torch.ones_like(norm))
                 grads = {n: g * scale.reshape(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
+        if precondition is not None:
+            grads = precondition(grads)
         update = _update(grads, state, step, config)
         params = {n: params[n] + config.sign * update[n] for n in params}
         delta = {n: config.sign * u for n, u in update.items()}

@@ -46,27 +46,33 @@ def sweep(
 
         def one(params, batch):  # (B,) perturbed losses; the base is subtracted below
             return task.loss(fm.caller(params), batch)
+
+        def one_plain(j, batch):  # the same as a plain forward of the engine's scratch copy of the model
+            return task.loss(fm.loaded(row(j)), batch)
     else:
         stacked = deltas
 
         def one(tangent, batch):  # (B,) directional derivatives along `tangent`
             return jvp(lambda p: task.loss(fm.caller(p), batch), (fm.theta,), (tangent,))[1]
 
+        def one_plain(j, batch):
+            return one(row(j), batch)
+
+    def row(j):
+        return {n: p[j] for n, p in stacked.items()}
+
     def by_loop(batch):
-        return torch.stack([one({n: p[j] for n, p in stacked.items()}, batch) for j in range(k)])
+        return torch.stack([one_plain(j, batch) for j in range(k)])
 
     def by_vmap(batch):
         return vmap(one, in_dims=(0, None))(stacked, batch)
 
     ways = {"loop": by_loop, "vmap": by_vmap}
-    if k == 1 and mode == "finite":
-        single = fm.loaded({n: p[0] for n, p in stacked.items()})
-        ways["loop"] = lambda batch: task.loss(single, batch)[None]
     out = []
     with torch.no_grad():
         for done, batch in enumerate(batches, 1):
             if k == 1:
-                value = ways["loop"](batch)
+                value = by_loop(batch)
             elif stacking == "auto":  # each way once to warm up, then timed
                 timings = {}
                 for name, way in ways.items():

@@ -1,0 +1,119 @@
+"""Curvature-preconditioned mirrored steps: influence-function scores at the cost of a forward sweep.
+
+An influence function scores training point i for test point j as g_i . H^-1 g_j (Koh & Liang,
+arXiv 1703.04730), H the (damped) Hessian of the training loss. If the mirrored step is taken along
+H^-1 g_j instead of g_j, the forward-mode score along that step (`linear` mode) is exactly
+lr * g_i . H^-1 g_j: no per-example gradient of the training set is needed at query time. The
+curvature is estimated once per (model, training set) and reused:
+
+  - "hessian": the exact Hessian of the mean training loss over the selected parameters (P x P, built
+    from Hessian-vector products), plus damping * I, Cholesky-factored. Where the damped Hessian is not
+    positive definite (a non-convex model), its negative eigenvalues are set to 0 first (`projected`).
+    For models (or parameter subsets, e.g. params=["head.*"]) of up to `MAX_HESSIAN_PARAMS` parameters.
+  - "diag": the diagonal empirical Fisher, mean_i g_i^2, plus damping (one pass of per-example
+    gradients over the training set, once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import grad, jvp, vmap
+
+from .config import AttributionInputError
+from .mirror import Functional, Params
+
+MAX_HESSIAN_PARAMS = 20_000
+
+
+def flatten(params: Params, names: list[str]) -> torch.Tensor:  # (k, *shape) each -> (k, P)
+    return torch.cat([params[n].flatten(1) for n in names], dim=1)
+
+
+def unflatten(flat: torch.Tensor, like: Params, names: list[str]) -> Params:  # (k, P) -> (k, *shape)
+    out, at = {}, 0
+    for n in names:
+        shape = like[n].shape[1:]
+        size = shape.numel()
+        out[n] = flat[:, at : at + size].reshape(flat.shape[0], *shape)
+        at += size
+    return out
+
+
+@dataclass
+class Curvature:
+    """A damped curvature estimate over the selected parameters (in `names` order)."""
+
+    kind: str
+    names: list[str]
+    raw: torch.Tensor  # (P, P) Hessian or (P,) Fisher diagonal, undamped
+    damping: float
+
+    def __post_init__(self):
+        if self.kind == "hessian":
+            eye = torch.eye(self.raw.shape[0], dtype=self.raw.dtype, device=self.raw.device)
+            factor, info = torch.linalg.cholesky_ex(self.raw + self.damping * eye)
+            self.projected = bool(info)
+            if self.projected:  # a non-convex model: keep the positive part of the spectrum (then damp)
+                values, vectors = torch.linalg.eigh(self.raw)
+                psd = (vectors * values.clamp_min(0)) @ vectors.T
+                factor = torch.linalg.cholesky(psd + self.damping * eye)
+            self._factor = factor
+        else:
+            self.projected = False
+            self._factor = self.raw + self.damping
+
+    def solve(self, grads: Params) -> Params:
+        """H^-1 g for each row of (k, *shape) gradients."""
+        flat = flatten(grads, self.names)  # (k, P)
+        wide = flat.to(self._factor.dtype)
+        if self.kind == "hessian":
+            solved = torch.cholesky_solve(wide.T, self._factor).T
+        else:
+            solved = wide / self._factor
+        return unflatten(solved.to(flat.dtype), grads, self.names)
+
+
+def estimate(fm: Functional, task, batches, kind: str, damping: float) -> Curvature:
+    """Mean curvature of the training loss over all training batches (prepared, on the device)."""
+    names = list(fm.theta)
+    sizes = [fm.theta[n].numel() for n in names]
+    total = sum(sizes)
+    if kind == "hessian" and total > MAX_HESSIAN_PARAMS:
+        raise AttributionInputError(
+            f"precondition='hessian' needs a {total} x {total} matrix; it is limited to {MAX_HESSIAN_PARAMS} "
+            "parameters: select fewer with `params` (e.g. the last layer) or use precondition='diag'"
+        )
+    theta = fm.theta
+
+    def unflat(flat):  # (P,) -> params
+        return {n: t.reshape(theta[n].shape) for n, t in zip(names, flat.split(sizes), strict=True)}
+
+    flat0 = torch.cat([theta[n].flatten() for n in names])
+    acc, count = None, 0
+    for batch in batches:
+        n = batch["inputs"].shape[0]
+        if kind == "hessian":
+
+            def batch_loss(flat, batch=batch):
+                return task.loss(fm.caller(unflat(flat)), batch).sum()
+
+            def hvp(v, batch_loss=batch_loss):
+                return jvp(grad(batch_loss), (flat0,), (v,))[1]
+
+            eye = torch.eye(total, dtype=flat0.dtype, device=flat0.device)
+            part = torch.cat([vmap(hvp)(eye[lo : lo + 256]) for lo in range(0, total, 256)])  # (P, P)
+        else:
+
+            def example_loss(flat, example):
+                return task.loss(fm.caller(unflat(flat)), {k: v.unsqueeze(0) for k, v in example.items()})[0]
+
+            part = vmap(grad(example_loss), in_dims=(None, 0))(flat0, batch).pow(2).sum(0)  # (P,)
+        part = part.double()  # accumulated and factored in float64: the matrix is small, its conditioning is not
+        acc = part if acc is None else acc + part
+        count += n
+    raw = acc / count
+    if kind == "hessian":
+        raw = (raw + raw.T) / 2  # symmetric up to rounding
+    return Curvature(kind, names, raw.detach(), damping)

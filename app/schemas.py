@@ -34,7 +34,7 @@ class MethodSettings(BaseModel):
     score: Literal["signed", "abs", "match"] | None = None
     group: bool | None = Field(None, description="one step on the mean loss of all test points, one score row")
     safeguard: Literal["normalize", "none"] | None = None
-    precondition: Literal["none", "diag", "hessian"] | None = Field(
+    precondition: Literal["auto", "none", "diag", "hessian"] | None = Field(
         None, description="step along H^-1 g: linear scores become influence-function scores"
     )
     damping: Annotated[float, Field(ge=0, le=1e6)] | None = None

@@ -159,13 +159,14 @@ def test_causal_lm_task_honours_the_target_mask():
     query = tokens[:2].clone()
     mask = torch.zeros_like(query)
     mask[:, 5:] = 1  # only the completion counts
-    scores = attribute(model, CausalLM(), tokens, (query, mask), MirrorConfig(max_param_sets=1))
+    plain = MirrorConfig(precondition="none")
+    scores = attribute(model, CausalLM(), tokens, (query, mask), plain.replace(max_param_sets=1))
     assert scores.shape == (2, 12) and torch.isfinite(scores).all()
     changed = query.clone()
     changed[:, 1:5] = (changed[:, 1:5] + 1) % 11  # the prompt changes, so the completion's loss does too
-    other = attribute(model, CausalLM(), tokens, (changed, mask), MirrorConfig())
+    other = attribute(model, CausalLM(), tokens, (changed, mask), plain)
     assert not torch.allclose(scores, other)
-    full = attribute(model, CausalLM(), tokens, query, MirrorConfig())
+    full = attribute(model, CausalLM(), tokens, query, plain)
     assert not torch.allclose(scores, full)  # the mask matters
 
 
@@ -173,7 +174,7 @@ def test_diffusion_task_is_deterministic():
     torch.manual_seed(0)
     model = build("unet", {"in_channels": 1, "width": 8, "time_dim": 8})
     images = torch.rand(10, 1, 8, 8)
-    config = MirrorConfig(mode="finite", optimizer="adam", lr=1e-3)
+    config = MirrorConfig(mode="finite", optimizer="adam", lr=1e-3, precondition="none")
     first = attribute(model, Diffusion(draws=2), images, images[:2], config)
     second = attribute(model, Diffusion(draws=2), images, images[:2], config)
     assert first.shape == (2, 10) and torch.isfinite(first).all()
@@ -184,7 +185,13 @@ def test_cnn_on_images_runs_end_to_end():
     torch.manual_seed(0)
     model = build("cnn", {"in_channels": 1, "num_classes": 10, "width": 4, "image_size": 8})
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    scores = attribute(model, Classification(), (x, y), (x[:3], y[:3]), MirrorConfig(mode="finite", optimizer="adam"))
+    scores = attribute(
+        model,
+        Classification(),
+        (x, y),
+        (x[:3], y[:3]),
+        MirrorConfig(mode="finite", optimizer="adam", precondition="none"),
+    )
     assert scores.shape == (3, 16) and torch.isfinite(scores).all()
 
 

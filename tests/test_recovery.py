@@ -38,7 +38,7 @@ def start_worker(settings, name):
         ATTR_BATCH_SIZE=32,
         ATTR_HEARTBEAT_TTL_S=2,
         ATTR_MAINTENANCE_INTERVAL_S=1,
-        ATTR_WARM_ON_START="true",
+        ATTR_WARM_ON_START="false",
         ATTR_PROGRESS_INTERVAL_S=0.1,
     )
     return subprocess.Popen(
@@ -75,7 +75,7 @@ def submit(api):
         "model": "digits-mlp",
         "dataset": "digits-big",
         "test": {"dataset": "digits-test", "indices": list(range(16))},
-        "method": {"mode": "finite", "optimizer": "adam"},
+        "method": {"mode": "finite", "optimizer": "adam", "precondition": "none"},
     }
     response = api.post("/v1/attributions", json=body)
     assert response.status_code == 202, response.text

@@ -19,8 +19,11 @@ from worker.registry import Registry
 TEST = {"dataset": "digits-test", "indices": [0, 1, 2]}
 
 
+FAST = {"precondition": "none"}  # where a test is about the service, not the curvature estimate (~10 s)
+
+
 def post(client, **changes):
-    body = {"model": "digits-mlp", "dataset": "digits-train", "test": TEST, "top_k": 5, **changes}
+    body = {"model": "digits-mlp", "dataset": "digits-train", "test": TEST, "top_k": 5, "method": FAST, **changes}
     return client.post("/v1/attributions", json=body)
 
 
@@ -54,7 +57,7 @@ def direct_scores(registry_dir, indices, config=None):
 
 
 def test_full_loop_matches_the_engine_and_caches(client, settings, worker, registry_dir):
-    created = post(client)
+    created = post(client, method={})  # the model's defaults: the attribution preset
     assert created.status_code == 202, created.text
     job = created.json()
     assert job["status"] == "queued" and created.headers["location"] == f"/v1/attributions/{job['id']}"
@@ -77,7 +80,7 @@ def test_full_loop_matches_the_engine_and_caches(client, settings, worker, regis
         assert row["proponents"][0]["record_id"] == f"digits-train:{row['proponents'][0]['index']}"
         np.testing.assert_allclose([p["score"] for p in row["proponents"]], want.topk(5).values, rtol=1e-4)
 
-    again = post(client)
+    again = post(client, method={})
     assert again.status_code == 200 and again.json()["cached"] is True
     assert again.json()["id"] == job["id"]
     assert queue(settings).count == 0  # the cache hit enqueued nothing

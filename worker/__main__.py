@@ -26,7 +26,7 @@ from rq.serializers import JSONSerializer
 from app.settings import Settings
 
 from . import jobs
-from .forward_inf import AttributionInputError, ForwardInf, MirrorConfig
+from .forward_inf import AttributionInputError
 from .registry import Registry, RegistryError
 from .store import Store
 from .warm import Warm, resolve_device
@@ -120,19 +120,20 @@ class WarmWorker(SimpleWorker):
         threading.Thread(target=loop, daemon=True, name="worker-heartbeat").start()
 
     def warm_up(self) -> None:
-        """Load every registered model and the shards of the datasets it trained on, within the budget,
-        and take one mirrored step on a training example (torch.func's first call costs ~2 s)."""
+        """Prepare every registered model on the datasets it trained on, within the budget: load model
+        and shards, compute (or fetch) base losses and the default preset's curvature, and take one
+        mirrored step (torch.func's first call costs ~2 s), so the first request finds all of it warm."""
         ctx = self.context
         for m in ctx.registry.models():
-            try:
-                model, task = ctx.warm.model(m)
-                for d in ctx.registry.datasets():
-                    if m.id in d.trained:
-                        shards = [ctx.warm.shard(d, n) for n in range(len(d.shards))]
-                        example = {k: v[:1] for k, v in shards[0].items()}
-                        ForwardInf(model, task, MirrorConfig(dtype=self.settings.dtype)).mirror(example)
-            except (RegistryError, AttributionInputError, OSError) as exc:
-                log.error("warm-up skipped %s: %s", m.id, exc)
+            for d in ctx.registry.datasets():
+                if m.id not in d.trained:
+                    continue
+                try:
+                    shards = [ctx.warm.shard(d, n) for n in range(len(d.shards))]
+                    fi, _ = jobs.prepared(ctx, m, d, shards, m.method)
+                    fi.mirror({k: v[:1] for k, v in shards[0].items()})
+                except (RegistryError, AttributionInputError, OSError) as exc:
+                    log.error("warm-up skipped %s on %s: %s", m.id, d.id, exc)
 
     def teardown(self):
         self._alive.set()

@@ -98,6 +98,7 @@ def _finish(job: Job | None, **meta) -> None:
 
 
 def run(request: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
+    reporter(0, None)  # a job canceled before it started stops here
     t = time.perf_counter()
     model_m, data_m = ctx.registry.model(request.model), ctx.registry.dataset(request.dataset)
     if model_m is None or data_m is None:
@@ -106,21 +107,11 @@ def run(request: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
         raise RegistryError("the model or dataset changed since the request was made; submit it again")
     shards = [ctx.warm.shard(data_m, n) for n in range(len(data_m.shards))]
     test = _test_points(request, ctx)
-    method = dict(request.method)
-    config = MirrorConfig.preset(
-        method.pop("preset", None) or "attribution",
-        **_engine_fields(method),
-        device=str(ctx.warm.device),
-        dtype=ctx.settings.dtype,
-        batch_size=ctx.settings.batch_size,
-    )
-    fi = ctx.warm.engine(model_m, data_m, config)
-    if config.precondition != "none" and fi.curvature is None:  # once per (model, dataset, settings)
-        fi.curvature = fi.estimate_curvature(shards)
-    bases = [ctx.warm.base(model_m, data_m, n, lambda s=s: fi.prepare(s).base) for n, s in enumerate(shards)]
+    fi, bases = prepared(ctx, model_m, data_m, shards, request.method)
     reporter.timing["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    config = fi.config
     mirror = fi.mirror(test)
     reporter.timing["mirror_s"] = time.perf_counter() - t
 
@@ -148,6 +139,24 @@ def run(request: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
     ctx.store.put_result(request.key, scores.numpy(), {**result, "timing": reporter.timing})
     reporter(total, total, force=True)
     return {"key": request.key, "shape": list(scores.shape)}
+
+
+def prepared(ctx: Context, model_m, data_m, shards, method: dict):
+    """The warm engine for these settings, with its curvature (once per model, dataset and settings)
+    and each shard's base losses (warm, from Redis, or computed)."""
+    method = dict(method)
+    config = MirrorConfig.preset(
+        method.pop("preset", None) or "attribution",
+        **_engine_fields(method),
+        device=str(ctx.warm.device),
+        dtype=ctx.settings.dtype,
+        batch_size=ctx.settings.batch_size,
+    )
+    fi = ctx.warm.engine(model_m, data_m, config)
+    if fi.precondition != "none" and fi.curvature is None:
+        fi.curvature = fi.estimate_curvature(shards)
+    bases = [ctx.warm.base(model_m, data_m, n, lambda s=s: fi.prepare(s).base) for n, s in enumerate(shards)]
+    return fi, bases
 
 
 ENGINE_FIELDS = {

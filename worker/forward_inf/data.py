@@ -84,7 +84,10 @@ class Examples:
             return sum(-(-as_batch(b)["inputs"].shape[0] // self.batch_size) for b in self._source)
         return None
 
-    def gather(self) -> Batch:
-        """All examples as one batch (for the handful of test points)."""
-        parts = list(self)
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    def size(self) -> int | None:
+        """Number of examples, where known without reading the data."""
+        if self._whole is not None:
+            return self._whole["inputs"].shape[0]
+        if isinstance(self._source, (list, tuple)):
+            return sum(as_batch(b)["inputs"].shape[0] for b in self._source)
+        return None

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .config import AttributionInputError, MirrorConfig
+from .config import AUTO_HESSIAN_PARAMS, AttributionInputError, MirrorConfig
 from .curvature import Curvature, estimate
 from .data import Batch, Examples
 from .mirror import Functional, Mirror, mirror_step
@@ -47,6 +47,10 @@ class ForwardInf:
         self.train: Examples | None = None
         self.base: torch.Tensor | None = None
         self.curvature: Curvature | None = None
+        self.precondition = self.config.precondition  # "auto" resolved by the size of what is perturbed
+        if self.precondition == "auto":
+            perturbed = sum(p.numel() for p in self.fm.theta.values())
+            self.precondition = "hessian" if perturbed <= AUTO_HESSIAN_PARAMS else "none"
         self._stacking = self.config.stacking  # "auto" resolves on the first batched sweep
 
     # -- data ----------------------------------------------------------------------------------------
@@ -96,20 +100,37 @@ class ForwardInf:
         elif self.config.mode == "finite" and not torch.isfinite(base).all():
             raise AttributionInputError("the given base losses are not finite")
         self.base = base.to(self.device, self.dtype)
-        if self.config.precondition != "none" and not self._curvature_fits():
+        if self.precondition != "none" and not self._curvature_fits():
             self.curvature = self.estimate_curvature(train)
         return self
 
     def _curvature_fits(self) -> bool:
         c = self.curvature
-        return c is not None and c.kind == self.config.precondition and c.damping == self.config.damping
+        return c is not None and c.kind == self.precondition and c.damping == self.config.damping
 
     def estimate_curvature(self, train) -> Curvature:
-        """The damped curvature of the mean training loss (config.precondition, config.damping); prepare()
-        calls this once when needed. For a training set in several parts, pass all of them (a list of
-        batches) here and assign the result to `self.curvature` before prepare()."""
-        examples = Examples(train, self.config.batch_size, "training set")
-        return estimate(self.fm, self.task, self._batches(examples), self.config.precondition, self.config.damping)
+        """The damped curvature of the mean training loss (self.precondition, config.damping), from at
+        most `config.curvature_samples` training points spread evenly over the set (the exact Hessian
+        costs one HVP per parameter per batch). prepare() calls this once when needed; for a training
+        set in several parts, pass all of them (a list of batches) and assign the result to
+        `self.curvature` before prepare()."""
+        examples = Examples(train, max(self.config.batch_size, 2048), "training set")
+        limit = self.config.curvature_samples
+        size = examples.size()
+        stride = max(1, size // limit) if size else 1
+
+        def spread():
+            taken = 0
+            for batch in self._batches(examples):
+                keep = batch["index"] % stride == 0
+                part = {k: v[keep][: limit - taken] for k, v in batch.items()}
+                taken += part["inputs"].shape[0]
+                if part["inputs"].shape[0]:
+                    yield part
+                if taken >= limit:
+                    return
+
+        return estimate(self.fm, self.task, spread(), self.precondition, self.config.damping)
 
     def mirror(self, test) -> Mirror:
         """The mirrored step(s) on the test points (all of them at once)."""
@@ -117,9 +138,9 @@ class ForwardInf:
         batch = next(self._batches(examples, TEST_INDEX_OFFSET))
         with torch.no_grad():
             self._checked_forward(batch, examples.what)
-        if self.config.precondition != "none" and not self._curvature_fits():
+        if self.precondition != "none" and not self._curvature_fits():
             raise AttributionInputError("precondition is set: call prepare(train) first (it estimates the curvature)")
-        solve = self.curvature.solve if self.config.precondition != "none" else None
+        solve = self.curvature.solve if self.precondition != "none" else None
         return mirror_step(self.fm, self.task, batch, self.config, solve)
 
     def scores(self, test, progress: Progress | None = None) -> torch.Tensor:

@@ -76,7 +76,7 @@ def measure(name, arch, params, shape, n, repeats, batch) -> dict:
     model = build(arch, params).eval()
     x, y = torch.rand(n, *shape), torch.randint(0, 10, (n,))
     xt, yt = x[:16] + 0.01, y[:16]
-    config = MirrorConfig(mode="finite", optimizer="adam", lr=1e-3, batch_size=batch)
+    config = MirrorConfig(mode="finite", optimizer="adam", lr=1e-3, batch_size=batch, precondition="none")
     fi = ForwardInf(model, Classification(), config).prepare((x, y))
 
     def infer():

@@ -251,7 +251,7 @@ def main() -> None:
     leak = {}
     for name, config in [
         ("Forward-INF leakage preset", MirrorConfig.preset("leakage")),
-        ("Forward-INF linear, no curvature (TracIn-like)", MirrorConfig()),
+        ("Forward-INF attribution preset", MirrorConfig()),
     ]:
         scores = (
             ForwardInf(leak_model, Classification(), config)

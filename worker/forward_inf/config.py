@@ -141,8 +141,9 @@ class MirrorConfig:
 #   so gradient dot products miss it (digits MLP, 20 planted: top-1 0/20); a sign-like Adam step moves
 #   every weight, but the raw loss change favours images with more ink (top-1 0-1/20 for lr 0.005-1.0).
 #   The duplicate's loss change equals the test point's own: "match" finds 20/20 at lr 0.01, 0.05, 0.2.
-# - mislabeled: group mode over a clean reference set; descent ("learn the clean set"), whose loss
-#   changes expose training points that the clean data disagrees with.
+# - mislabeled: group mode over a clean reference set (one step on its mean loss); training points whose
+#   loss the step raises are the ones the clean data disagrees with. Digits, 10% flipped: ROC AUC 0.755
+#   with the preconditioned step against 0.678 without (best peer: dattri Grad-Cos 0.779).
 AUTO_HESSIAN_PARAMS = 5_000  # a 5k x 5k float64 Hessian is 200 MB and ~10 s of HVPs on 2 CPU cores
 
 PRESETS: dict[str, dict] = {

@@ -1,14 +1,15 @@
 """Attribution quality and speed against the field, side by side on the same checkpoints.
 
-    python -m bench.quality            # the full run (~25 min on 2 cores): 100 LDS models, 100 test points
-    python -m bench.quality --quick    # under 5 minutes: 24 LDS models, 40 test points
+    python -m bench.quality            # the full run: 100 LDS models, 100 test points, three setups
+    python -m bench.quality --quick    # a few minutes: 24 LDS models, 40 test points, no CNN
 
 Needs the bench extras: `pip install dattri captum matplotlib` (peers are not runtime dependencies).
 Ground truth is cached under bench/out/ (not committed) and rebuilt with --regenerate.
 
-Tasks (scikit-learn's bundled digits, the demo split):
-  LDS         linear datamodeling score (TRAK, arXiv 2303.14186): MLPs retrained on random 50% subsets;
+Tasks (scikit-learn's bundled data; digits in the demo split):
+  LDS         linear datamodeling score (TRAK, arXiv 2303.14186): models retrained on random 50% subsets;
               per test point, Spearman between summed scores of each subset and that model's margin.
+              Setups: digits MLP, digits CNN, breast_cancer MLP (all bundled with scikit-learn).
   LOO         convex L2 logistic regression on 300 points: Pearson with exact leave-one-out effects.
   mislabeled  10% of training labels flipped, model retrained; rank training points by how much they
               hurt a clean reference set (100 held-out points); ROC AUC.
@@ -32,8 +33,8 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from bench.groundtruth import fit_logistic, leave_one_out
-from worker.demo import digits, digits_mlp
-from worker.forward_inf import Classification, ForwardInf, MirrorConfig
+from worker.demo import digits, digits_mlp, train_classifier
+from worker.forward_inf import Classification, ForwardInf, MirrorConfig, build
 
 OUT = Path(__file__).resolve().parent / "out"
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -47,7 +48,7 @@ OURS = {
     "Forward-INF finite Adam lr 1e-2": MirrorConfig(mode="finite", optimizer="adam", lr=1e-2, precondition="none"),
     "Forward-INF finite SGD lr 1e-2": MirrorConfig(mode="finite", lr=1e-2, precondition="none"),
     "Forward-INF + diag Fisher": MirrorConfig(precondition="diag", damping=1e-3),
-    "Forward-INF + Hessian of last layer": MirrorConfig(precondition="hessian", params=("net.3.*",)),
+    "Forward-INF + Hessian of last layer": MirrorConfig(precondition="hessian", params=("LAST",)),
     "Forward-INF + Hessian = attribution preset": MirrorConfig(),
 }
 
@@ -65,10 +66,8 @@ def ours(config: MirrorConfig, model, train, test, ks):
     return scores, setup, times
 
 
-def dattri_task(model):
+def dattri_task(model, shape):
     from dattri.task import AttributionTask
-
-    shape = next(model.parameters()).shape[1:]
 
     def loss(params, data):  # dattri passes one example with or without a batch dimension
         x, y = data
@@ -88,7 +87,7 @@ def dattri(name, model, train, test, ks):
     from dattri.algorithm.trak import TRAKAttributor
     from torch.utils.data import DataLoader, TensorDataset
 
-    task, probability = dattri_task(model)
+    task, probability = dattri_task(model, train[0].shape[1:])
     make = {
         "dattri TracIn (Grad-Dot)": lambda: TracInAttributor(task, weight_list=torch.ones(1), normalized_grad=False),
         "dattri Grad-Cos": lambda: TracInAttributor(task, weight_list=torch.ones(1), normalized_grad=True),
@@ -116,6 +115,48 @@ def dattri(name, model, train, test, ks):
     return scores, setup, times
 
 
+def digits_images():
+    x, y, x_test, y_test = digits()
+    return x.reshape(-1, 1, 8, 8), y, x_test.reshape(-1, 1, 8, 8), y_test
+
+
+def digits_cnn(x, y, seed=0):
+    torch.manual_seed(seed)
+    model = build("cnn", {"in_channels": 1, "num_classes": 10, "width": 8, "image_size": 8})
+    return train_classifier(model, x, y, epochs=150, seed=seed)
+
+
+def breast_cancer():
+    """scikit-learn's bundled breast-cancer data (569 x 30), standardised by the training split."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    order = torch.tensor(np.random.default_rng(0).permutation(len(data.target)))
+    x = torch.tensor(data.data, dtype=torch.float32)[order]
+    y = torch.tensor(data.target, dtype=torch.int64)[order]
+    x_train, x_test = x[:400], x[400:]
+    mean, std = x_train.mean(0), x_train.std(0)
+    return (x_train - mean) / std, y[:400], (x_test - mean) / std, y[400:]
+
+
+def cancer_mlp(x, y, seed=0):
+    torch.manual_seed(seed)
+    model = build("mlp", {"in_features": 30, "hidden": [32], "out_features": 2})
+    return train_classifier(model, x, y, epochs=200, seed=seed)
+
+
+# name -> (data, trainer, glob of the last layer); the CNN runs in the full run only
+SKIP = {  # (setup, method): why it is not run
+    ("digits CNN (2 conv, width 8)", "dattri IF (CG)"): "killed by the OOM killer (24 GiB) at train batch 2048",
+    ("digits CNN (2 conv, width 8)", "dattri IF (explicit)"): "not attempted after CG ran out of memory",
+}
+SETUPS = {
+    "digits MLP 64-64-10": (digits, lambda x, y, seed=0: digits_mlp(x, y, seed=seed), "net.3.*"),
+    "digits CNN (2 conv, width 8)": (digits_images, digits_cnn, "head.*"),
+    "breast_cancer MLP 30-32-2": (breast_cancer, cancer_mlp, "net.3.*"),
+}
+
+
 PEERS = [
     "dattri TracIn (Grad-Dot)",
     "dattri Grad-Cos",
@@ -125,9 +166,12 @@ PEERS = [
 ]
 
 
-def run_method(name, model, train, test, ks):
+def run_method(name, model, train, test, ks, last="net.3.*"):
     if name in OURS:
-        return ours(OURS[name], model, train, test, ks)
+        config = OURS[name]
+        if config.params == ("LAST",):
+            config = config.replace(params=(last,))
+        return ours(config, model, train, test, ks)
     return dattri(name, model, train, test, ks)
 
 
@@ -140,8 +184,9 @@ def margins(model, x, y):
     return correct - other
 
 
-def lds_truth(x, y, x_test, y_test, models: int, regenerate: bool):
-    path = OUT / f"lds-digits-mlp-{models}-{len(y_test)}.safetensors"
+def lds_truth(setup: str, train_fn, x, y, x_test, y_test, models: int, regenerate: bool):
+    slug = "".join(c if c.isalnum() else "-" for c in setup.lower())
+    path = OUT / f"lds-{slug}-{models}-{len(y_test)}.safetensors"
     if path.exists() and not regenerate:
         truth = load_file(path)
         return truth["masks"], truth["margins"]
@@ -150,7 +195,7 @@ def lds_truth(x, y, x_test, y_test, models: int, regenerate: bool):
     for m in range(models):
         mask = torch.zeros(len(y), dtype=torch.bool)
         mask[torch.randperm(len(y), generator=gen)[: len(y) // 2]] = True
-        model = digits_mlp(x[mask], y[mask], seed=100 + m)
+        model = train_fn(x[mask], y[mask], seed=100 + m)
         masks.append(mask)
         outs.append(margins(model, x_test, y_test))
     OUT.mkdir(exist_ok=True)
@@ -173,23 +218,44 @@ def main() -> None:
     n_models, n_test = (24, 40) if args.quick else (100, 100)
     peers = [p for p in PEERS if not (args.quick and "explicit" in p)]
     torch.manual_seed(0)
-    x, y, x_test, y_test = digits()
     ForwardInf(torch.nn.Linear(2, 2), Classification(), MirrorConfig()).prepare(  # torch.func's one-off start-up
         (torch.rand(4, 2), torch.tensor([0, 1, 0, 1]))
     ).scores((torch.rand(1, 2), torch.tensor([1])))
-    test = (x_test[:n_test], y_test[:n_test])
-    model = digits_mlp(x, y)
-    ks = [1, 10, n_test]
-    print(f"# digits MLP 64-64-10, N={len(y)}, {n_models} LDS models, {n_test} test points, torch {torch.__version__}")
-
-    masks, margins_ = lds_truth(x, y, *test, n_models, args.regenerate)
+    print(f"# {n_models} LDS models per setup, up to {n_test} test points, torch {torch.__version__}")
     rows = []
-    for name in [*OURS, *peers]:
-        scores, setup, times = run_method(name, model, (x, y), test, ks)
-        rows.append(
-            {"method": name, "lds": lds(scores, masks, margins_), "setup_s": setup, **{f"k={k}": times[k] for k in ks}}
-        )
-        print(f"  {name}: LDS {rows[-1]['lds']:.3f}", flush=True)
+    for setup, (load, train_fn, last) in SETUPS.items():
+        if args.quick and "CNN" in setup:
+            continue
+        sx, sy, sx_test, sy_test = load()
+        test = (sx_test[:n_test], sy_test[:n_test])
+        ks = [1, 10, len(test[1])]
+        model = train_fn(sx, sy)
+        masks, margins_ = lds_truth(setup, train_fn, sx, sy, *test, n_models, args.regenerate)
+        for name in [*OURS, *peers]:
+            if (setup, name) in SKIP:
+                print(f"  {setup} | {name}: skipped, {SKIP[setup, name]}", flush=True)
+                continue
+            scores, prep, times = run_method(name, model, (sx, sy), test, ks, last)
+            rows.append(
+                {
+                    "setup": setup,
+                    "method": name,
+                    "lds": lds(scores, masks, margins_),
+                    "setup_s": prep,
+                    "k=1": times[1],
+                    "k=10": times[10],
+                    "k=all": times[ks[-1]],
+                    "n_test": ks[-1],
+                }
+            )
+            r = rows[-1]
+            print(
+                f"  {setup} | {name}: LDS {r['lds']:.3f}, setup {r['setup_s']:.2f} s, "
+                f"query {r['k=1']:.3f} / {r['k=10']:.3f} / {r['k=all']:.3f} s",
+                flush=True,
+            )
+    x, y, x_test, y_test = digits()
+    model = digits_mlp(x, y)
 
     # LOO on the convex model
     xl, yl = x[:300].double(), y[:300]
@@ -238,6 +304,8 @@ def main() -> None:
     ]:
         if name in OURS:
             config = OURS[name].replace(group=True)
+            if config.params == ("LAST",):
+                config = config.replace(params=("net.3.*",))
             support = ForwardInf(noisy_model, Classification(), config).prepare((x, noisy)).scores(reference)[0]
         else:
             support = dattri(name, noisy_model, (x, noisy), reference, [100])[0].sum(0)
@@ -266,11 +334,12 @@ def main() -> None:
         rank = (scores > scores.gather(1, duplicate[:, None])).sum(1)
         leak_rates[name] = ((rank == 0).float().mean().item(), (rank < 5).float().mean().item())
 
-    print("\n## LDS and time (digits MLP)\n")
-    print(f"| method | LDS | setup s | query s, k=1 | k=10 | k={n_test} |\n|---|---|---|---|---|---|")
+    print("\n## LDS and time\n")
+    print("| setup | method | LDS | setup s | query s, k=1 | k=10 | k=all (n) |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['method']} | {r['lds']:.3f} | {r['setup_s']:.2f} | {r['k=1']:.3f} | {r['k=10']:.3f} | {r[f'k={n_test}']:.3f} |"
+            f"| {r['setup']} | {r['method']} | {r['lds']:.3f} | {r['setup_s']:.2f} | {r['k=1']:.3f} | "
+            f"{r['k=10']:.3f} | {r['k=all']:.3f} ({r['n_test']}) |"
         )
     print("\n## Convex leave-one-out (L2 logistic regression, 300 points, 10 high-loss test points)\n")
     print("| method | mean Pearson with exact LOO |\n|---|---|")
@@ -282,10 +351,10 @@ def main() -> None:
     print("\n## Leakage (40 planted duplicates)\n\n| method | top-1 | top-5 |\n|---|---|---|")
     for name, (top1, top5) in leak_rates.items():
         print(f"| {name} | {top1:.3f} | {top5:.3f} |")
-    plot(rows, n_test, "quick" if args.quick else "full")
+    plot([r for r in rows if r["setup"].startswith("digits MLP")], "quick" if args.quick else "full")
 
 
-def plot(rows, n_test, label):
+def plot(rows, label):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,7 +362,7 @@ def plot(rows, n_test, label):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        total = r["setup_s"] + r[f"k={n_test}"]
+        total = r["setup_s"] + r["k=all"]
         ours_ = r["method"].startswith("Forward-INF")
         ax.scatter(total, r["lds"], marker="o" if ours_ else "s", color="tab:blue" if ours_ else "tab:orange")
         ax.annotate(
@@ -304,7 +373,7 @@ def plot(rows, n_test, label):
             textcoords="offset points",
         )
     ax.set_xscale("log")
-    ax.set_xlabel(f"seconds for {n_test} test points (setup + query), 2 CPU cores")
+    ax.set_xlabel(f"seconds for {rows[0]['n_test']} test points (setup + query), 2 CPU cores")
     ax.set_ylabel("LDS (Spearman)")
     ax.set_title(f"Digits MLP: attribution quality against time ({label} run)")
     fig.tight_layout()

@@ -105,6 +105,7 @@ class Jobs:
         """The job's public view; with `wait_s`, wait up to that long for it to end (a long poll, so
         clients need not poll in a tight loop)."""
         deadline = time.monotonic() + wait_s
+        top_k = top_k or self._requested_top_k(key)
         while True:
             if (result := self._result(key)) is not None:
                 return self._public(key, None, result, top_k)
@@ -112,6 +113,13 @@ class Jobs:
             if public.status not in ("queued", "running") or time.monotonic() >= deadline:
                 return public
             time.sleep(self.settings.long_poll_interval_s)
+
+    def _requested_top_k(self, key: str) -> int:
+        """The top_k of the request that created the job (10 once its record has expired)."""
+        try:
+            return Job.fetch(key, connection=self.redis, serializer=JSONSerializer).meta.get("top_k", 10)
+        except NoSuchJobError:
+            return 10
 
     def _job(self, key: str) -> Job:
         try:

@@ -71,6 +71,8 @@ def test_full_loop_matches_the_engine_and_caches(client, settings, worker, regis
     assert done["progress"]["done"] == done["progress"]["total"] > 0
     assert set(done["timing"]) == {"load_s", "mirror_s", "sweep_s", "store_s"}
 
+    assert len(client.get(job["links"]["self"]).json()["result"]["rows"][0]["proponents"]) == 5  # the POST's top_k
+    assert len(client.get(job["links"]["self"], params={"top_k": 2}).json()["result"]["rows"][0]["opponents"]) == 2
     expected = direct_scores(registry_dir, TEST["indices"])
     rows = done["result"]["rows"]
     assert len(rows) == 3

@@ -38,7 +38,7 @@ def get_attribution(
     attribution_id: str,
     jobs: JobsDep,
     settings: SettingsDep,
-    top_k: Annotated[int, Query(ge=1, le=1000)] = 10,
+    top_k: Annotated[int | None, Query(ge=1, le=1000, description="default: the creating request's")] = None,
     wait_s: Annotated[float, Query(ge=0, description="wait up to this long (capped) for the job to end")] = 0.0,
 ) -> AttributionPublic:
     """Status, progress, timing and, when finished, the top-k proponents and opponents per test point.

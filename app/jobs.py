@@ -77,12 +77,10 @@ class Jobs:
             method={**model.method, **request.method.model_dump(exclude_none=True)},
             top_k=request.top_k,
         )
-        try:
-            existing = Job.fetch(key, connection=self.redis, serializer=JSONSerializer)
-            if existing.get_status() in (JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED, JobStatus.FINISHED):
-                existing.delete()  # a new try; finished without a cached result = canceled or expired
-        except NoSuchJobError:
-            pass
+        existing = self._fetch(key)
+        ended = (JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED, JobStatus.FINISHED)
+        if existing is not None and existing.get_status() in ended:
+            existing.delete()  # a new try; finished without a cached result = canceled or expired
         self.redis.delete(self.settings.key("cancel", key))
         try:
             job = self.queue.enqueue(
@@ -98,34 +96,35 @@ class Jobs:
                 meta={"model": model.id, "dataset": dataset.id, "top_k": request.top_k},
             )
         except DuplicateJobError:  # an identical request is queued or running: join it
-            job = Job.fetch(key, connection=self.redis, serializer=JSONSerializer)
+            job = self._job(key)
         return self._public(key, job, None, request.top_k), False
 
     def get(self, key: str, top_k: int | None = None, wait_s: float = 0.0) -> AttributionPublic:
         """The job's public view; with `wait_s`, wait up to that long for it to end (a long poll, so
         clients need not poll in a tight loop)."""
         deadline = time.monotonic() + wait_s
-        top_k = top_k or self._requested_top_k(key)
+        job = self._fetch(key)  # once: _public refreshes its status and meta on each look
+        top_k = top_k or (job.meta.get("top_k") if job else None) or 10  # default: the creating request's
         while True:
             if (result := self._result(key)) is not None:
                 return self._public(key, None, result, top_k)
-            public = self._public(key, self._job(key), None, top_k)
+            if job is None:
+                raise NotFound(f"no attribution {key!r} (unknown, or its record expired)")
+            public = self._public(key, job, None, top_k)
             if public.status not in ("queued", "running") or time.monotonic() >= deadline:
                 return public
             time.sleep(self.settings.long_poll_interval_s)
 
-    def _requested_top_k(self, key: str) -> int:
-        """The top_k of the request that created the job (10 once its record has expired)."""
-        try:
-            return Job.fetch(key, connection=self.redis, serializer=JSONSerializer).meta.get("top_k", 10)
-        except NoSuchJobError:
-            return 10
-
-    def _job(self, key: str) -> Job:
+    def _fetch(self, key: str) -> Job | None:
         try:
             return Job.fetch(key, connection=self.redis, serializer=JSONSerializer)
         except NoSuchJobError:
-            raise NotFound(f"no attribution {key!r} (unknown, or its record expired)") from None
+            return None
+
+    def _job(self, key: str) -> Job:
+        if (job := self._fetch(key)) is None:
+            raise NotFound(f"no attribution {key!r} (unknown, or its record expired)")
+        return job
 
     def cancel(self, key: str) -> AttributionPublic:
         if self._result(key) is not None:

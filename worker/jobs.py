@@ -106,7 +106,7 @@ def run(request: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
     if model_m.digest != request.model_digest or data_m.digest != request.dataset_digest:
         raise RegistryError("the model or dataset changed since the request was made; submit it again")
     shards = [ctx.warm.shard(data_m, n) for n in range(len(data_m.shards))]
-    test = _test_points(request, ctx)
+    test = _test_points(request, ctx, model_m)
     fi, bases = prepared(ctx, model_m, data_m, shards, request.method)
     reporter.timing["load_s"] = time.perf_counter() - t
 
@@ -181,7 +181,7 @@ def _engine_fields(method: dict) -> dict:
     return {k: tuple(v) if k == "params" else v for k, v in method.items()}
 
 
-def _test_points(request: AttributionJob, ctx: Context):
+def _test_points(request: AttributionJob, ctx: Context, model_m):
     if isinstance(request.test, DatasetTest):
         d = ctx.registry.dataset(request.test.dataset)
         if d is None:
@@ -196,7 +196,6 @@ def _test_points(request: AttributionJob, ctx: Context):
         batch = ctx.warm.examples(d, indices)
         return {k: v for k, v in batch.items() if k in ("inputs", "targets")}
     inline = request.test
-    model_m = ctx.registry.model(request.model)
     dtype = torch.int64 if model_m.input.dtype == "int64" else ctx.warm.dtype
     batch = {"inputs": torch.tensor(inline.inputs, dtype=dtype)}
     if inline.targets is not None:

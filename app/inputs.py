@@ -11,12 +11,13 @@ import numpy as np
 from worker.registry import DatasetManifest, ModelManifest, Registry
 
 from .errors import InvalidInput, NotFound, PayloadTooLarge
-from .schemas import AttributionCreate, DatasetTest, InlineTest
+from .jobs import Request
+from .schemas import DatasetTest, InlineTest
 from .settings import Settings
 
 
 def resolve(
-    request: AttributionCreate, registry: Registry, settings: Settings
+    kind: str, request: Request, registry: Registry, settings: Settings
 ) -> tuple[ModelManifest, DatasetManifest]:
     model = registry.model(request.model)
     if model is None:
@@ -29,12 +30,22 @@ def resolve(
             f"dataset {dataset.id!r} holds {dataset.input.dtype} examples of shape {dataset.input.shape}; "
             f"model {model.id!r} takes {model.input.dtype} of shape {model.input.shape}"
         )
-    if request.top_k > settings.max_top_k:
+    if getattr(request, "top_k", 0) > settings.max_top_k:
         raise InvalidInput(f"top_k={request.top_k} exceeds the limit of {settings.max_top_k}", _loc("top_k"))
-    if isinstance(request.test, InlineTest):
+    if kind == "mislabeled":
+        if model.task != "classification":
+            raise InvalidInput(f"a mislabeled analysis needs a classification model; {model.id!r} is {model.task}")
+        check_records(request.reference, registry, model, settings.max_reference_records, "reference")
+    elif kind == "memorization":
+        if request.records.dataset != dataset.id:
+            raise InvalidInput(
+                f"records.dataset must be the training dataset {dataset.id!r}", _loc("records", "dataset")
+            )
+        check_records(request.records, registry, model, settings.max_memorization_records, "records")
+    elif isinstance(request.test, InlineTest):
         check_inline(request.test, model, settings)
     else:
-        check_records(request.test, registry, model, settings)
+        check_records(request.test, registry, model, settings.max_test_points)
     return model, dataset
 
 
@@ -106,31 +117,32 @@ def _check_targets(targets, n: int, model: ModelManifest, input_shape) -> None:
         raise InvalidInput("test.targets: a causal-LM target mask must match the token arrays' shape", loc)
 
 
-def check_records(test: DatasetTest, registry: Registry, model: ModelManifest, settings: Settings) -> None:
+def check_records(test: DatasetTest, registry: Registry, model: ModelManifest, limit: int, field: str = "test") -> None:
     dataset = registry.dataset(test.dataset)
     if dataset is None:
-        raise NotFound(f"unknown dataset {test.dataset!r} (test.dataset)")
+        raise NotFound(f"unknown dataset {test.dataset!r} ({field}.dataset)")
     if (test.records is None) == (test.indices is None):
-        raise InvalidInput("test: give exactly one of 'records' or 'indices'", _loc("test"))
+        raise InvalidInput(f"{field}: give exactly one of 'records' or 'indices'", _loc(field))
     picks = test.records if test.records is not None else test.indices
     if not picks:
-        raise InvalidInput("test: no test points selected", _loc("test"))
-    _count_limit(len(picks), settings)
+        raise InvalidInput(f"{field}: nothing selected", _loc(field))
+    if len(picks) > limit:
+        raise PayloadTooLarge(f"{field}: {len(picks)} records exceed the limit of {limit} per request")
     if dataset.input.shape != model.input.shape:
         raise InvalidInput(
-            f"test.dataset {dataset.id!r} holds examples of shape {dataset.input.shape}; "
+            f"{field}.dataset {dataset.id!r} holds examples of shape {dataset.input.shape}; "
             f"model {model.id!r} takes {model.input.shape}",
-            _loc("test", "dataset"),
+            _loc(field, "dataset"),
         )
     if test.indices is not None:
         bad = [i for i in test.indices if i >= dataset.size]
         if bad:
             raise InvalidInput(
-                f"test.indices: {bad[:5]} out of range for {dataset.id!r} ({dataset.size} records)",
-                _loc("test", "indices"),
+                f"{field}.indices: {bad[:5]} out of range for {dataset.id!r} ({dataset.size} records)",
+                _loc(field, "indices"),
             )
     else:
         known = set(dataset.record_ids())
         missing = [r for r in test.records if r not in known]
         if missing:
-            raise NotFound(f"test.records: unknown record ids in {dataset.id!r}: {missing[:5]}")
+            raise NotFound(f"{field}.records: unknown record ids in {dataset.id!r}: {missing[:5]}")

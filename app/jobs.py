@@ -1,4 +1,5 @@
-"""Attribution jobs from the API's side: cache key, score-cache lookup, dedup, enqueue, status, cancel.
+"""Jobs from the API's side (attributions and analyses): cache key, score-cache lookup, dedup, enqueue,
+status, cancel.
 
 The job id is the cache key (a hash of model digest, dataset digest, test payload and method), so an
 identical request finds the finished scores (a 200 from the cache) or the job already queued or running
@@ -20,7 +21,17 @@ from rq.serializers import JSONSerializer
 from worker.registry import DatasetManifest, ModelManifest
 
 from .errors import Conflict, NotFound
-from .schemas import AttributionCreate, AttributionJob, AttributionPublic, AttributionResult, Progress
+from .schemas import (
+    AnalysisPublic,
+    AttributionCreate,
+    AttributionJob,
+    AttributionPublic,
+    AttributionResult,
+    LeakageCreate,
+    MemorizationCreate,
+    MislabeledCreate,
+    Progress,
+)
 from .settings import Settings
 
 JOB_FUNC = "worker.jobs.attribute"
@@ -39,16 +50,34 @@ STATUS = {
 }
 
 
-def cache_key(model: ModelManifest, dataset: DatasetManifest, request: AttributionCreate) -> str:
-    """What the scores depend on, hashed: digests (so a changed checkpoint never hits), the test payload
-    and the method settings with the model's defaults beneath them. top_k is not part of it."""
+Request = AttributionCreate | LeakageCreate | MislabeledCreate | MemorizationCreate
+PRESET = {"leakage": "leakage", "mislabeled": "mislabeled", "memorization": "attribution"}
+
+
+def job_payload(kind: str, request: Request, model: ModelManifest, dataset: DatasetManifest) -> AttributionJob:
+    """The request resolved into the worker's payload. Its `key` (the job id and cache key) hashes
+    what the result depends on: digests (a changed checkpoint never hits), kind, test points, options
+    and the method settings over the analysis' preset and the model's defaults. top_k is not part of it."""
+    test = {"mislabeled": "reference", "memorization": "records"}.get(kind, "test")
+    own = {"model", "dataset", "method", "top_k", test}
     material = {
-        "model": model.digest,
-        "dataset": dataset.digest,
-        "test": request.test.model_dump(mode="json", exclude_none=True),
+        "kind": kind,
+        "test": getattr(request, test).model_dump(mode="json", exclude_none=True),
+        "options": request.model_dump(mode="json", exclude=own, exclude_none=True),
         "method": {**model.method, **request.method.model_dump(exclude_none=True)},
     }
-    return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+    if kind in PRESET and "preset" not in material["method"]:
+        material["method"]["preset"] = PRESET[kind]
+    digest = json.dumps({**material, "model": model.digest, "dataset": dataset.digest}, sort_keys=True)
+    return AttributionJob(
+        key=hashlib.sha256(digest.encode()).hexdigest()[:32],
+        model=model.id,
+        model_digest=model.digest,
+        dataset=dataset.id,
+        dataset_digest=dataset.digest,
+        top_k=getattr(request, "top_k", 10),
+        **material,
+    )
 
 
 class Jobs:
@@ -61,22 +90,13 @@ class Jobs:
         return json.loads(raw) if raw else None
 
     def submit(
-        self, request: AttributionCreate, model: ModelManifest, dataset: DatasetManifest
-    ) -> tuple[AttributionPublic, bool]:
+        self, kind: str, request: Request, model: ModelManifest, dataset: DatasetManifest
+    ) -> tuple[AttributionPublic | AnalysisPublic, bool]:
         """Returns (the job's public view, whether it is a finished result from the cache)."""
-        key = cache_key(model, dataset, request)
+        payload = job_payload(kind, request, model, dataset)
+        key, top_k = payload.key, payload.top_k
         if (result := self._result(key)) is not None:
-            return self._public(key, None, result, request.top_k), True
-        payload = AttributionJob(
-            key=key,
-            model=model.id,
-            model_digest=model.digest,
-            dataset=dataset.id,
-            dataset_digest=dataset.digest,
-            test=request.test,
-            method={**model.method, **request.method.model_dump(exclude_none=True)},
-            top_k=request.top_k,
-        )
+            return self._public(key, None, result, top_k), True
         existing = self._fetch(key)
         ended = (JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED, JobStatus.FINISHED)
         if existing is not None and existing.get_status() in ended:
@@ -93,27 +113,39 @@ class Jobs:
                 failure_ttl=self.settings.job_record_ttl_s,
                 ttl=self.settings.job_record_ttl_s,
                 retry=Retry(max=self.settings.job_retries) if self.settings.job_retries else None,
-                meta={"model": model.id, "dataset": dataset.id, "top_k": request.top_k},
+                meta={"kind": kind, "model": model.id, "dataset": dataset.id, "top_k": top_k},
             )
         except DuplicateJobError:  # an identical request is queued or running: join it
             job = self._job(key)
-        return self._public(key, job, None, request.top_k), False
+        return self._public(key, job, None, top_k), False
 
-    def get(self, key: str, top_k: int | None = None, wait_s: float = 0.0) -> AttributionPublic:
+    def get(
+        self, key: str, top_k: int | None = None, wait_s: float = 0.0, analysis: bool = False
+    ) -> AttributionPublic | AnalysisPublic:
         """The job's public view; with `wait_s`, wait up to that long for it to end (a long poll, so
-        clients need not poll in a tight loop)."""
+        clients need not poll in a tight loop). An attribution id asked for as an analysis (or the
+        reverse) is unknown there."""
         deadline = time.monotonic() + wait_s
         job = self._fetch(key)  # once: _public refreshes its status and meta on each look
         top_k = top_k or (job.meta.get("top_k") if job else None) or 10  # default: the creating request's
         while True:
-            if (result := self._result(key)) is not None:
+            result = self._result(key)
+            kind = result.get("kind", "attribution") if result else job.meta.get("kind", "attribution") if job else None
+            if kind is None or (kind != "attribution") != analysis:
+                raise NotFound(f"no {'analysis' if analysis else 'attribution'} {key!r} (unknown, or expired)")
+            if result is not None:
                 return self._public(key, None, result, top_k)
-            if job is None:
-                raise NotFound(f"no attribution {key!r} (unknown, or its record expired)")
             public = self._public(key, job, None, top_k)
             if public.status not in ("queued", "running") or time.monotonic() >= deadline:
                 return public
             time.sleep(self.settings.long_poll_interval_s)
+
+    def result(self, key: str, analysis: bool) -> dict:
+        """The stored result of a finished job (404 unknown, 409 not finished)."""
+        public = self.get(key, analysis=analysis)
+        if public.status != "finished":
+            raise Conflict(f"{key!r} is {public.status}: no result yet")
+        return self._result(key) or {}
 
     def _fetch(self, key: str) -> Job | None:
         try:
@@ -123,12 +155,13 @@ class Jobs:
 
     def _job(self, key: str) -> Job:
         if (job := self._fetch(key)) is None:
-            raise NotFound(f"no attribution {key!r} (unknown, or its record expired)")
+            raise NotFound(f"no job {key!r} (unknown, or its record expired)")
         return job
 
-    def cancel(self, key: str) -> AttributionPublic:
-        if self._result(key) is not None:
-            raise Conflict(f"attribution {key!r} has finished; there is nothing to cancel")
+    def cancel(self, key: str, analysis: bool = False) -> AttributionPublic | AnalysisPublic:
+        public = self.get(key, analysis=analysis)
+        if public.status == "finished":
+            raise Conflict(f"{key!r} has finished; there is nothing to cancel")
         job = self._job(key)
         status = job.get_status()
         if status == JobStatus.STARTED:
@@ -137,34 +170,38 @@ class Jobs:
             job.cancel()
         return self._public(key, job, None, None)
 
-    def scores(self, key: str) -> tuple[tuple[int, int], bytes]:
-        result = self._result(key)
-        raw = self.redis.get(self.settings.key("scores", key)) if result else None
+    def scores(self, key: str, analysis: bool = False) -> tuple[tuple[int, int], bytes]:
+        result = self.result(key, analysis)
+        raw = self.redis.get(self.settings.key("scores", key))
         if raw is None:
-            self.get(key)  # 404 if unknown
-            raise Conflict(f"attribution {key!r} has no scores yet (not finished)")
+            raise Conflict(f"{key!r}: its scores expired; submit the request again")
         return tuple(result["shape"]), raw
 
-    def _public(self, key: str, job: Job | None, result: dict | None, top_k: int | None) -> AttributionPublic:
-        links = {"self": f"/v1/attributions/{key}", "scores": f"/v1/attributions/{key}/scores"}
+    def _public(
+        self, key: str, job: Job | None, result: dict | None, top_k: int | None
+    ) -> AttributionPublic | AnalysisPublic:
+        kind = result["kind"] if result is not None else job.meta.get("kind", "attribution")
+        base = f"/v1/{'attributions' if kind == 'attribution' else 'analyses'}/{key}"
+        links = {"self": base, "scores": f"{base}/scores", "report": f"{base}/report"}
         if result is not None:
+            common = {
+                "id": key,
+                "status": "finished",
+                "model": result["model"],
+                "dataset": result["dataset"],
+                "progress": Progress(**result.get("progress", {})),
+                "timing": result.get("timing"),
+                "cached": job is None,
+                "links": links,
+            }
+            if kind != "attribution":
+                return AnalysisPublic(kind=kind, result=result["analysis"], **common)
             k = top_k or 10
             rows = [
                 {**row, "proponents": row["proponents"][:k], "opponents": row["opponents"][:k]}
                 for row in result["rows"]
             ]
-            full = AttributionResult(**{**result, "rows": rows})
-            return AttributionPublic(
-                id=key,
-                status="finished",
-                model=result["model"],
-                dataset=result["dataset"],
-                progress=Progress(**result.get("progress", {})),
-                timing=full.timing,
-                result=full,
-                cached=job is None,
-                links=links,
-            )
+            return AttributionPublic(result=AttributionResult(**{**result, "rows": rows}), **common)
         meta = job.get_meta(refresh=True)
         status = STATUS.get(job.get_status(), "queued")
         if meta.get("canceled"):
@@ -176,13 +213,14 @@ class Jobs:
             error = (
                 meta.get("error") or "the job failed: its worker stopped (killed, timed out or out of memory) too often"
             )
-        return AttributionPublic(
-            id=key,
-            status=status,
-            model=meta.get("model", ""),
-            dataset=meta.get("dataset", ""),
-            progress=Progress(**meta.get("progress", {})),
-            timing=meta.get("timing"),
-            error=error,
-            links=links,
-        )
+        common = {
+            "id": key,
+            "status": status,
+            "model": meta.get("model", ""),
+            "dataset": meta.get("dataset", ""),
+            "progress": Progress(**meta.get("progress", {})),
+            "timing": meta.get("timing"),
+            "error": error,
+            "links": links,
+        }
+        return AttributionPublic(**common) if kind == "attribution" else AnalysisPublic(kind=kind, **common)

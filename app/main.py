@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,12 +17,13 @@ from redis import Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
+from starlette.exceptions import HTTPException
 
 from worker.registry import Registry, RegistryError
 
 from . import metrics
 from .errors import InvalidInput, PayloadTooLarge, ServiceError, Unavailable
-from .routes import attributions, health, models
+from .routes import analyses, attributions, health, models
 from .settings import Settings
 
 PROBLEM = "application/problem+json"
@@ -60,6 +62,10 @@ def translate(exc: Exception) -> ServiceError:
         errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
         return InvalidInput(detail or "invalid request", errors)
+    if isinstance(exc, HTTPException):  # routing: unknown path (404), wrong method (405)
+        error = ServiceError(str(exc.detail))
+        error.status, error.title = exc.status_code, HTTPStatus(exc.status_code).phrase
+        return error
     if isinstance(exc, RegistryError):
         return ServiceError(f"the model registry is misconfigured: {exc}")
     return ServiceError("internal error; the request was not processed")
@@ -83,14 +89,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "over the training set.",
     )
     app.state.settings, app.state.registry = settings, Registry(settings.registry_dir)
-    for router in (attributions.router, models.router, health.router):
+    for router in (attributions.router, analyses.router, models.router, health.router):
         app.include_router(router)
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception):
         return problem(request, translate(exc))
 
-    for foreign in (ServiceError, RedisError, RequestValidationError, RegistryError):
+    for foreign in (ServiceError, RedisError, RequestValidationError, RegistryError, HTTPException):
         app.add_exception_handler(foreign, on_error)
 
     app.add_middleware(Guard, limit=settings.max_body_bytes)

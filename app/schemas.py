@@ -132,9 +132,13 @@ class AttributionPublic(BaseModel):
 
 
 class AttributionJob(BaseModel):
-    """The payload of worker.jobs.attribute (request resolved against the registry)."""
+    """The payload of worker.jobs.attribute (request resolved against the registry). `kind` is
+    "attribution" or an analysis; `test` holds its test points (leakage), reference set (mislabeled)
+    or training records (memorization); `options` the analysis' own settings."""
 
     key: str
+    kind: Literal["attribution", "leakage", "mislabeled", "memorization"] = "attribution"
+    options: dict[str, Any] = {}
     model: str
     model_digest: str
     dataset: str
@@ -142,6 +146,181 @@ class AttributionJob(BaseModel):
     test: InlineTest | DatasetTest
     method: dict[str, Any]
     top_k: int
+
+
+# -- analyses ------------------------------------------------------------------------------------------
+class AnalysisBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="registered model id")
+    dataset: str = Field(description="registered training dataset id")
+    method: MethodSettings = MethodSettings()
+
+
+class LeakageCreate(AnalysisBase):
+    """Which test points are (likely) present in the training set."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "digits-audit-mlp",
+                    "dataset": "digits-audit-train",
+                    "test": {"dataset": "digits-audit-test", "indices": [0, 1, 2, 100]},
+                }
+            ]
+        }
+    )
+    test: InlineTest | DatasetTest
+    calibration_records: Annotated[int, Field(ge=16, le=1024)] = Field(
+        128, description="training records used as queries to calibrate the decision threshold"
+    )
+
+
+class MislabeledCreate(AnalysisBase):
+    """Training records ranked by how likely their label is wrong."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "digits-audit-mlp",
+                    "dataset": "digits-audit-train",
+                    "reference": {"dataset": "digits-audit-test", "indices": list(range(40, 400))},
+                }
+            ]
+        }
+    )
+    reference: DatasetTest = Field(description="clean, correctly labelled records (e.g. a vetted held-out set)")
+    rank_by: Literal["loss", "harm", "combined"] = Field(
+        "loss",
+        description="loss: the record's own training loss; harm: how much a step on it hurts the reference "
+        "set (Forward-INF group mode); combined: the mean of both ranks. Default by measurement "
+        "(docs/benchmarks.md).",
+    )
+    review_size: Annotated[int, Field(ge=1, le=10_000)] | None = Field(
+        None, description="length of the review list; default: the expected number of wrong labels"
+    )
+
+
+class MemorizationCreate(AnalysisBase):
+    """How much the model relies on each requested training record for its own prediction."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "digits-audit-mlp",
+                    "dataset": "digits-audit-train",
+                    "records": {"dataset": "digits-audit-train", "indices": [0, 1, 2]},
+                }
+            ]
+        }
+    )
+    records: DatasetTest = Field(description="records of the training dataset to audit (ids or indices)")
+    neighbours: Annotated[int, Field(ge=1, le=100)] = Field(10, description="other records that may explain it")
+    calibration_records: Annotated[int, Field(ge=16, le=1024)] = Field(
+        128, description="training records whose reliance sets the outlier threshold"
+    )
+
+
+class Match(BaseModel):
+    record_id: str
+    index: int
+    distance: float = Field(description="relative difference of the two records' responses; 0 = identical")
+
+
+class LeakageRow(BaseModel):
+    row: int
+    leaked: bool
+    best: Match
+    evidence: list[Match] = Field(description="the 5 closest training records")
+
+
+class LeakageCalibration(BaseModel):
+    threshold: float = Field(description="a test point is flagged when its best distance is at most this")
+    method: str
+    records: int = Field(description="training records used as calibration queries")
+    duplicate_distance: float = Field(description="largest distance of a record to itself (numerical noise)")
+    chance_distance: float = Field(description="1st percentile of a record's distance to its nearest other record")
+    expected_recall: float = Field(description="share of calibration records found as their own duplicate")
+    expected_false_flag_rate: float = Field(description="share of calibration records flagged against others")
+
+
+class LeakageResult(BaseModel):
+    kind: Literal["leakage"] = "leakage"
+    summary: str
+    leaked: int
+    rows: list[LeakageRow]
+    calibration: LeakageCalibration
+
+
+class Suspect(BaseModel):
+    rank: int
+    record_id: str
+    index: int
+    label: int | None
+    loss: float = Field(description="the record's training loss under the model")
+    p_label: float = Field(description="probability the model gives the recorded label (exp(-loss))")
+    harm: float = Field(description="how much the reference set's loss rises with this record (Forward-INF)")
+
+
+class ClassSummary(BaseModel):
+    label: int
+    records: int
+    in_review: int
+    mean_loss: float
+    mean_harm: float
+
+
+class MislabeledResult(BaseModel):
+    kind: Literal["mislabeled"] = "mislabeled"
+    summary: str
+    rank_by: str
+    review_size: int
+    expected_wrong: float = Field(description="sum over all records of 1 - p_label (the model's own estimate)")
+    expected_precision: float = Field(description="share of the review list expected to be mislabelled")
+    precision_method: str
+    review: list[Suspect]
+    classes: list[ClassSummary]
+
+
+class MemorizedRecord(BaseModel):
+    rank: int
+    record_id: str
+    index: int
+    self_influence: float = Field(description="the record's influence on its own loss (with its exact copies)")
+    neighbour_support: float = Field(description="summed influence of its top supporting other records")
+    reliance: float = Field(description="self / (self + neighbours): 1 = only the record itself explains it")
+    copies: list[str] = Field(description="other training records with identical responses (exact duplicates)")
+    neighbours: list[Influence]
+    outlier: bool
+    flags: list[Literal["outlier", "duplicated"]]
+
+
+class MemorizationResult(BaseModel):
+    kind: Literal["memorization"] = "memorization"
+    summary: str
+    threshold: float = Field(description="reliance above which a record is an outlier")
+    threshold_method: str
+    records: list[MemorizedRecord]
+
+
+AnalysisResult = Annotated[LeakageResult | MislabeledResult | MemorizationResult, Field(discriminator="kind")]
+
+
+class AnalysisPublic(BaseModel):
+    id: str
+    kind: Literal["leakage", "mislabeled", "memorization"]
+    status: Status
+    model: str
+    dataset: str
+    progress: Progress = Progress()
+    timing: Timing | None = None
+    result: AnalysisResult | None = None
+    error: str | None = None
+    cached: bool = False
+    links: dict[str, str] = {}
 
 
 class ModelPublic(BaseModel):

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     max_test_points: int = 256
     max_top_k: int = 100
     max_memorization_records: int = 64
+    max_reference_records: int = Field(4096, description="clean reference set of a mislabeled analysis")
     max_wait_s: float = Field(30.0, description="longest long poll (GET ...?wait_s=) the API holds open")
     long_poll_interval_s: float = 0.02
 

@@ -48,7 +48,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @contextlib.contextmanager
-def service(registry_dir: Path, warm: bool):
+def service(registry_dir: Path, warm: bool, **settings: str):
+    """Redis, the API under uvicorn and one worker on free ports; yields an httpx client once ready.
+    `settings`: extra ATTR_* environment variables (e.g. ATTR_MAX_TEST_POINTS="512")."""
     redis_port, api_port = free_port(), free_port()
     binary = subprocess.run(
         [str(ROOT / "scripts" / "redis")], capture_output=True, text=True, check=True
@@ -65,6 +67,7 @@ def service(registry_dir: Path, warm: bool):
         "ATTR_WARM_ON_START": str(warm).lower(),
         "ATTR_PROGRESS_INTERVAL_S": "0.5",
         "ATTR_BATCH_SIZE": "4096",
+        **settings,
     }
     try:
         for _ in range(100):
@@ -91,7 +94,7 @@ def service(registry_dir: Path, warm: bool):
         )
         procs.append(subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL))
         client = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30)
-        for _ in range(600):
+        for _ in range(3000):  # the worker's warm-up computes the demo models' curvature first
             with contextlib.suppress(httpx.TransportError):
                 if client.get("/readyz").status_code == 200:
                     break
@@ -103,9 +106,9 @@ def service(registry_dir: Path, warm: bool):
             p.wait(10)
 
 
-def run_to_end(client: httpx.Client, body: dict) -> tuple[float, dict]:
+def run_to_end(client: httpx.Client, body: dict, path: str = "/v1/attributions") -> tuple[float, dict]:
     start = time.perf_counter()
-    job = client.post("/v1/attributions", json=body).json()
+    job = client.post(path, json=body).json()
     while job["status"] in ("queued", "running"):
         job = client.get(job["links"]["self"], params={"wait_s": 10}).json()  # long poll
     assert job["status"] == "finished", job

@@ -96,6 +96,15 @@ def test_full_loop_matches_the_engine_and_caches(client, settings, worker, regis
     np.testing.assert_allclose(matrix, expected.numpy(), rtol=1e-4, atol=1e-7)
     np.testing.assert_array_equal(matrix, np.array(scores["scores"], dtype=np.float32))
 
+    # another preset on the same model and training set (group mode) reuses the curvature estimate
+    reference = {"dataset": "digits-test", "indices": [5, 6, 7]}
+    mislabeled = client.post(
+        "/v1/analyses/mislabeled", json={"model": "digits-mlp", "dataset": "digits-train", "reference": reference}
+    )
+    worker.work(burst=True)
+    assert client.get(mislabeled.json()["links"]["self"]).json()["status"] == "finished"
+    assert worker_stats(worker)["curvature_estimates"] == 1
+
 
 def test_influence_function_preconditioning_over_http(client, worker, registry_dir):
     from worker.forward_inf import MirrorConfig
@@ -214,9 +223,10 @@ def test_health_readiness_and_metrics(client, settings, worker):
 
 def test_registry_endpoints(client):
     models = client.get("/v1/models").json()
-    assert [m["id"] for m in models] == ["digits-mlp"]
+    assert [m["id"] for m in models] == ["digits-audit-mlp", "digits-mlp"]
     assert client.get("/v1/models/digits-mlp").json()["input"]["shape"] == [64]
-    assert {d["id"] for d in client.get("/v1/datasets").json()} == {"digits-train", "digits-test"}
+    datasets = {d["id"] for d in client.get("/v1/datasets").json()}
+    assert datasets == {"digits-train", "digits-test", "digits-audit-train", "digits-audit-test"}
     train = client.get("/v1/datasets/digits-train").json()
     assert train["size"] == 1437 and train["shards"] == 2
 
@@ -229,6 +239,14 @@ def test_openapi_operation_ids_are_stable(client):
         "get_attribution",
         "get_attribution_scores",
         "cancel_attribution",
+        "get_attribution_report",
+        "create_leakage_analysis",
+        "create_mislabeled_analysis",
+        "create_memorization_analysis",
+        "get_analysis",
+        "get_analysis_scores",
+        "get_analysis_report",
+        "cancel_analysis",
         "list_models",
         "get_model",
         "list_datasets",

@@ -57,47 +57,96 @@ def digits_mlp(x: torch.Tensor, y: torch.Tensor, hidden: int = 64, epochs: int =
     return train_classifier(model, x, y, epochs=epochs, seed=seed)
 
 
+SPEC = {"shape": [64], "dtype": "float32", "range": [0.0, 1.0], "num_classes": 10, "image_shape": [8, 8]}
+MLP = {"in_features": 64, "hidden": [64], "out_features": 10}
+
+
 def build_demo_registry(registry) -> None:
-    """The demo registry: `digits-mlp` (64 -> 64 -> 10, trained here in seconds), its training set
-    `digits-train` (1,437 images in 2 shards) and the held-out `digits-test` (360 images)."""
+    """The demo registry, trained here in seconds on scikit-learn's digits:
+
+    - `digits-mlp` (64 -> 64 -> 10), its training set `digits-train` (1,437 images in 2 shards) and the
+      held-out `digits-test` (360 images);
+    - for the governance analyses, `digits-audit-mlp` trained on `digits-audit-train`, a training set
+      with known problems (see audit_data), and `digits-audit-test` (400 images, the first 40 planted).
+    """
     import tempfile
     from pathlib import Path
 
     from safetensors.torch import save_file
 
-    x, y, x_test, y_test = digits()
-    model = digits_mlp(x, y)
-    spec = {"shape": [64], "dtype": "float32", "range": [0.0, 1.0], "num_classes": 10}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "weights.safetensors")
-        registry.add_model(
-            "digits-mlp",
-            "classification",
-            "builtin:mlp",
-            tmp / "weights.safetensors",
-            spec,
-            params={"in_features": 64, "hidden": [64], "out_features": 10},
-            description="MLP 64-64-10 trained on scikit-learn's digits (8x8 images scaled to [0, 1])",
-        )
-        half = len(y) // 2
-        shards = []
-        for n, (lo, hi) in enumerate([(0, half), (half, len(y))]):
-            save_file(
-                {"inputs": x[lo:hi].contiguous(), "targets": y[lo:hi].contiguous()}, tmp / f"train-{n}.safetensors"
+
+        def add_model(id: str, model: nn.Module, description: str) -> None:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "weights.safetensors")
+            registry.add_model(
+                id, "classification", "builtin:mlp", tmp / "weights.safetensors", SPEC, MLP, description=description
             )
-            shards.append(tmp / f"train-{n}.safetensors")
-        registry.add_dataset(
-            "digits-train",
-            shards,
-            spec,
-            trained=["digits-mlp"],
-            description="training split of scikit-learn's digits (1,437 images)",
+
+        def add_dataset(id: str, x, y, parts: int = 1, **kw) -> None:
+            bounds = np.linspace(0, len(y), parts + 1).astype(int)
+            shards = []
+            for n, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+                save_file(
+                    {"inputs": x[lo:hi].contiguous(), "targets": y[lo:hi].contiguous()}, tmp / f"{id}-{n}.safetensors"
+                )
+                shards.append(tmp / f"{id}-{n}.safetensors")
+            registry.add_dataset(id, shards, SPEC, **kw)
+
+        x, y, x_test, y_test = digits()
+        add_model("digits-mlp", digits_mlp(x, y), "MLP 64-64-10 trained on scikit-learn's digits (8x8, [0, 1])")
+        add_dataset("digits-train", x, y, 2, trained=["digits-mlp"], description="digits, training split (1,437)")
+        add_dataset("digits-test", x_test, y_test, description="digits, held-out split (360 images)")
+
+        audit = audit_data()
+        add_model(
+            "digits-audit-mlp",
+            digits_mlp(audit["inputs"], audit["targets"]),
+            "MLP 64-64-10 trained on digits-audit-train (10% flipped labels, planted test images, copies)",
         )
-        save_file({"inputs": x_test.contiguous(), "targets": y_test.contiguous()}, tmp / "test.safetensors")
-        registry.add_dataset(
-            "digits-test",
-            [tmp / "test.safetensors"],
-            spec,
-            description="held-out split of scikit-learn's digits (360 images)",
+        add_dataset(
+            "digits-audit-train",
+            audit["inputs"],
+            audit["targets"],
+            2,
+            trained=["digits-audit-mlp"],
+            description="digits with known problems: 10% labels flipped, 40 test images planted, 20 records x4",
         )
+        add_dataset(
+            "digits-audit-test",
+            audit["test_inputs"],
+            audit["test_targets"],
+            description="digits held out from the audit model (400 images; the first 40 were planted in training)",
+        )
+
+
+AUDIT_PLANTED, AUDIT_DUPLICATED, AUDIT_COPIES, AUDIT_FLIP = 40, 20, 3, 0.10
+
+
+def audit_data(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A training set with known problems, for the governance analyses and their tests.
+
+    From a 400-image held-out split: `test` (400 images; the first AUDIT_PLANTED were also planted in
+    the training set: leakage). The training set: the other 1,397 images with AUDIT_FLIP of their
+    labels changed to another class (`flipped`: mislabeled, atypical), then the planted test images,
+    then AUDIT_COPIES extra copies of each of AUDIT_DUPLICATED clean records (`duplicated`).
+    """
+    x, y, x_test, y_test = digits(test_size=400, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    n = len(y)
+    flipped = torch.tensor(np.sort(rng.choice(n, size=int(AUDIT_FLIP * n), replace=False)))
+    labels = y.clone()
+    labels[flipped] = (y[flipped] + torch.tensor(rng.integers(1, 10, size=len(flipped)))) % 10
+    clean = torch.tensor(np.setdiff1d(np.arange(n), flipped.numpy()))
+    duplicated = clean[torch.tensor(rng.choice(len(clean), size=AUDIT_DUPLICATED, replace=False))].sort().values
+    planted = slice(0, AUDIT_PLANTED)
+    copies = duplicated.repeat(AUDIT_COPIES)
+    return {
+        "inputs": torch.cat([x, x_test[planted], x[copies]]),
+        "targets": torch.cat([labels, y_test[planted], labels[copies]]),
+        "test_inputs": x_test,
+        "test_targets": y_test,
+        "flipped": flipped,
+        "duplicated": duplicated,
+        "true_targets": torch.cat([y, y_test[planted], y[copies]]),
+    }

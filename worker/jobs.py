@@ -18,6 +18,7 @@ from rq.job import Job
 from app.schemas import AttributionJob, DatasetTest
 from app.settings import Settings
 
+from .analyses import ANALYSES, Evidence
 from .forward_inf import AttributionInputError, MirrorConfig
 from .registry import Registry, RegistryError
 from .store import Store
@@ -106,8 +107,18 @@ def run(request: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
     if model_m.digest != request.model_digest or data_m.digest != request.dataset_digest:
         raise RegistryError("the model or dataset changed since the request was made; submit it again")
     shards = [ctx.warm.shard(data_m, n) for n in range(len(data_m.shards))]
-    test = _test_points(request, ctx, model_m)
-    fi, bases = prepared(ctx, model_m, data_m, shards, request.method)
+    test, records = _test_points(request, ctx, model_m)
+    n = len(test["inputs"])
+    calibration = torch.empty(0, dtype=torch.int64)
+    if request.kind in ("leakage", "memorization"):  # training records as extra queries, for the thresholds
+        count = min(request.options.get("calibration_records", 128), data_m.size)
+        calibration = torch.linspace(0, data_m.size - 1, count).round().long().unique()
+        extra = ctx.warm.examples(data_m, calibration.tolist())
+        test = {k: torch.cat([v, extra[k].to(v)]) for k, v in test.items()}
+    method = dict(request.method)
+    if request.kind == "leakage":
+        method["score"] = "signed"  # the analysis compares raw responses itself (worker/analyses.py)
+    fi, bases = prepared(ctx, model_m, data_m, shards, method)
     reporter.timing["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -120,8 +131,8 @@ def run(request: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
     passes = -(-rows // config.max_param_sets)
     per_shard = [passes * -(-len(s["inputs"]) // config.batch_size) for s in shards]
     total, parts = sum(per_shard), []
-    for n, (shard, base) in enumerate(zip(shards, bases, strict=True)):
-        before = sum(per_shard[:n])
+    for i, (shard, base) in enumerate(zip(shards, bases, strict=True)):
+        before = sum(per_shard[:i])
         fi.prepare(shard, base=base)
         parts.append(fi.sweep(mirror, lambda done, _t, before=before: reporter(before + done, total)))
     scores = torch.cat(parts, dim=1).float()  # (rows, N)
@@ -129,12 +140,31 @@ def run(request: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
 
     t = time.perf_counter()
     result = {
+        "kind": request.kind,
         "model": request.model,
         "dataset": request.dataset,
+        "test": request.test.model_dump(mode="json", exclude_none=True),
         "method": {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()},
-        "rows": _top(scores, mirror, ctx.warm.record_ids(data_m), ctx.settings.max_top_k),
         "progress": {"done": total, "total": total, "unit": "batches", "eta_s": 0.0},
     }
+    record_ids = ctx.warm.record_ids(data_m)
+    if request.kind == "attribution":
+        result["rows"] = _top(scores, mirror, record_ids, ctx.settings.max_top_k)
+    else:
+        labels = torch.cat([s["targets"] for s in shards]).cpu() if model_m.task == "classification" else None
+        evidence = Evidence(
+            scores=scores.cpu(),
+            own=mirror.self_score.cpu(),
+            own_loss=mirror.test_loss.cpu(),
+            base=torch.cat(bases).cpu(),
+            record_ids=record_ids,
+            n=n if not config.group else 1,
+            calibration=calibration,
+            labels=labels,
+            records=records,
+        )
+        result["analysis"] = ANALYSES[request.kind](evidence, request.options)
+        scores = scores[: evidence.n]  # the calibration rows are the analysis' own business
     reporter.timing["store_s"] = time.perf_counter() - t  # the summary; the write itself follows
     ctx.store.put_result(request.key, scores.numpy(), {**result, "timing": reporter.timing})
     reporter(total, total, force=True)
@@ -153,8 +183,8 @@ def prepared(ctx: Context, model_m, data_m, shards, method: dict):
         batch_size=ctx.settings.batch_size,
     )
     fi = ctx.warm.engine(model_m, data_m, config)
-    if fi.precondition != "none" and fi.curvature is None:
-        fi.curvature = fi.estimate_curvature(shards)
+    if fi.precondition != "none" and fi.curvature is None:  # shared by engines that differ elsewhere
+        fi.curvature = ctx.warm.curvature(model_m, data_m, fi, lambda: fi.estimate_curvature(shards))
     bases = [ctx.warm.base(model_m, data_m, n, lambda s=s: fi.prepare(s).base) for n, s in enumerate(shards)]
     return fi, bases
 
@@ -181,7 +211,8 @@ def _engine_fields(method: dict) -> dict:
     return {k: tuple(v) if k == "params" else v for k, v in method.items()}
 
 
-def _test_points(request: AttributionJob, ctx: Context, model_m):
+def _test_points(request: AttributionJob, ctx: Context, model_m) -> tuple[dict, torch.Tensor | None]:
+    """The test points as a batch, and their indices when they are records of a registered dataset."""
     if isinstance(request.test, DatasetTest):
         d = ctx.registry.dataset(request.test.dataset)
         if d is None:
@@ -194,14 +225,14 @@ def _test_points(request: AttributionJob, ctx: Context, model_m):
         else:
             indices = list(request.test.indices or [])
         batch = ctx.warm.examples(d, indices)
-        return {k: v for k, v in batch.items() if k in ("inputs", "targets")}
+        return {k: v for k, v in batch.items() if k in ("inputs", "targets")}, torch.tensor(indices)
     inline = request.test
     dtype = torch.int64 if model_m.input.dtype == "int64" else ctx.warm.dtype
     batch = {"inputs": torch.tensor(inline.inputs, dtype=dtype)}
     if inline.targets is not None:
         classification = model_m.task in ("classification", "causal-lm")
         batch["targets"] = torch.tensor(inline.targets, dtype=torch.int64 if classification else ctx.warm.dtype)
-    return batch
+    return batch, None
 
 
 def _top(scores: torch.Tensor, mirror, record_ids: list[str], k: int) -> list[dict]:

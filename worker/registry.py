@@ -29,7 +29,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, Field, ValidationError
+from safetensors.numpy import load_file as load_numpy
 
 ID = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
@@ -44,6 +46,10 @@ class InputSpec(BaseModel):
     range: tuple[float, float] | None = None
     num_classes: int | None = Field(None, description="classification: labels lie in 0..num_classes-1")
     vocab_size: int | None = None
+    image_shape: list[int] | None = Field(
+        None, description="show examples as images of this (H, W) or (C, H, W) shape in reports, e.g. [8, 8]"
+    )
+    text: Literal["bytes"] | None = Field(None, description="token ids are UTF-8 bytes: reports show them as text")
 
 
 class ModelManifest(BaseModel):
@@ -85,6 +91,36 @@ class DatasetManifest(BaseModel):
     @property
     def size(self) -> int:
         return sum(s.size for s in self.shards)
+
+    def read(self, indices: list[int]) -> dict[str, np.ndarray]:
+        """Records by global index as numpy arrays ("inputs"[, "targets"]); torch-free (the API renders
+        reports from these; the worker keeps whole shards warm as tensors). Indices must be in range."""
+        bounds = np.cumsum([0] + [s.size for s in self.shards])
+        indices = np.asarray(indices, dtype=np.int64)
+        shard_of = np.searchsorted(bounds, indices, side="right") - 1
+        out: dict[str, np.ndarray] = {}
+        for n in np.unique(shard_of):
+            mask = shard_of == n
+            for key, value in self.load_shard(int(n)).items():
+                out.setdefault(key, np.empty((len(indices), *value.shape[1:]), value.dtype))[mask] = value[
+                    indices[mask] - bounds[n]
+                ]
+        return out
+
+    def load_shard(self, n: int) -> dict[str, np.ndarray]:
+        """Shard n's "inputs" (and "targets"), digest-checked, as numpy arrays (no pickle)."""
+        shard = self.shards[n]
+        path = verify(self.path / shard.file, shard.sha256)
+        if path.suffix == ".npy":
+            data = {"inputs": np.load(path, allow_pickle=False)}
+            if shard.targets:
+                targets = verify(self.path / shard.targets, shard.targets_sha256 or "")
+                data["targets"] = np.load(targets, allow_pickle=False)
+        else:
+            data = {k: v for k, v in load_numpy(path).items() if k in ("inputs", "targets")}
+        if "inputs" not in data or len(data["inputs"]) != shard.size:
+            raise RegistryError(f"dataset {self.id!r} shard {n}: expected 'inputs' with {shard.size} examples")
+        return data
 
     def record_ids(self) -> list[str]:
         """Record ids in order: the records file (digest-checked), else '<id>:<index>'."""
@@ -288,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             for item in registry.models() + registry.datasets():
                 print(f"{type(item).__name__.removesuffix('Manifest').lower():8} {item.id:24} {item.digest[:12]}")  # noqa: T201 (CLI output)
         elif args.command == "demo":
-            if args.if_absent and registry.model("digits-mlp") and registry.dataset("digits-train"):
+            if args.if_absent and registry.model("digits-audit-mlp") and registry.dataset("digits-audit-test"):
                 return 0
             from .demo import build_demo_registry
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from .forward_inf import AttributionInputError, ForwardInf, MirrorConfig, Task, build, make_task
+from .forward_inf.curvature import Curvature
 from .registry import DatasetManifest, ModelManifest, RegistryError, verify
 from .store import Store
 
@@ -34,6 +35,8 @@ def nbytes(value: Any) -> int:
         return sum(nbytes(t) for t in (*value.parameters(), *value.buffers()))
     if isinstance(value, str):
         return len(value) + 49  # CPython's str header
+    if isinstance(value, Curvature):
+        return nbytes(value.raw) + nbytes(value.factor)
     if isinstance(value, ForwardInf):
         return nbytes(value.model)  # its scratch copy of the model, once made
     if isinstance(value, dict | tuple | list):
@@ -92,25 +95,27 @@ class Warm:
 
         return self._get(("engine", m.digest, d.digest, config), make)
 
+    def curvature(self, m: ModelManifest, d: DatasetManifest, fi: ForwardInf, estimate: Callable[[], Curvature]):
+        """The damped curvature for this model, training set and what it depends on (perturbed
+        parameters, kind, damping, samples, dtype): one estimate serves every preset that uses it."""
+        c = fi.config
+        key = ("curvature", m.digest, d.digest, fi.precondition, c.params, c.damping, c.curvature_samples, c.dtype)
+
+        def load():
+            self.counters["curvature_estimates"] += 1
+            return estimate()
+
+        return self._get(key, load)
+
     # -- data ----------------------------------------------------------------------------------------
     def shard(self, d: DatasetManifest, n: int) -> dict[str, torch.Tensor]:
         return self._get(("shard", d.digest, n), lambda: self._load_shard(d, n))
 
     def _load_shard(self, d: DatasetManifest, n: int) -> dict[str, torch.Tensor]:
         self.counters["shard_loads"] += 1
-        shard = d.shards[n]
-        path = verify(d.path / shard.file, shard.sha256)
-        if path.suffix == ".npy":
-            data = {"inputs": torch.from_numpy(np.load(path, allow_pickle=False))}
-            if shard.targets:
-                data["targets"] = torch.from_numpy(
-                    np.load(verify(d.path / shard.targets, shard.targets_sha256 or ""), allow_pickle=False)
-                )
-        else:
-            data = {k: v for k, v in load_file(path).items() if k in ("inputs", "targets")}
-        if "inputs" not in data or len(data["inputs"]) != shard.size:
-            raise RegistryError(f"dataset {d.id!r} shard {n}: expected 'inputs' with {shard.size} examples")
-        return {k: v.to(self.device) for k, v in data.items()}
+        return {
+            k: torch.tensor(v, device=self.device) for k, v in d.load_shard(n).items()
+        }  # a copy: arrays may be read-only
 
     def record_ids(self, d: DatasetManifest) -> list[str]:
         return self._get(("records", d.digest), d.record_ids)

@@ -59,19 +59,19 @@ class Curvature:
                 values, vectors = torch.linalg.eigh(self.raw)
                 psd = (vectors * values.clamp_min(0)) @ vectors.T
                 factor = torch.linalg.cholesky(psd + self.damping * eye)
-            self._factor = factor
+            self.factor = factor
         else:
             self.projected = False
-            self._factor = self.raw + self.damping
+            self.factor = self.raw + self.damping
 
     def solve(self, grads: Params) -> Params:
         """H^-1 g for each row of (k, *shape) gradients."""
         flat = flatten(grads, self.names)  # (k, P)
-        wide = flat.to(self._factor.dtype)
+        wide = flat.to(self.factor.dtype)
         if self.kind == "hessian":
-            solved = torch.cholesky_solve(wide.T, self._factor).T
+            solved = torch.cholesky_solve(wide.T, self.factor).T
         else:
-            solved = wide / self._factor
+            solved = wide / self.factor
         return unflatten(solved.to(flat.dtype), grads, self.names)
 
 

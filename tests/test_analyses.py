@@ -1,0 +1,195 @@
+"""Governance analyses over HTTP on the demo registry's audit set (worker/demo.py: audit_data): 10% of
+labels flipped, the first 40 images of digits-audit-test planted in training, 20 records copied 3 times."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from tests.conftest import ROOT
+from worker.demo import AUDIT_COPIES, AUDIT_PLANTED, audit_data
+
+AUDIT = {"model": "digits-audit-mlp", "dataset": "digits-audit-train"}
+FAST = {"precondition": "none"}  # the service's behaviour, without the one-off Hessian (~35 s here)
+TRAIN = 1397  # digits-audit-train: 1,397 training images, then the planted ones, then the copies
+
+
+@pytest.fixture(scope="module")
+def truth():
+    return audit_data()
+
+
+@pytest.fixture
+def settings(settings):
+    return settings.model_copy(update={"max_test_points": 512})
+
+
+def finished(client, worker, kind: str, body: dict) -> dict:
+    created = client.post(f"/v1/analyses/{kind}", json=body)
+    assert created.status_code == 202, created.text
+    worker.work(burst=True)
+    out = client.get(created.headers["location"]).json()
+    assert out["status"] == "finished", out
+    assert out["kind"] == kind and out["result"]["kind"] == kind and out["result"]["summary"]
+    return out
+
+
+def test_leakage_flags_planted_test_images(client, worker):
+    test = {"dataset": "digits-audit-test", "indices": list(range(400))}
+    out = finished(client, worker, "leakage", {**AUDIT, "test": test})
+    rows, cal = out["result"]["rows"], out["result"]["calibration"]
+    planted, clean = rows[:AUDIT_PLANTED], rows[AUDIT_PLANTED:]
+    found = sum(r["leaked"] for r in planted) / len(planted)
+    false = sum(r["leaked"] for r in clean) / len(clean)
+    print(f"\nleakage: {found:.1%} of {len(planted)} planted flagged, {false:.1%} of {len(clean)} clean; {cal}")
+    assert found >= 0.95 and false <= 0.05
+    assert all(r["best"]["index"] == TRAIN + r["row"] for r in planted if r["leaked"])  # found its own copy
+    assert len(rows[0]["evidence"]) == 5 and cal["duplicate_distance"] < cal["threshold"] < cal["chance_distance"]
+    # the same analysis again is answered from the cache
+    again = client.post("/v1/analyses/leakage", json={**AUDIT, "test": test})
+    assert again.status_code == 200 and again.json()["cached"]
+
+
+def test_mislabeled_ranks_flipped_labels_first(client, worker, truth):
+    reference = {"dataset": "digits-audit-test", "indices": list(range(AUDIT_PLANTED, 400))}
+    flipped = np.zeros(len(truth["targets"]), dtype=bool)
+    flipped[truth["flipped"].numpy()] = True
+    aucs = {}
+    for rank_by in ("loss", "harm"):
+        body = {**AUDIT, "method": FAST, "reference": reference, "rank_by": rank_by, "review_size": len(flipped)}
+        review = finished(client, worker, "mislabeled", body)["result"]["review"]
+        rank = np.empty(len(flipped))
+        rank[[s["index"] for s in review]] = np.arange(len(review))
+        aucs[rank_by] = roc_auc_score(flipped, -rank)
+    print(f"\nmislabeled ROC AUC: {aucs}")
+    assert aucs["loss"] >= 0.9 and aucs["harm"] >= 0.6
+
+    result = finished(client, worker, "mislabeled", {**AUDIT, "method": FAST, "reference": reference})["result"]
+    listed = [s["index"] for s in result["review"]]
+    assert result["review_size"] == len(listed) == round(result["expected_wrong"])
+    precision = flipped[listed].mean()
+    print(f"review list of {len(listed)}: precision {precision:.3f}, expected {result['expected_precision']:.3f}")
+    assert precision >= 0.5 and {c["label"] for c in result["classes"]} == set(range(10))
+    assert sum(c["in_review"] for c in result["classes"]) == len(listed)
+
+
+def test_memorization_ranks_atypical_records_and_flags_copies(client, worker, truth):
+    rng = np.random.default_rng(0)
+    duplicated, flipped = truth["duplicated"].tolist(), truth["flipped"].tolist()[:20]
+    typical = sorted(set(range(TRAIN)) - set(duplicated) - set(truth["flipped"].tolist()))
+    typical = rng.choice(typical, 24, replace=False).tolist()
+    records = {"dataset": "digits-audit-train", "indices": duplicated + flipped + typical}
+    result = finished(client, worker, "memorization", {**AUDIT, "method": FAST, "records": records})["result"]
+    by_index = {r["index"]: r for r in result["records"]}
+    reliance = lambda group: np.array([by_index[i]["reliance"] for i in group])  # noqa: E731
+    auc = roc_auc_score([1] * len(flipped) + [0] * len(typical), np.r_[reliance(flipped), reliance(typical)])
+    dup_auc = roc_auc_score([1] * len(duplicated) + [0] * len(typical), np.r_[reliance(duplicated), reliance(typical)])
+    outliers = sum(by_index[i]["outlier"] for i in flipped), sum(by_index[i]["outlier"] for i in typical)
+    print(
+        f"\nmemorization: atypical vs typical AUC {auc:.3f}, duplicated vs typical {dup_auc:.3f}; outliers {outliers}"
+    )
+    assert auc >= 0.9
+    assert outliers[0] >= 10 and outliers[1] <= 3
+    assert all(len(by_index[i]["copies"]) == AUDIT_COPIES and "duplicated" in by_index[i]["flags"] for i in duplicated)
+    assert not any(by_index[i]["copies"] for i in typical + flipped)
+    assert [r["rank"] for r in result["records"]] == list(range(1, len(records["indices"]) + 1))
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "needle"),
+    [
+        ("mislabeled", {**AUDIT, "reference": {"dataset": "nope", "indices": [0]}}, "unknown dataset"),
+        ("memorization", {**AUDIT, "records": {"dataset": "digits-audit-test", "indices": [0]}}, "training dataset"),
+        ("memorization", {**AUDIT, "records": {"dataset": "digits-audit-train", "indices": list(range(65))}}, "limit"),
+        ("memorization", {**AUDIT, "records": {"dataset": "digits-audit-train", "indices": [99999]}}, "out of range"),
+        ("leakage", {**AUDIT, "test": {"inputs": [[0.0] * 63], "targets": [1]}}, "shape"),
+        ("leakage", {**AUDIT, "test": {"dataset": "digits-test", "indices": [0]}, "calibration_records": 1}, "16"),
+        ("nonsense", {**AUDIT}, "Method Not Allowed"),
+    ],
+)
+def test_bad_analysis_requests_are_problem_json(client, path, body, needle):
+    response = client.post(f"/v1/analyses/{path}", json=body)
+    assert 400 <= response.status_code < 500 and needle in response.text, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+
+
+def test_an_attribution_id_is_not_an_analysis(client, worker):
+    created = client.post(
+        "/v1/attributions",
+        json={"model": "digits-mlp", "dataset": "digits-train", "test": {"dataset": "digits-test", "indices": [0]}},
+    )
+    key = created.json()["id"]
+    assert client.get(f"/v1/analyses/{key}").status_code == 404
+    assert client.get(f"/v1/attributions/{key}/report").status_code == 409  # not finished yet
+
+
+# -- the report, in a real browser -----------------------------------------------------------------------
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+]
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("REQUIRE_BROWSER"):
+            pytest.fail("REQUIRE_BROWSER is set but chromium is not installed")
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    return found
+
+
+def browse(page, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args, page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_reports_render_in_chromium_with_images(client, worker, tmp_path):
+    chromium()
+    test = {"dataset": "digits-audit-test", "indices": [0, 50, 51]}
+    created = {
+        "attribution": client.post("/v1/attributions", json={**AUDIT, "test": test, "method": FAST, "top_k": 5}),
+        "leakage": client.post("/v1/analyses/leakage", json={**AUDIT, "test": test}),
+        "mislabeled": client.post(
+            "/v1/analyses/mislabeled", json={**AUDIT, "method": FAST, "reference": {**test, "indices": [60, 61]}}
+        ),
+        "memorization": client.post(
+            "/v1/analyses/memorization",
+            json={**AUDIT, "method": FAST, "records": {"dataset": "digits-audit-train", "indices": [0, 1, 2, 3]}},
+        ),
+    }
+    worker.work(burst=True)
+    shots = ROOT / "var" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    for name, response in created.items():
+        report = client.get(response.json()["links"]["report"])
+        assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
+        assert "http://" not in report.text and "https://" not in report.text  # nothing from the network
+        assert "<svg" in report.text  # the score histogram
+        page = tmp_path / f"{name}.html"
+        page.write_text(report.text)
+        dom = browse(page, tmp_path, "--dump-dom")
+        loaded = re.search(r'data-images="(\d+)/(\d+)"', dom.stdout)
+        assert loaded, dom.stderr[-2000:]
+        assert loaded[1] == loaded[2] and int(loaded[1]) >= 5, (name, loaded[0])  # every thumbnail decoded
+        assert "CONSOLE" not in dom.stderr, [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
+        shot = shots / f"report-{name}.png"
+        browse(page, tmp_path, f"--screenshot={shot}", "--window-size=1200,1600")
+        assert shot.stat().st_size > 10_000

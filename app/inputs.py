@@ -12,7 +12,7 @@ from worker.registry import DatasetManifest, ModelManifest, Registry
 
 from .errors import InvalidInput, NotFound, PayloadTooLarge
 from .jobs import Request
-from .schemas import DatasetTest, InlineTest
+from .schemas import DatasetTest, InlineTest, TextTest
 from .settings import Settings
 
 
@@ -42,11 +42,26 @@ def resolve(
                 f"records.dataset must be the training dataset {dataset.id!r}", _loc("records", "dataset")
             )
         check_records(request.records, registry, model, settings.max_memorization_records, "records")
+    elif isinstance(request.test, TextTest):
+        request.test = encode_text(request.test, model)  # from here on, token ids like any inline test
+        check_inline(request.test, model, settings)
     elif isinstance(request.test, InlineTest):
         check_inline(request.test, model, settings)
     else:
         check_records(request.test, registry, model, settings.max_test_points)
     return model, dataset
+
+
+def encode_text(test: TextTest, model: ModelManifest) -> InlineTest:
+    """Prompt + completion -> UTF-8 byte ids padded with 0, and a mask marking the completion's tokens."""
+    if model.task != "causal-lm" or model.input.text != "bytes":
+        raise InvalidInput(f"model {model.id!r} does not take text (no byte-level vocabulary)", _loc("test", "texts"))
+    tokens = [(list(t.prompt.encode()), list(t.completion.encode())) for t in test.texts]
+    width = max(len(p) + len(c) for p, c in tokens)
+    return InlineTest(
+        inputs=[p + c + [0] * (width - len(p) - len(c)) for p, c in tokens],
+        targets=[[0] * len(p) + [1] * len(c) + [0] * (width - len(p) - len(c)) for p, c in tokens],
+    )
 
 
 def _loc(*loc, msg: str = "") -> list[dict]:
@@ -83,6 +98,10 @@ def check_inline(test: InlineTest, model: ModelManifest, settings: Settings) -> 
         raise InvalidInput(
             f"test.inputs: values must lie in [{spec.range[0]}, {spec.range[1]}], got [{x.min():g}, {x.max():g}]",
             _loc("test", "inputs"),
+        )
+    if spec.max_length is not None and x.shape[1] > spec.max_length:
+        raise InvalidInput(
+            f"test.inputs: {x.shape[1]} tokens exceed the model's maximum of {spec.max_length}", _loc("test", "inputs")
         )
     if spec.vocab_size is not None and ((x < 0).any() or (x >= spec.vocab_size).any()):
         raise InvalidInput(f"test.inputs: token ids must lie in 0..{spec.vocab_size - 1}", _loc("test", "inputs"))

@@ -31,7 +31,7 @@ class MethodSettings(BaseModel):
     params: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
         None, max_length=32, description="name globs of the parameters to perturb"
     )
-    score: Literal["signed", "abs", "match"] | None = None
+    score: Literal["signed", "abs", "match", "relative"] | None = None
     group: bool | None = Field(None, description="one step on the mean loss of all test points, one score row")
     safeguard: Literal["normalize", "none"] | None = None
     precondition: Literal["auto", "none", "diag", "hessian"] | None = Field(
@@ -49,6 +49,22 @@ class InlineTest(BaseModel):
     targets: list[float | int] | list[list[float | int]] | None = Field(
         None, description="class labels, regression targets, or (causal LM) a 0/1 target-token mask per point"
     )
+
+
+class Completion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=4096)
+    completion: str = Field(min_length=1, max_length=4096, description="the text whose likelihood is attributed")
+
+
+class TextTest(BaseModel):
+    """Test points as text, for a causal LM with a byte-level vocabulary: the loss is the negative
+    log-likelihood of each completion's tokens given its prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[Completion] = Field(min_length=1)
 
 
 class DatasetTest(BaseModel):
@@ -78,7 +94,7 @@ class AttributionCreate(BaseModel):
 
     model: str = Field(description="registered model id")
     dataset: str = Field(description="registered training dataset id")
-    test: InlineTest | DatasetTest
+    test: InlineTest | DatasetTest | TextTest
     method: MethodSettings = MethodSettings()
     top_k: Annotated[int, Field(ge=1)] = 10
 
@@ -171,7 +187,7 @@ class LeakageCreate(AnalysisBase):
             ]
         }
     )
-    test: InlineTest | DatasetTest
+    test: InlineTest | DatasetTest | TextTest
     calibration_records: Annotated[int, Field(ge=16, le=1024)] = Field(
         128, description="training records used as queries to calibrate the decision threshold"
     )

@@ -144,6 +144,15 @@ def test_match_score_puts_an_exact_duplicate_first(problem):
     assert scores[:, [7, 8]].diagonal().abs().max() < 1e-9
 
 
+def test_relative_score_is_the_log_loss_change(problem):
+    model, x, y = problem
+    config = MirrorConfig.preset("testing", mode="finite", lr=1e-3)
+    fi = ForwardInf(model, Classification(), config).prepare((x, y))
+    plain = fi.scores((x[:3], y[:3]))
+    fi.config = config.replace(score="relative")
+    torch.testing.assert_close(fi.scores((x[:3], y[:3])), plain / fi.base[None])
+
+
 def test_regression_task(problem):
     model, x, _ = problem
     targets = torch.randn(40, 3, dtype=torch.float64)

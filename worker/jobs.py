@@ -114,7 +114,7 @@ def run(request: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
         count = min(request.options.get("calibration_records", 128), data_m.size)
         calibration = torch.linspace(0, data_m.size - 1, count).round().long().unique()
         extra = ctx.warm.examples(data_m, calibration.tolist())
-        test = {k: torch.cat([v, extra[k].to(v)]) for k, v in test.items()}
+        test = {k: _concat(v, extra[k].to(v)) for k, v in test.items()}
     method = dict(request.method)
     if request.kind == "leakage":
         method["score"] = "signed"  # the analysis compares raw responses itself (worker/analyses.py)
@@ -233,6 +233,15 @@ def _test_points(request: AttributionJob, ctx: Context, model_m) -> tuple[dict, 
         classification = model_m.task in ("classification", "causal-lm")
         batch["targets"] = torch.tensor(inline.targets, dtype=torch.int64 if classification else ctx.warm.dtype)
     return batch, None
+
+
+def _concat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows of a then b; token sequences (and their masks) of different lengths are padded with 0, which
+    a causal LM's target mask leaves out of the loss."""
+    if a.dim() == 2 and not a.is_floating_point() and a.shape[1] != b.shape[1]:
+        width = max(a.shape[1], b.shape[1])
+        a, b = (torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in (a, b))
+    return torch.cat([a, b])
 
 
 def _top(scores: torch.Tensor, mirror, record_ids: list[str], k: int) -> list[dict]:

@@ -10,7 +10,8 @@ a changed checkpoint never serves stale scores. This module is torch-free: the A
 through it; loading tensors is the worker's job (worker/warm.py).
 
     python -m worker.registry list
-    python -m worker.registry demo                  # build the demo registry (digits MLP)
+    python -m worker.registry demo                  # build the demo registry (digits MLPs)
+    python -m worker.registry demo --generative     # ... plus a tiny GPT and DDPM (--full: bench sizes)
     python -m worker.registry add-model --id ID --task classification --architecture builtin:mlp \\
         --params '{"in_features": 64, ...}' --weights w.safetensors --input-shape 64 [--num-classes 10]
     python -m worker.registry add-dataset --id ID --shard a.safetensors --shard b.safetensors
@@ -49,7 +50,10 @@ class InputSpec(BaseModel):
     image_shape: list[int] | None = Field(
         None, description="show examples as images of this (H, W) or (C, H, W) shape in reports, e.g. [8, 8]"
     )
-    text: Literal["bytes"] | None = Field(None, description="token ids are UTF-8 bytes: reports show them as text")
+    text: Literal["bytes"] | None = Field(
+        None, description="token ids are UTF-8 bytes (0 pads): requests may give text, reports show text"
+    )
+    max_length: int | None = Field(None, description="longest token sequence the model takes")
 
 
 class ModelManifest(BaseModel):
@@ -303,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list")
     demo = sub.add_parser("demo", help="build the demo registry (trains a digits MLP in seconds)")
     demo.add_argument("--if-absent", action="store_true")
+    demo.add_argument("--generative", action="store_true", help="also a tiny GPT and DDPM (worker/generative.py)")
+    demo.add_argument("--full", action="store_true", help="with --generative: the benchmark's sizes (minutes)")
     m = sub.add_parser("add-model")
     m.add_argument("--id", required=True)
     m.add_argument("--task", required=True)
@@ -324,11 +330,14 @@ def main(argv: list[str] | None = None) -> int:
             for item in registry.models() + registry.datasets():
                 print(f"{type(item).__name__.removesuffix('Manifest').lower():8} {item.id:24} {item.digest[:12]}")  # noqa: T201 (CLI output)
         elif args.command == "demo":
-            if args.if_absent and registry.model("digits-audit-mlp") and registry.dataset("digits-audit-test"):
-                return 0
-            from .demo import build_demo_registry
+            if not (args.if_absent and registry.model("digits-audit-mlp") and registry.dataset("digits-audit-test")):
+                from .demo import build_demo_registry
 
-            build_demo_registry(registry)
+                build_demo_registry(registry)
+            if args.generative and not (args.if_absent and registry.model("digits-ddpm")):
+                from .generative import build_generative_registry
+
+                build_generative_registry(registry, full=args.full)
             print(f"demo registry built in {registry.root}")  # noqa: T201
         elif args.command == "add-model":
             spec = {"shape": args.input_shape, "dtype": args.input_dtype, "num_classes": args.num_classes}

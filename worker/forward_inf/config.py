@@ -20,7 +20,7 @@ class AttributionInputError(ValueError):
 Optimizer = Literal["sgd", "adam", "signsgd"]
 Direction = Literal["ascent", "descent"]
 Mode = Literal["finite", "linear"]
-ScoreKind = Literal["signed", "abs", "match"]
+ScoreKind = Literal["signed", "abs", "match", "relative"]
 Safeguard = Literal["normalize", "none"]
 
 
@@ -42,6 +42,8 @@ class MirrorConfig:
             -|score_i - score_self| / |score_self|, where score_self is the test point's own response to
             its mirrored step. An exact duplicate of the test point responds identically (0, the top);
             this is the leakage detector (raw loss changes favour inputs of large norm instead).
+            "relative": the signed score over the training point's own loss (the change of log-loss), so
+            training points with large losses (diffusion: images with much detail) do not dominate.
         group: treat all test points as one query: one step on their mean loss, one score row.
         batch_size: training points per forward batch in the sweep.
         max_param_sets: perturbed parameter sets swept together (each training batch is read once per
@@ -90,7 +92,7 @@ class MirrorConfig:
             "optimizer": ("sgd", "adam", "signsgd"),
             "direction": ("ascent", "descent"),
             "mode": ("finite", "linear"),
-            "score": ("signed", "abs", "match"),
+            "score": ("signed", "abs", "match", "relative"),
             "safeguard": ("normalize", "none"),
             "dtype": ("float32", "float64", None),
             "stacking": ("auto", "vmap", "loop"),

@@ -191,6 +191,8 @@ class ForwardInf:
             done += per_pass or 0
             lo = hi
         scores = torch.cat(rows)
+        if self.config.score == "relative":
+            return scores / self.base.cpu().clamp_min(torch.finfo(scores.dtype).tiny)[None]
         if self.config.score == "abs":
             return scores.abs()
         if self.config.score == "match":  # 0 = responds exactly as the test point itself; lower = less alike

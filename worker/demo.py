@@ -148,5 +148,4 @@ def audit_data(seed: int = 0) -> dict[str, torch.Tensor]:
         "test_targets": y_test,
         "flipped": flipped,
         "duplicated": duplicated,
-        "true_targets": torch.cat([y, y_test[planted], y[copies]]),
     }

@@ -140,12 +140,17 @@ class Jobs:
                 return public
             time.sleep(self.settings.long_poll_interval_s)
 
-    def result(self, key: str, analysis: bool) -> dict:
-        """The stored result of a finished job (404 unknown, 409 not finished)."""
-        public = self.get(key, analysis=analysis)
-        if public.status != "finished":
+    def finished(self, key: str, analysis: bool) -> tuple[dict, bytes]:
+        """The stored result and raw scores of a finished job: one read each on the hot path; 404 when
+        unknown (or of the other family), 409 when not finished or its scores expired."""
+        result = self._result(key)
+        if result is None or (result.get("kind", "attribution") != "attribution") != analysis:
+            public = self.get(key, analysis=analysis)  # NotFound when unknown
             raise Conflict(f"{key!r} is {public.status}: no result yet")
-        return self._result(key) or {}
+        raw = self.redis.get(self.settings.key("scores", key))
+        if raw is None:
+            raise Conflict(f"{key!r}: its scores expired; submit the request again")
+        return result, raw
 
     def _fetch(self, key: str) -> Job | None:
         try:
@@ -170,17 +175,10 @@ class Jobs:
             job.cancel()
         return self._public(key, job, None, None)
 
-    def scores(self, key: str, analysis: bool = False) -> tuple[tuple[int, int], bytes]:
-        result = self.result(key, analysis)
-        raw = self.redis.get(self.settings.key("scores", key))
-        if raw is None:
-            raise Conflict(f"{key!r}: its scores expired; submit the request again")
-        return tuple(result["shape"]), raw
-
     def _public(
         self, key: str, job: Job | None, result: dict | None, top_k: int | None
     ) -> AttributionPublic | AnalysisPublic:
-        kind = result["kind"] if result is not None else job.meta.get("kind", "attribution")
+        kind = (result if result is not None else job.meta).get("kind", "attribution")
         base = f"/v1/{'attributions' if kind == 'attribution' else 'analyses'}/{key}"
         links = {"self": base, "scores": f"{base}/scores", "report": f"{base}/report"}
         if result is not None:

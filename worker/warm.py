@@ -113,9 +113,8 @@ class Warm:
 
     def _load_shard(self, d: DatasetManifest, n: int) -> dict[str, torch.Tensor]:
         self.counters["shard_loads"] += 1
-        return {
-            k: torch.tensor(v, device=self.device) for k, v in d.load_shard(n).items()
-        }  # a copy: arrays may be read-only
+        arrays = d.load_shard(n)
+        return {k: torch.tensor(v, device=self.device) for k, v in arrays.items()}  # copies: arrays may be read-only
 
     def record_ids(self, d: DatasetManifest) -> list[str]:
         return self._get(("records", d.digest), d.record_ids)

@@ -42,19 +42,18 @@ def create(kind: str, body: JobRequest, jobs: Jobs, registry: Registry, settings
 
 
 def scores_response(jobs: Jobs, key: str, analysis: bool, request: Request, format: str | None) -> Response:
-    shape, raw = jobs.scores(key, analysis)
-    scores = np.frombuffer(raw, dtype="<f4").reshape(shape)
+    result, raw = jobs.finished(key, analysis)
+    scores = np.frombuffer(raw, dtype="<f4").reshape(result["shape"])
     if format == "npy" or (format is None and "application/x-npy" in request.headers.get("accept", "")):
         buf = io.BytesIO()
         np.save(buf, scores, allow_pickle=False)
         return Response(buf.getvalue(), media_type="application/x-npy")
-    return JSONResponse({"id": key, "shape": list(shape), "scores": scores.tolist()})
+    return JSONResponse({"id": key, "shape": list(scores.shape), "scores": scores.tolist()})
 
 
 def report_response(jobs: Jobs, key: str, analysis: bool, registry: Registry) -> HTMLResponse:
-    result = jobs.result(key, analysis)
-    shape, raw = jobs.scores(key, analysis)
-    return HTMLResponse(render(key, result, np.frombuffer(raw, dtype="<f4").reshape(shape), registry))
+    result, raw = jobs.finished(key, analysis)
+    return HTMLResponse(render(key, result, np.frombuffer(raw, dtype="<f4").reshape(result["shape"]), registry))
 
 
 @router.post(

@@ -31,7 +31,7 @@ class MethodSettings(BaseModel):
     params: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
         None, max_length=32, description="name globs of the parameters to perturb"
     )
-    score: Literal["signed", "abs", "match", "relative"] | None = None
+    score: Literal["signed", "abs", "match", "relative", "cosine"] | None = None
     group: bool | None = Field(None, description="one step on the mean loss of all test points, one score row")
     safeguard: Literal["normalize", "none"] | None = None
     precondition: Literal["auto", "none", "diag", "hessian"] | None = Field(
@@ -209,10 +209,10 @@ class MislabeledCreate(AnalysisBase):
     )
     reference: DatasetTest = Field(description="clean, correctly labelled records (e.g. a vetted held-out set)")
     rank_by: Literal["loss", "harm", "combined"] = Field(
-        "loss",
-        description="loss: the record's own training loss; harm: how much a step on it hurts the reference "
-        "set (Forward-INF group mode); combined: the mean of both ranks. Default by measurement "
-        "(docs/benchmarks.md).",
+        "combined",
+        description="loss: the record's own training loss; harm: how much a step on the reference set "
+        "raises the record's loss (Forward-INF group mode, cosine score); combined: the sum of both ranks. "
+        "Default by measurement (docs/benchmarks.md): combined is the most robust across models.",
     )
     review_size: Annotated[int, Field(ge=1, le=10_000)] | None = Field(
         None, description="length of the review list; default: the expected number of wrong labels"

@@ -280,3 +280,53 @@ def test_hessian_preconditioning_refuses_a_model_too_large():
         model, Classification(), (x, y), (x[:1], y[:1]), MirrorConfig(precondition="hessian", params=("net.3.*",))
     )
     assert scores.shape == (1, 8) and torch.isfinite(scores).all()
+
+
+def test_auto_precondition_prices_the_exact_hessian(problem):
+    """ "auto" takes the exact Hessian where building it is cheap, else the last layer's, else none."""
+    model, x, y = problem
+    fi = ForwardInf(model, Classification(), MirrorConfig()).plan((x, y))
+    assert fi.precondition == "hessian" and list(fi.fm.theta) == [n for n, _ in model.named_parameters()]
+
+    # 2.7k parameters, but 2 MFLOP per 20x20 image: the full Hessian over 200 images is ~1e12 FLOPs;
+    # the 170-parameter head alone ~6e6
+    cnn = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 10),
+    )
+    images, labels = torch.rand(200, 1, 20, 20), torch.randint(0, 10, (200,))
+    fi = ForwardInf(cnn, Classification(), MirrorConfig()).plan((images, labels))
+    assert fi.precondition == "hessian" and list(fi.fm.theta) == ["6.weight", "6.bias"]
+    few = ForwardInf(cnn, Classification(), MirrorConfig(curvature_samples=8)).plan((images, labels))
+    assert few.precondition == "hessian" and len(few.fm.theta) == len(list(cnn.parameters()))
+    chosen = ForwardInf(cnn, Classification(), MirrorConfig(params=("0.*", "2.*"))).plan((images, labels))
+    assert chosen.precondition == "none"  # the caller chose the parameters: no fallback to the head
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_cosine_score_is_the_gradient_cosine_over_last_layer_norms(problem, group):
+    """score="cosine": unit test gradients (their mean in group mode) dotted with each training
+    gradient, over that training point's exact last-layer gradient norm (read off one forward pass)."""
+    model, x, y = problem
+    grads = per_sample_grads(model, x, y)  # (40, P); the last layer's weight and bias are the last 27 entries
+    unit = grads[:5] / grads[:5].norm(dim=1, keepdim=True)
+    query = unit.mean(0, keepdim=True) if group else unit
+    config = MirrorConfig.preset("testing", lr=0.01, score="cosine", group=group)
+    scores = attribute(model, Classification(), (x, y), (x[:5], y[:5]), config)
+    expected = 0.01 * (query @ grads.T) / grads[:, -27:].norm(dim=1)
+    torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-12)
+
+
+def test_cosine_score_refuses_what_it_cannot_compute(problem):
+    model, x, y = problem
+    with pytest.raises(AttributionInputError, match="mode='linear'"):
+        MirrorConfig(score="cosine", mode="finite")
+    conv_last = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.Flatten())  # 3 "classes" from a 3x3 image
+    images = torch.rand(6, 1, 3, 3)
+    with pytest.raises(AttributionInputError, match="torch.nn.Linear, not Conv2d"):
+        attribute(conv_last, Classification(), (images, y[:6]), (images[:1], y[:1]), MirrorConfig(score="cosine"))

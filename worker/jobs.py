@@ -182,7 +182,7 @@ def prepared(ctx: Context, model_m, data_m, shards, method: dict):
         dtype=ctx.settings.dtype,
         batch_size=ctx.settings.batch_size,
     )
-    fi = ctx.warm.engine(model_m, data_m, config)
+    fi = ctx.warm.engine(model_m, data_m, config).plan(shards)
     if fi.precondition != "none" and fi.curvature is None:  # shared by engines that differ elsewhere
         fi.curvature = ctx.warm.curvature(model_m, data_m, fi, lambda: fi.estimate_curvature(shards))
     bases = [ctx.warm.base(model_m, data_m, n, lambda s=s: fi.prepare(s).base) for n, s in enumerate(shards)]

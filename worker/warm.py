@@ -98,8 +98,8 @@ class Warm:
     def curvature(self, m: ModelManifest, d: DatasetManifest, fi: ForwardInf, estimate: Callable[[], Curvature]):
         """The damped curvature for this model, training set and what it depends on (perturbed
         parameters, kind, damping, samples, dtype): one estimate serves every preset that uses it."""
-        c = fi.config
-        key = ("curvature", m.digest, d.digest, fi.precondition, c.params, c.damping, c.curvature_samples, c.dtype)
+        c, params = fi.config, tuple(fi.fm.theta)  # as resolved by fi.plan()
+        key = ("curvature", m.digest, d.digest, fi.precondition, params, c.damping, c.curvature_samples, c.dtype)
 
         def load():
             self.counters["curvature_estimates"] += 1

@@ -20,7 +20,7 @@ class AttributionInputError(ValueError):
 Optimizer = Literal["sgd", "adam", "signsgd"]
 Direction = Literal["ascent", "descent"]
 Mode = Literal["finite", "linear"]
-ScoreKind = Literal["signed", "abs", "match", "relative"]
+ScoreKind = Literal["signed", "abs", "match", "relative", "cosine"]
 Safeguard = Literal["normalize", "none"]
 
 
@@ -44,6 +44,12 @@ class MirrorConfig:
             this is the leakage detector (raw loss changes favour inputs of large norm instead).
             "relative": the signed score over the training point's own loss (the change of log-loss), so
             training points with large losses (diffusion: images with much detail) do not dominate.
+            "cosine" (linear mode): a gradient-cosine-like score from forward passes only: each test
+            point's gradient is scaled to unit norm before the step (in group mode: the mean of the unit
+            gradients), and each training point's score is divided by the norm of its own loss gradient
+            over the model's last linear layer, which one forward pass gives exactly (|r_i| and |h_i|:
+            the loss gradient at that layer's output and its input). Points with large gradients
+            (high loss) then no longer dominate by magnitude alone.
         group: treat all test points as one query: one step on their mean loss, one score row.
         batch_size: training points per forward batch in the sweep.
         max_param_sets: perturbed parameter sets swept together (each training batch is read once per
@@ -56,9 +62,12 @@ class MirrorConfig:
         memorized_loss: a test point whose loss is below this is treated as memorised (its gradient,
             and so an SGD step, is nearly zero and carries no signal).
         precondition: "none", "diag" (diagonal empirical Fisher), "hessian" (exact, small models or
-            parameter subsets) or "auto" ("hessian" for at most AUTO_HESSIAN_PARAMS perturbed parameters,
-            else "none"): the step is taken along H^-1 g, so `linear` scores become influence-function
-            scores lr * g_i . H^-1 g_j (curvature.py). Estimated once per (model, training set).
+            parameter subsets) or "auto": the exact Hessian where it is affordable (at most
+            AUTO_HESSIAN_PARAMS perturbed parameters and AUTO_HESSIAN_FLOPS to build: one Hessian-vector
+            product per parameter over `curvature_samples` points); else, when all parameters are
+            perturbed, the Hessian of the last layer only (the step then moves that layer alone); else
+            "none". The step is taken along H^-1 g, so `linear` scores become influence-function scores
+            lr * g_i . H^-1 g_j (curvature.py). Estimated once per (model, training set).
         damping: added to the curvature's diagonal (plays the role of the training's weight decay).
         curvature_samples: training points (spread evenly over the set) the curvature is estimated from.
         safeguard: for memorised test points under SGD, "normalize" rescales the gradient to unit norm
@@ -92,7 +101,7 @@ class MirrorConfig:
             "optimizer": ("sgd", "adam", "signsgd"),
             "direction": ("ascent", "descent"),
             "mode": ("finite", "linear"),
-            "score": ("signed", "abs", "match", "relative"),
+            "score": ("signed", "abs", "match", "relative", "cosine"),
             "safeguard": ("normalize", "none"),
             "dtype": ("float32", "float64", None),
             "stacking": ("auto", "vmap", "loop"),
@@ -108,6 +117,8 @@ class MirrorConfig:
         for name in ("steps", "batch_size", "max_param_sets", "curvature_samples"):
             if int(getattr(self, name)) < 1:
                 raise AttributionInputError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.score == "cosine" and self.mode != "linear":
+            raise AttributionInputError("score='cosine' needs mode='linear' (a unit-norm first-order step)")
         if isinstance(self.params, str):
             object.__setattr__(self, "params", (self.params,))
         if not self.params:
@@ -137,8 +148,9 @@ class MirrorConfig:
 # - attribution: the exact first-order score along a curvature-preconditioned step: on the digits MLP
 #   its LDS is 0.36 (the same as dattri's CG influence function) against 0.11-0.17 for every
 #   unpreconditioned setting; convex LOO Pearson 0.98 against 0.53. The exact Hessian is affordable up
-#   to AUTO_HESSIAN_PARAMS perturbed parameters ("auto"); above that the plain step (TracIn-like) is kept
-#   rather than a per-example gradient pass over the training set. Damping 1e-2 (the convex model's L2).
+#   to AUTO_HESSIAN_PARAMS perturbed parameters and AUTO_HESSIAN_FLOPS ("auto"). Above that budget the
+#   last layer's Hessian: on the digits CNN its LDS is 0.36 after a 1.4 s setup, where the full Hessian
+#   took 357 s for 0.35 and the plain step (TracIn-like) gives 0.08. Damping 1e-2 (the convex model's L2).
 # - leakage: a finite Adam ascent step with the "match" score. A memorised duplicate has a tiny gradient,
 #   so gradient dot products miss it (digits MLP, 20 planted: top-1 0/20); a sign-like Adam step moves
 #   every weight, but the raw loss change favours images with more ink (top-1 0-1/20 for lr 0.005-1.0).
@@ -146,7 +158,11 @@ class MirrorConfig:
 # - mislabeled: group mode over a clean reference set (one step on its mean loss); training points whose
 #   loss the step raises are the ones the clean data disagrees with. Digits, 10% flipped: ROC AUC 0.755
 #   with the preconditioned step against 0.678 without (best peer: dattri Grad-Cos 0.779).
-AUTO_HESSIAN_PARAMS = 5_000  # a 5k x 5k float64 Hessian is 200 MB and ~10 s of HVPs on 2 CPU cores
+AUTO_HESSIAN_PARAMS = 5_000  # a 5k x 5k float64 Hessian is 200 MB
+# Cost of the exact Hessian ~ parameters x samples x forward FLOPs of one example (torch's FLOP counter).
+# Measured on 2 CPU cores: digits MLP 6.5e10 -> 12 s; digits CNN 8.9e11 -> 357 s (convolution HVPs are
+# slower per FLOP, and slower still on a busy machine). 1e11 keeps a full-Hessian setup under ~40 s there.
+AUTO_HESSIAN_FLOPS = 1e11
 
 PRESETS: dict[str, dict] = {
     "attribution": {},

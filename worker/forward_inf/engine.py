@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from .config import AUTO_HESSIAN_PARAMS, AttributionInputError, MirrorConfig
+from .config import AUTO_HESSIAN_FLOPS, AUTO_HESSIAN_PARAMS, AttributionInputError, MirrorConfig
 from .curvature import Curvature, estimate
 from .data import Batch, Examples
 from .mirror import Functional, Mirror, mirror_step
@@ -46,11 +47,9 @@ class ForwardInf:
         self.fm = Functional(self.model, self.config.params)
         self.train: Examples | None = None
         self.base: torch.Tensor | None = None
+        self.norms: torch.Tensor | None = None  # score="cosine": each training point's last-layer gradient norm
         self.curvature: Curvature | None = None
-        self.precondition = self.config.precondition  # "auto" resolved by the size of what is perturbed
-        if self.precondition == "auto":
-            perturbed = sum(p.numel() for p in self.fm.theta.values())
-            self.precondition = "hessian" if perturbed <= AUTO_HESSIAN_PARAMS else "none"
+        self.precondition = self.config.precondition  # "auto" is resolved by plan(train)
         self._stacking = self.config.stacking  # "auto" resolves on the first batched sweep
 
     # -- data ----------------------------------------------------------------------------------------
@@ -81,9 +80,41 @@ class ForwardInf:
         return out
 
     # -- the method ----------------------------------------------------------------------------------
+    def plan(self, train) -> ForwardInf:
+        """Resolve precondition="auto" for this training set (once; prepare() calls it): the exact
+        Hessian of the perturbed parameters where it is affordable, else, when every parameter is
+        perturbed, of the last layer alone (only that layer is then stepped), else none. Cost: one
+        Hessian-vector product per parameter per curvature sample, each about one forward pass of what
+        the parameters feed (the whole model; for the last layer alone, that layer: 2 FLOPs a weight)."""
+        if self.precondition != "auto":
+            return self
+        examples = Examples(train, 1, "training set")
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            self._checked_forward(next(self._batches(examples)), examples.what)
+        samples = min(self.config.curvature_samples, examples.size() or self.config.curvature_samples)
+
+        def affordable(fm: Functional, flops_per_product: float) -> bool:
+            size = sum(p.numel() for p in fm.theta.values())
+            return size <= AUTO_HESSIAN_PARAMS and size * samples * flops_per_product <= AUTO_HESSIAN_FLOPS
+
+        last = self._last_module()
+        head = Functional(self.model, (f"{last}.*",)) if last else None
+        if affordable(self.fm, counter.get_total_flops()):
+            self.precondition = "hessian"
+        elif (
+            self.config.params == ("*",)
+            and head is not None
+            and affordable(head, 2 * sum(p.numel() for p in head.theta.values()))
+        ):
+            self.fm, self.precondition = head, "hessian"
+        else:
+            self.precondition = "none"
+        return self
+
     def prepare(self, train, base: torch.Tensor | None = None, progress: Progress | None = None) -> ForwardInf:
         """Bind the training set and compute its base losses once (or adopt `base`, computed before
         for the same model and training set)."""
+        self.plan(train)
         self.train = Examples(train, self.config.batch_size, "training set")
         if base is None:
             parts = []
@@ -100,13 +131,54 @@ class ForwardInf:
         elif self.config.mode == "finite" and not torch.isfinite(base).all():
             raise AttributionInputError("the given base losses are not finite")
         self.base = base.to(self.device, self.dtype)
+        if self.config.score == "cosine":
+            self.norms = torch.cat(
+                [self._last_layer_norms(batch) for batch in self._batches(self.train, validate=False)]
+            )
         if self.precondition != "none" and not self._curvature_fits():
             self.curvature = self.estimate_curvature(train)
         return self
 
+    def _last_module(self) -> str:
+        """The name of the module that owns the model's last parameter ("" for the model itself)."""
+        return list(dict(self.model.named_parameters()))[-1].rpartition(".")[0]
+
+    def _last_layer_norms(self, batch: Batch) -> torch.Tensor:
+        """(B,) each example's loss-gradient norm over the last linear layer's weight and bias, exactly,
+        from one forward pass: with h the layer's input and r the loss gradient at its output,
+        grad W = r^T h and grad b = r (summed over any sequence positions)."""
+        layer = self.model.get_submodule(self._last_module())
+        if not isinstance(layer, torch.nn.Linear):
+            raise AttributionInputError(
+                f"score='cosine' needs a model whose last layer is a torch.nn.Linear, not {type(layer).__name__}"
+            )
+        seen = {}
+
+        def hook(module, args, out):  # the output becomes a leaf, so the loss gradient stops there
+            seen["h"], seen["out"] = args[0].detach(), out.detach().requires_grad_()
+            return seen["out"]
+
+        handle = layer.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                out = self.task.forward(self.fm.caller(self.fm.theta), batch)
+                (r,) = torch.autograd.grad(self.task.criterion(out, batch).sum(), seen["out"])
+        finally:
+            handle.remove()
+        h = seen["h"].reshape(r.shape[0], -1, seen["h"].shape[-1])  # (B, T, d), T = 1 without a sequence
+        r = r.reshape(r.shape[0], -1, r.shape[-1])  # (B, T, C)
+        weight = torch.einsum("btc,btd->bcd", r, h).flatten(1).pow(2).sum(1)
+        bias = r.sum(1).pow(2).sum(1) if layer.bias is not None else 0
+        return torch.sqrt(weight + bias)
+
     def _curvature_fits(self) -> bool:
         c = self.curvature
-        return c is not None and c.kind == self.precondition and c.damping == self.config.damping
+        return (
+            c is not None
+            and c.kind == self.precondition
+            and c.damping == self.config.damping
+            and c.names == list(self.fm.theta)
+        )
 
     def estimate_curvature(self, train) -> Curvature:
         """The damped curvature of the mean training loss (self.precondition, config.damping), from at
@@ -114,6 +186,7 @@ class ForwardInf:
         costs one HVP per parameter per batch). prepare() calls this once when needed; for a training
         set in several parts, pass all of them (a list of batches) and assign the result to
         `self.curvature` before prepare()."""
+        self.plan(train)
         examples = Examples(train, max(self.config.batch_size, 2048), "training set")
         limit = self.config.curvature_samples
         size = examples.size()
@@ -191,6 +264,8 @@ class ForwardInf:
             done += per_pass or 0
             lo = hi
         scores = torch.cat(rows)
+        if self.config.score == "cosine":
+            return scores / self.norms.cpu().clamp_min(torch.finfo(scores.dtype).tiny)[None]
         if self.config.score == "relative":
             return scores / self.base.cpu().clamp_min(torch.finfo(scores.dtype).tiny)[None]
         if self.config.score == "abs":

@@ -88,6 +88,17 @@ def mirror_step(fm: Functional, task, test: dict, config: MirrorConfig, precondi
         (group_loss, (0, None), 1) if config.group else (example_loss, (0, 0), test["inputs"].shape[0])
     )
     grad_fn = vmap(grad_and_value(row_loss), in_dims=in_dims)
+    if config.score == "cosine":  # unit gradient per test point (in group mode, their mean): linear mode
+        n = test["inputs"].shape[0]
+
+        def grad_fn(params, test):
+            rows = {name: p.expand(n, *p.shape[1:]) for name, p in params.items()} if config.group else params
+            grads, losses = vmap(grad_and_value(example_loss))(rows, test)
+            norm = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values())).clamp_min(1e-30)
+            grads = {name: g / norm.reshape(-1, *[1] * (g.dim() - 1)) for name, g in grads.items()}
+            if config.group:
+                return {name: g.mean(0, keepdim=True) for name, g in grads.items()}, losses.mean(0, keepdim=True)
+            return grads, losses
 
     params = {n: p.expand(k, *p.shape).clone() for n, p in fm.theta.items()}  # (k, *shape)
     state: dict[str, Params] = {"m": {}, "v": {}}

@@ -61,16 +61,16 @@ def test_mislabeled_ranks_flipped_labels_first(client, worker, truth):
     flipped = np.zeros(len(truth["targets"]), dtype=bool)
     flipped[truth["flipped"].numpy()] = True
     aucs = {}
-    for rank_by in ("loss", "harm"):
-        body = {**AUDIT, "method": FAST, "reference": reference, "rank_by": rank_by, "review_size": len(flipped)}
+    for rank_by in ("loss", "harm", "combined"):  # the shipped method (the mislabeled preset: cheap curvature)
+        body = {**AUDIT, "reference": reference, "rank_by": rank_by, "review_size": len(flipped)}
         review = finished(client, worker, "mislabeled", body)["result"]["review"]
         rank = np.empty(len(flipped))
         rank[[s["index"] for s in review]] = np.arange(len(review))
         aucs[rank_by] = roc_auc_score(flipped, -rank)
     print(f"\nmislabeled ROC AUC: {aucs}")
-    assert aucs["loss"] >= 0.9 and aucs["harm"] >= 0.6
+    assert aucs["loss"] >= 0.9 and aucs["harm"] >= 0.85 and aucs["combined"] >= 0.95  # 0.971, 0.950, 0.988 here
 
-    result = finished(client, worker, "mislabeled", {**AUDIT, "method": FAST, "reference": reference})["result"]
+    result = finished(client, worker, "mislabeled", {**AUDIT, "reference": reference})["result"]
     listed = [s["index"] for s in result["review"]]
     assert result["review_size"] == len(listed) == round(result["expected_wrong"])
     precision = flipped[listed].mean()

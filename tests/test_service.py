@@ -96,14 +96,19 @@ def test_full_loop_matches_the_engine_and_caches(client, settings, worker, regis
     np.testing.assert_allclose(matrix, expected.numpy(), rtol=1e-4, atol=1e-7)
     np.testing.assert_array_equal(matrix, np.array(scores["scores"], dtype=np.float32))
 
-    # another preset on the same model and training set (group mode) reuses the curvature estimate
+    # other settings on the same model and training set (group mode) reuse the curvature estimate;
+    # the mislabeled preset's curvature (a diagonal Fisher) is a second one
+    group = post(client, method={"group": True})
+    worker.work(burst=True)
+    assert client.get(group.json()["links"]["self"]).json()["status"] == "finished"
+    assert worker_stats(worker)["curvature_estimates"] == 1
     reference = {"dataset": "digits-test", "indices": [5, 6, 7]}
     mislabeled = client.post(
         "/v1/analyses/mislabeled", json={"model": "digits-mlp", "dataset": "digits-train", "reference": reference}
     )
     worker.work(burst=True)
     assert client.get(mislabeled.json()["links"]["self"]).json()["status"] == "finished"
-    assert worker_stats(worker)["curvature_estimates"] == 1
+    assert worker_stats(worker)["curvature_estimates"] == 2
 
 
 def test_influence_function_preconditioning_over_http(client, worker, registry_dir):

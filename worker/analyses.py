@@ -97,7 +97,7 @@ def mislabeled(e: Evidence, options: dict) -> dict:
     def percentile_rank(v):
         return v.argsort().argsort().double() / max(n - 1, 1)
 
-    rank_by = options.get("rank_by", "loss")
+    rank_by = options.get("rank_by", "combined")
     suspicion = {"loss": loss, "harm": harm, "combined": percentile_rank(loss) + percentile_rank(harm)}[rank_by]
     order = suspicion.argsort(descending=True)
     expected_wrong = float((1 - p_label).sum())

@@ -283,7 +283,7 @@ def test_hessian_preconditioning_refuses_a_model_too_large():
 
 
 def test_auto_precondition_prices_the_exact_hessian(problem):
-    """ "auto" takes the exact Hessian where building it is cheap, else the last layer's, else none."""
+    """precondition="auto" takes the exact Hessian where building it is cheap, else the last layer's, else none."""
     model, x, y = problem
     fi = ForwardInf(model, Classification(), MirrorConfig()).plan((x, y))
     assert fi.precondition == "hessian" and list(fi.fm.theta) == [n for n, _ in model.named_parameters()]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Status = Literal["queued", "running", "finished", "failed", "canceled"]
 
@@ -38,6 +38,12 @@ class MethodSettings(BaseModel):
         None, description="step along H^-1 g: linear scores become influence-function scores"
     )
     damping: Annotated[float, Field(ge=0, le=1e6)] | None = None
+
+    @model_validator(mode="after")
+    def _cosine_is_first_order(self):  # the engine checks the merged settings too; this answers at once
+        if self.score == "cosine" and self.mode == "finite":
+            raise ValueError("score='cosine' needs mode='linear' (a unit-norm first-order step)")
+        return self
 
 
 class InlineTest(BaseModel):

@@ -304,6 +304,7 @@ def test_redis_outage_is_a_fast_503_and_recovers(client, redis_server):
         ({"method": {"lr": -1}}, 422, "method.lr"),
         ({"method": {"optimizer": "rmsprop"}}, 422, "method.optimizer"),
         ({"method": {"unknown": 1}}, 422, "method.unknown"),
+        ({"method": {"score": "cosine", "mode": "finite"}}, 422, "needs mode='linear'"),
     ],
 )
 def test_errors_are_problem_json(client, changes, status, needle):

@@ -330,3 +330,18 @@ def test_cosine_score_refuses_what_it_cannot_compute(problem):
     images = torch.rand(6, 1, 3, 3)
     with pytest.raises(AttributionInputError, match="torch.nn.Linear, not Conv2d"):
         attribute(conv_last, Classification(), (images, y[:6]), (images[:1], y[:1]), MirrorConfig(score="cosine"))
+
+
+def test_cosine_norms_of_a_language_model_sum_over_positions():
+    """For a sequence model the last layer's gradient sums over positions: the forward-pass norms
+    equal the norms of explicit per-sequence gradients of the head."""
+    torch.manual_seed(0)
+    model = build("gpt", {"vocab_size": 11, "block_size": 8, "d_model": 16, "n_layer": 1, "n_head": 2}).double()
+    tokens = torch.randint(0, 11, (6, 8))
+    fi = ForwardInf(model, CausalLM(), MirrorConfig.preset("testing", score="cosine")).prepare(tokens)
+    expected = []
+    for row in tokens:
+        model.zero_grad()
+        CausalLM().loss(model, CausalLM().prepare({"inputs": row[None]})).sum().backward()
+        expected.append(model.head.weight.grad.norm())
+    torch.testing.assert_close(fi.norms, torch.stack(expected), rtol=1e-8, atol=0)

@@ -130,7 +130,7 @@ class WarmWorker(SimpleWorker):
                     continue
                 try:
                     shards = [ctx.warm.shard(d, n) for n in range(len(d.shards))]
-                    fi, _ = jobs.prepared(ctx, m, d, shards, m.method)
+                    fi, *_ = jobs.prepared(ctx, m, d, shards, m.method)
                     fi.mirror({k: v[:1] for k, v in shards[0].items()})
                 except (RegistryError, AttributionInputError, OSError) as exc:
                     log.error("warm-up skipped %s on %s: %s", m.id, d.id, exc)

@@ -118,7 +118,7 @@ def run(request: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
     method = dict(request.method)
     if request.kind == "leakage":
         method["score"] = "signed"  # the analysis compares raw responses itself (worker/analyses.py)
-    fi, bases = prepared(ctx, model_m, data_m, shards, method)
+    fi, bases, norms = prepared(ctx, model_m, data_m, shards, method)
     reporter.timing["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -131,9 +131,9 @@ def run(request: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
     passes = -(-rows // config.max_param_sets)
     per_shard = [passes * -(-len(s["inputs"]) // config.batch_size) for s in shards]
     total, parts = sum(per_shard), []
-    for i, (shard, base) in enumerate(zip(shards, bases, strict=True)):
+    for i, (shard, base, norm) in enumerate(zip(shards, bases, norms, strict=True)):
         before = sum(per_shard[:i])
-        fi.prepare(shard, base=base)
+        fi.prepare(shard, base=base, norms=norm)
         parts.append(fi.sweep(mirror, lambda done, _t, before=before: reporter(before + done, total)))
     scores = torch.cat(parts, dim=1).float()  # (rows, N)
     reporter.timing["sweep_s"] = time.perf_counter() - t
@@ -173,7 +173,7 @@ def run(request: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
 
 def prepared(ctx: Context, model_m, data_m, shards, method: dict):
     """The warm engine for these settings, with its curvature (once per model, dataset and settings)
-    and each shard's base losses (warm, from Redis, or computed)."""
+    and each shard's base losses (warm, from Redis, or computed) and, for score="cosine", gradient norms."""
     method = dict(method)
     config = MirrorConfig.preset(
         method.pop("preset", None) or "attribution",
@@ -185,8 +185,15 @@ def prepared(ctx: Context, model_m, data_m, shards, method: dict):
     fi = ctx.warm.engine(model_m, data_m, config).plan(shards)
     if fi.precondition != "none" and fi.curvature is None:  # shared by engines that differ elsewhere
         fi.curvature = ctx.warm.curvature(model_m, data_m, fi, lambda: fi.estimate_curvature(shards))
-    bases = [ctx.warm.base(model_m, data_m, n, lambda s=s: fi.prepare(s).base) for n, s in enumerate(shards)]
-    return fi, bases
+    norms = [  # score="cosine": per-shard gradient norms, warm like the base losses
+        ctx.warm.norms(model_m, data_m, n, lambda s=s: fi.last_layer_norms(s)) if fi.config.score == "cosine" else None
+        for n, s in enumerate(shards)
+    ]
+    bases = [
+        ctx.warm.base(model_m, data_m, n, lambda s=s, v=v: fi.prepare(s, norms=v).base)
+        for n, (s, v) in enumerate(zip(shards, norms, strict=True))
+    ]
+    return fi, bases, norms
 
 
 ENGINE_FIELDS = {

@@ -132,6 +132,10 @@ class Warm:
         return {k: torch.stack(v) for k, v in parts.items()}
 
     # -- base losses ---------------------------------------------------------------------------------
+    def norms(self, m: ModelManifest, d: DatasetManifest, n: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Shard n's last-layer gradient norms (score="cosine"): computed once, kept warm."""
+        return self._get(("norms", m.digest, d.digest, n, str(self.dtype)), compute)
+
     def base(self, m: ModelManifest, d: DatasetManifest, n: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """L(theta; z_i) for shard n: warm, else from Redis, else computed (and stored in both)."""
         dtype = str(self.dtype).removeprefix("torch.")

@@ -111,9 +111,16 @@ class ForwardInf:
             self.precondition = "none"
         return self
 
-    def prepare(self, train, base: torch.Tensor | None = None, progress: Progress | None = None) -> ForwardInf:
+    def prepare(
+        self,
+        train,
+        base: torch.Tensor | None = None,
+        progress: Progress | None = None,
+        norms: torch.Tensor | None = None,
+    ) -> ForwardInf:
         """Bind the training set and compute its base losses once (or adopt `base`, computed before
-        for the same model and training set)."""
+        for the same model and training set; likewise `norms`, last_layer_norms(train), for
+        score="cosine")."""
         self.plan(train)
         self.train = Examples(train, self.config.batch_size, "training set")
         if base is None:
@@ -132,9 +139,7 @@ class ForwardInf:
             raise AttributionInputError("the given base losses are not finite")
         self.base = base.to(self.device, self.dtype)
         if self.config.score == "cosine":
-            self.norms = torch.cat(
-                [self._last_layer_norms(batch) for batch in self._batches(self.train, validate=False)]
-            )
+            self.norms = self.last_layer_norms(train) if norms is None else norms.to(self.device, self.dtype)
         if self.precondition != "none" and not self._curvature_fits():
             self.curvature = self.estimate_curvature(train)
         return self
@@ -143,15 +148,20 @@ class ForwardInf:
         """The name of the module that owns the model's last parameter ("" for the model itself)."""
         return list(dict(self.model.named_parameters()))[-1].rpartition(".")[0]
 
-    def _last_layer_norms(self, batch: Batch) -> torch.Tensor:
-        """(B,) each example's loss-gradient norm over the last linear layer's weight and bias, exactly,
-        from one forward pass: with h the layer's input and r the loss gradient at its output,
-        grad W = r^T h and grad b = r (summed over any sequence positions)."""
+    def last_layer_norms(self, train) -> torch.Tensor:
+        """(N,) each training point's loss-gradient norm over the last linear layer's weight and bias,
+        exactly, from one forward pass (score="cosine" divides by it)."""
         layer = self.model.get_submodule(self._last_module())
         if not isinstance(layer, torch.nn.Linear):
             raise AttributionInputError(
                 f"score='cosine' needs a model whose last layer is a torch.nn.Linear, not {type(layer).__name__}"
             )
+        examples = Examples(train, self.config.batch_size, "training set")
+        return torch.cat([self._layer_norms(layer, batch) for batch in self._batches(examples, validate=False)])
+
+    def _layer_norms(self, layer: torch.nn.Linear, batch: Batch) -> torch.Tensor:
+        """(B,) with h the layer's input and r the loss gradient at its output, grad W = r^T h and
+        grad b = r (summed over any sequence positions)."""
         seen = {}
 
         def hook(module, args, out):  # the output becomes a leaf, so the loss gradient stops there

@@ -94,8 +94,7 @@ def mirror_step(fm: Functional, task, test: dict, config: MirrorConfig, precondi
         def grad_fn(params, test):
             rows = {name: p.expand(n, *p.shape[1:]) for name, p in params.items()} if config.group else params
             grads, losses = vmap(grad_and_value(example_loss))(rows, test)
-            norm = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values())).clamp_min(1e-30)
-            grads = {name: g / norm.reshape(-1, *[1] * (g.dim() - 1)) for name, g in grads.items()}
+            grads = _scaled(grads, 1.0 / _norms(grads))
             if config.group:
                 return {name: g.mean(0, keepdim=True) for name, g in grads.items()}, losses.mean(0, keepdim=True)
             return grads, losses
@@ -109,9 +108,8 @@ def mirror_step(fm: Functional, task, test: dict, config: MirrorConfig, precondi
             test_loss = losses.detach()
             memorized = test_loss < config.memorized_loss
             if config.optimizer == "sgd" and config.safeguard == "normalize" and memorized.any():
-                norm = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values())).clamp_min(1e-30)
-                scale = torch.where(memorized, 1.0 / norm, torch.ones_like(norm))
-                grads = {n: g * scale.reshape(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
+                norm = _norms(grads)
+                grads = _scaled(grads, torch.where(memorized, 1.0 / norm, torch.ones_like(norm)))
         if precondition is not None:
             grads = precondition(grads)
         update = _update(grads, state, step, config)
@@ -126,6 +124,14 @@ def mirror_step(fm: Functional, task, test: dict, config: MirrorConfig, precondi
             along = vmap(lambda t, x: jvp(lambda q: row_loss(q, x), (fm.theta,), (t,))[1], in_dims=(0, in_dims[1]))
             own = along(first, test)
     return Mirror(first, total, test_loss, config.sign * own, memorized)
+
+
+def _norms(grads: Params) -> torch.Tensor:  # (k,) each row's norm over all selected parameters
+    return torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values())).clamp_min(1e-30)
+
+
+def _scaled(grads: Params, scale: torch.Tensor) -> Params:  # row j times scale[j]
+    return {n: g * scale.reshape(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
 
 
 def _update(grads: Params, state: dict[str, Params], step: int, config: MirrorConfig) -> Params:

@@ -1,14 +1,16 @@
 """Method settings for the mirrored step and the sweep, and the engine's one exception.
 
-`MirrorConfig` is plain data (a frozen dataclass): the service's pydantic `MethodSettings`
-(app/schemas.py) carries the same fields over HTTP, and a test keeps the two in step.
+`MirrorConfig` is plain data (a frozen dataclass). The service states the fields a request may set, with
+the same choices, defaults, presets and rules, in its contract (contract/method.py), which this library
+cannot import; tests/test_contract.py fails when the two differ.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args, get_origin, get_type_hints
 
 __all__ = ["AttributionInputError", "MirrorConfig", "PRESETS"]
 
@@ -97,19 +99,9 @@ class MirrorConfig:
     curvature_samples: int = 4096
 
     def __post_init__(self) -> None:
-        checks = {
-            "optimizer": ("sgd", "adam", "signsgd"),
-            "direction": ("ascent", "descent"),
-            "mode": ("finite", "linear"),
-            "score": ("signed", "abs", "match", "relative", "cosine"),
-            "safeguard": ("normalize", "none"),
-            "dtype": ("float32", "float64", None),
-            "stacking": ("auto", "vmap", "loop"),
-            "precondition": ("auto", "none", "diag", "hessian"),
-        }
-        for name, allowed in checks.items():
-            if getattr(self, name) not in allowed:
-                raise AttributionInputError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
+        for name, choices in _choices(type(self)).items():
+            if getattr(self, name) not in choices:
+                raise AttributionInputError(f"{name}={getattr(self, name)!r}: expected one of {choices}")
         if not self.damping >= 0:
             raise AttributionInputError(f"damping={self.damping}: must be >= 0")
         if not self.lr > 0:
@@ -142,6 +134,18 @@ class MirrorConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@functools.cache
+def _choices(cls: type) -> dict[str, tuple]:
+    """Field -> the values it takes, for every field typed `Literal[...]` (or `Literal[...] | None`)."""
+    out = {}
+    for name, hint in get_type_hints(cls).items():
+        if get_origin(hint) is Literal:
+            out[name] = get_args(hint)
+        elif type(None) in get_args(hint) and any(get_origin(a) is Literal for a in get_args(hint)):
+            out[name] = (*(v for a in get_args(hint) if get_origin(a) is Literal for v in get_args(a)), None)
+    return out
 
 
 # Chosen by measurement (python -m bench.quality; figures in docs/benchmarks.md):

@@ -8,7 +8,8 @@ curvature is estimated once per (model, training set) and reused:
 
   - "hessian": the exact Hessian of the mean training loss over the selected parameters (P x P, built
     from Hessian-vector products), plus damping * I, Cholesky-factored. Where the damped Hessian is not
-    positive definite (a non-convex model), its negative eigenvalues are set to 0 first (`projected`).
+    positive definite (a non-convex model), its negative eigenvalues are set to 0 first (counted in
+    `clipped`, and reported); with damping 0 a singular one is refused.
     For models (or parameter subsets, e.g. params=["head.*"]) of up to `MAX_HESSIAN_PARAMS` parameters.
   - "diag": the diagonal empirical Fisher, mean_i g_i^2, plus damping (one pass of per-example
     gradients over the training set, once).
@@ -43,25 +44,36 @@ def unflatten(flat: torch.Tensor, like: Params, names: list[str]) -> Params:  # 
 
 @dataclass
 class Curvature:
-    """A damped curvature estimate over the selected parameters (in `names` order)."""
+    """A damped curvature estimate over the selected parameters (in `names` order), from `samples`
+    training points. `clipped`: negative eigenvalues set to 0 before damping (a non-convex model)."""
 
     kind: str
     names: list[str]
     raw: torch.Tensor  # (P, P) Hessian or (P,) Fisher diagonal, undamped
     damping: float
+    samples: int = 0
 
     def __post_init__(self):
+        self.clipped = 0
         if self.kind == "hessian":
             eye = torch.eye(self.raw.shape[0], dtype=self.raw.dtype, device=self.raw.device)
             factor, info = torch.linalg.cholesky_ex(self.raw + self.damping * eye)
-            self.projected = bool(info)
-            if self.projected:  # a non-convex model: keep the positive part of the spectrum (then damp)
+            if info:  # a non-convex model: keep the positive part of the spectrum (then damp)
                 values, vectors = torch.linalg.eigh(self.raw)
+                self.clipped = int((values < 0).sum())
                 psd = (vectors * values.clamp_min(0)) @ vectors.T
-                factor = torch.linalg.cholesky(psd + self.damping * eye)
+                factor, info = torch.linalg.cholesky_ex(psd + self.damping * eye)
+            if info:
+                raise AttributionInputError(
+                    f"the damped Hessian is singular (damping={self.damping} and a zero eigenvalue): "
+                    "set damping > 0 (e.g. 1e-3)"
+                )
             self.factor = factor
         else:
-            self.projected = False
+            if not (self.raw + self.damping).gt(0).all():
+                raise AttributionInputError(
+                    f"the damped Fisher diagonal has zeros (damping={self.damping}): set damping > 0 (e.g. 1e-3)"
+                )
             self.factor = self.raw + self.damping
 
     def solve(self, grads: Params) -> Params:
@@ -116,4 +128,4 @@ def estimate(fm: Functional, task, batches, kind: str, damping: float) -> Curvat
     raw = acc / count
     if kind == "hessian":
         raw = (raw + raw.T) / 2  # symmetric up to rounding
-    return Curvature(kind, names, raw.detach(), damping)
+    return Curvature(kind, names, raw.detach(), damping, count)

@@ -51,6 +51,7 @@ class ForwardInf:
         self.curvature: Curvature | None = None
         self.precondition = self.config.precondition  # "auto" is resolved by plan(train)
         self._stacking = self.config.stacking  # "auto" resolves on the first batched sweep
+        self.notes: list[str] = []  # choices the engine made on its own (plan), in words
 
     # -- data ----------------------------------------------------------------------------------------
     def _batches(self, examples: Examples, index_offset: int = 0, validate: bool = True) -> Iterator[Batch]:
@@ -99,16 +100,25 @@ class ForwardInf:
 
         last = self._last_module()
         head = Functional(self.model, (f"{last}.*",)) if last else None
+        size = sum(p.numel() for p in self.fm.theta.values())
         if affordable(self.fm, counter.get_total_flops()):
             self.precondition = "hessian"
+            self.notes.append(f"precondition='auto' chose the exact Hessian of the {size} perturbed parameters")
         elif (
             self.config.params == ("*",)
             and head is not None
             and affordable(head, 2 * sum(p.numel() for p in head.theta.values()))
         ):
             self.fm, self.precondition = head, "hessian"
+            self.notes.append(
+                f"precondition='auto': the exact Hessian of all {size} parameters is over budget, so the Hessian of "
+                f"the last layer ({last!r}) is used and only that layer is perturbed"
+            )
         else:
             self.precondition = "none"
+            self.notes.append(
+                f"precondition='auto': no affordable Hessian for {size} parameters; the step is not preconditioned"
+            )
         return self
 
     def prepare(
@@ -143,6 +153,26 @@ class ForwardInf:
         if self.precondition != "none" and not self._curvature_fits():
             self.curvature = self.estimate_curvature(train)
         return self
+
+    def execution(self) -> dict:
+        """What this engine runs, as plain data: the resolved precondition and perturbed parameters, the
+        curvature, stacking ("single" while only one parameter set has been swept), dtype, device, notes."""
+        c = self.curvature if self.precondition != "none" else None
+        notes = list(self.notes)
+        if c is not None and c.clipped:
+            notes.append(f"the Hessian had {c.clipped} negative eigenvalues; they were set to 0 before damping")
+        return {
+            "precondition": self.precondition,
+            "parameters": list(self.fm.theta),
+            "parameter_count": sum(p.numel() for p in self.fm.theta.values()),
+            "curvature": None
+            if c is None
+            else {"kind": c.kind, "damping": c.damping, "samples": c.samples, "clipped_eigenvalues": c.clipped},
+            "stacking": "single" if self._stacking == "auto" else self._stacking,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "notes": notes,
+        }
 
     def _last_module(self) -> str:
         """The name of the module that owns the model's last parameter ("" for the model itself)."""

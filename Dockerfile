@@ -1,17 +1,17 @@
 # syntax=docker/dockerfile:1
-# Two images from one file:
-#   docker build --target api -t attribution-api .        FastAPI front end, no torch
-#   docker build --target worker -t attribution-worker .  warm RQ worker with torch (CUDA build from PyPI;
-#                                                         --build-arg TORCH_SPEC=... to choose another)
+# Two images from one file, each with the torch-free contract and its own process's code only:
+#   docker build --target api -t attribution-api .        FastAPI front end (contract + app): no torch, no worker code
+#   docker build --target worker -t attribution-worker .  warm RQ worker (contract + worker) with torch (CUDA build
+#                                                         from PyPI; --build-arg TORCH_SPEC=... to choose another)
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /srv
 RUN useradd --create-home --uid 10001 service
 COPY pyproject.toml README.md ./
-COPY app app
-COPY worker worker
+COPY contract contract
 
 FROM base AS api
+COPY app app
 RUN pip install .
 USER service
 EXPOSE 8000
@@ -19,6 +19,7 @@ HEALTHCHECK --interval=10s --timeout=3s CMD ["python", "-c", "import urllib.requ
 CMD ["uvicorn", "app.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM base AS worker
+COPY worker worker
 ARG TORCH_SPEC="torch==2.13.0"
 RUN pip install "${TORCH_SPEC}" ".[worker]"
 USER service

@@ -1,4 +1,5 @@
-"""Dependency aliases for the routes: the settings, Redis, the registry and the job service."""
+"""Dependency aliases for the routes: the settings, Redis, the registry and the job service. Plain
+`async def`: they do no I/O, so FastAPI calls them on the event loop instead of a thread."""
 
 from __future__ import annotations
 
@@ -7,26 +8,27 @@ from typing import Annotated
 from fastapi import Depends, Request
 from redis import Redis
 
-from worker.registry import Registry
+from contract.registry import Registry
+from contract.settings import Settings
 
 from .jobs import Jobs
-from .settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_redis(request: Request) -> Redis:
+async def get_redis(request: Request) -> Redis:
     return request.app.state.redis
 
 
-def get_registry(request: Request) -> Registry:
+async def get_registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
-def get_jobs(request: Request) -> Jobs:
-    return Jobs(request.app.state.redis, request.app.state.settings)
+async def get_jobs(request: Request) -> Jobs:
+    state = request.app.state
+    return Jobs(state.redis, state.settings, state.events, state.results)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

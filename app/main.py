@@ -19,12 +19,14 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 from starlette.exceptions import HTTPException
 
-from worker.registry import Registry, RegistryError
+from contract.registry import Registry, RegistryError
+from contract.settings import Settings
 
 from . import metrics
 from .errors import InvalidInput, PayloadTooLarge, ServiceError, Unavailable
+from .events import Events
+from .jobs import Results
 from .routes import analyses, attributions, health, models
-from .settings import Settings
 
 PROBLEM = "application/problem+json"
 
@@ -76,8 +78,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.redis = connect(settings)
+        app.state.redis, app.state.events = connect(settings), Events(settings)
+        app.state.events.start()
         yield
+        await app.state.events.stop()
         app.state.redis.close()
 
     app = FastAPI(
@@ -89,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "over the training set.",
     )
     app.state.settings, app.state.registry = settings, Registry(settings.registry_dir)
+    app.state.results = Results(settings.result_cache_bytes)
     for router in (attributions.router, analyses.router, models.router, health.router):
         app.include_router(router)
 

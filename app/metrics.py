@@ -8,7 +8,7 @@ from prometheus_client.core import GaugeMetricFamily
 from redis import Redis
 from rq import Queue
 
-from .settings import Settings
+from contract.settings import Settings
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("attr_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=REGISTRY)

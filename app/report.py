@@ -1,7 +1,7 @@
 """The visual report: one self-contained HTML page per finished job (no external assets, so it can be
 saved or mailed). Records are shown as PNG thumbnails (data: URIs) for image data, as text for byte
 tokens, else as their first values; scores as inline SVG histograms. Torch-free: records are read
-through the registry with numpy."""
+through the registry with numpy, every record a page shows in one read of only those rows."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from worker.registry import DatasetManifest, InputSpec, Registry
+from contract.jobs import JOB, InlinePoints, RecordPoints
+from contract.registry import DatasetManifest, InputSpec, Registry
 
 ROWS = 20  # test points (attribution, leakage) shown in full; the JSON has all of them
 LIST = 60  # records per list (review list, audited records)
@@ -120,51 +121,57 @@ def histogram(values: np.ndarray, title: str, marks: dict[str, float] | None = N
 
 
 class Records:
-    """Records of one dataset, read once per page."""
+    """Records of one dataset, read once per page: a section `load`s every index it shows, then draws."""
 
     def __init__(self, dataset: DatasetManifest):
         self.dataset, self.spec = dataset, dataset.input
+        self.rows: dict[int, tuple[np.ndarray, object]] = {}
+
+    def load(self, indices: Iterable[int]) -> None:
+        missing = sorted(set(indices) - set(self.rows))
+        if missing:
+            data = self.dataset.read(missing)
+            targets = data.get("targets")
+            labelled = targets is not None and targets.ndim == 1 and targets.dtype.kind in "iu"
+            for j, i in enumerate(missing):
+                self.rows[i] = (data["inputs"][j], targets[j] if labelled else None)
 
     def cards(self, entries: Iterable[dict], caption) -> str:
         entries = list(entries)
         if not entries:
             return "<p class=muted>none</p>"
-        data = self.dataset.read([e["index"] for e in entries])
-        targets = data.get("targets")
-        labelled = targets is not None and targets.ndim == 1 and targets.dtype.kind in "iu"
-        cards = (
-            f'<div class="card">{show(x, self.spec)}<div>{html.escape(e["record_id"])}</div>'
-            + (f"<div>label {targets[j]}</div>" if labelled else "")
-            + f"{caption(e)}</div>"
-            for j, (e, x) in enumerate(zip(entries, data["inputs"], strict=True))
-        )
+        self.load(e["index"] for e in entries)
+        cards = []
+        for e in entries:
+            x, label = self.rows[e["index"]]
+            cards.append(
+                f'<div class="card">{show(x, self.spec)}<div>{html.escape(e["record_id"])}</div>'
+                + (f"<div>label {label}</div>" if label is not None else "")
+                + f"{caption(e)}</div>"
+            )
         return '<div class="cards">' + "".join(cards) + "</div>"
 
 
 class Queries:
-    """The test points of the stored request (inline arrays or dataset records), as HTML by row."""
+    """The test points of the job (inline arrays or dataset records, as its payload holds them), as HTML."""
 
-    def __init__(self, test: dict, registry: Registry, spec: InputSpec):
-        self.test, self.registry, self.spec = test, registry, spec
+    def __init__(self, points: InlinePoints | RecordPoints, registry: Registry, spec: InputSpec):
+        self.points, self.registry, self.spec = points, registry, spec
 
     def __call__(self, rows: list[int]) -> dict[int, str]:
-        test = self.test
-        if "inputs" in test:
-            masks = test.get("targets") if self.spec.dtype == "int64" else None
+        points = self.points
+        if isinstance(points, InlinePoints):
+            masks = points.targets if self.spec.dtype == "int64" else None
             return {
-                j: show(np.asarray(test["inputs"][j]), self.spec, None if masks is None else np.asarray(masks[j]))
+                j: show(np.asarray(points.inputs[j]), self.spec, None if masks is None else np.asarray(masks[j]))
                 for j in rows
-                if j < len(test["inputs"])
+                if j < len(points.inputs)
             }
-        dataset = self.registry.dataset(test.get("dataset", ""))
+        dataset = self.registry.dataset(points.dataset.id)
         if dataset is None:
             return {}
-        indices = test.get("indices")
-        if indices is None:
-            position = {r: i for i, r in enumerate(dataset.record_ids())}
-            indices = [position.get(r, 0) for r in test["records"]]
-        rows = [j for j in rows if j < len(indices)]
-        data = dataset.read([indices[j] for j in rows])["inputs"] if rows else []
+        rows = [j for j in rows if j < len(points.indices)]
+        data = dataset.read([points.indices[j] for j in rows])["inputs"] if rows else []
         return {j: show(x, dataset.input) for j, x in zip(rows, data, strict=True)}
 
 
@@ -173,18 +180,18 @@ def _score(e: dict) -> str:
 
 
 def render(key: str, result: dict, scores: np.ndarray, registry: Registry) -> str:
-    dataset = registry.dataset(result["dataset"])
+    job = JOB.validate_python(result["job"])
+    dataset = registry.dataset(job.dataset.id)
     if dataset is None:
-        body = f"<p class=bad>The training dataset {html.escape(result['dataset'])} is no longer registered.</p>"
+        body = f"<p class=bad>The training dataset {html.escape(job.dataset.id)} is no longer registered.</p>"
         return _page(key, result, body)
-    records = Records(dataset)
-    kind = result["kind"]
-    body = SECTIONS[kind](result, scores, records, Queries(result.get("test", {}), registry, dataset.input))
+    body = SECTIONS[job.kind](result, scores, Records(dataset), Queries(job.points, registry, dataset.input))
     return _page(key, result, body)
 
 
 def _attribution(result, scores, records, queries) -> str:
     parts, shown = [], result["rows"][:ROWS]
+    records.load(e["index"] for row in shown for e in row["proponents"][:10] + row["opponents"][:10])
     query_html = queries([row["row"] for row in shown])
     for row in shown:
         j = row["row"]
@@ -203,6 +210,7 @@ def _leakage(result, scores, records, queries) -> str:
     a, cal = result["analysis"], result["analysis"]["calibration"]
     best = np.array([r["best"]["distance"] for r in a["rows"]])
     rows = sorted(a["rows"], key=lambda r: r["best"]["distance"])[:ROWS]
+    records.load(e["index"] for r in rows for e in r["evidence"])
     query_html = queries([r["row"] for r in rows])
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in cal.items())
     parts = [
@@ -228,6 +236,7 @@ def _leakage(result, scores, records, queries) -> str:
 
 def _mislabeled(result, scores, records, queries) -> str:
     a = result["analysis"]
+    records.load(e["index"] for e in a["review"][:LIST])
     classes = "".join(
         f"<tr><td>{c['label']}</td><td>{c['records']}</td><td>{c['in_review']}</td>"
         f"<td>{c['mean_loss']:.3g}</td><td>{c['mean_harm']:.3g}</td></tr>"
@@ -248,6 +257,7 @@ def _mislabeled(result, scores, records, queries) -> str:
 
 def _memorization(result, scores, records, queries) -> str:
     a = result["analysis"]
+    records.load(e["index"] for r in a["records"][:LIST] for e in [r, *r["neighbours"]])
     parts = [
         f"<p>{html.escape(a['summary'])}</p><p class=muted>{html.escape(a['threshold_method'])}</p>",
         histogram(
@@ -275,15 +285,13 @@ SECTIONS = {
 
 
 def _page(key: str, result: dict, body: str) -> str:
-    method = result.get("method", {})
-    summary = ", ".join(
-        f"{k}={method[k]}" for k in ("mode", "optimizer", "lr", "precondition", "group", "score") if k in method
-    )
-    title = f"{result['kind']} {key}"
+    method, job = result["execution"]["method"], result["job"]
+    summary = ", ".join(f"{k}={method[k]}" for k in ("mode", "optimizer", "lr", "precondition", "group", "score"))
+    title = f"{job['kind']} {key}"
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<p>model <b>{html.escape(result['model'])}</b>, training set <b>{html.escape(result['dataset'])}</b>"
+        f"<p>model <b>{html.escape(job['model']['id'])}</b>, training set <b>{html.escape(job['dataset']['id'])}</b>"
         f" ({int(result['shape'][1])} records)<br><span class=muted>{html.escape(summary)}</span></p>{body}"
         # marks the page once every image has loaded (report screenshots and the browser test wait on it)
         "<script>addEventListener('load',()=>{const i=[...document.images];"

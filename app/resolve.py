@@ -1,24 +1,50 @@
-"""Check a request against the registry and the model's input spec, before anything is enqueued.
+"""Resolution at the door: a request, checked against the registry and the model's input spec, becomes the
+complete typed job payload (contract/jobs.py) that the worker runs exactly. The one place where:
 
-Every problem becomes an InvalidInput (422) or NotFound (404) naming the field and the reason, so a
-job never fails on input that could have been refused at the door.
+- the method settings are merged (request > preset > the model's defaults > the engine's: contract/method.py)
+  and refused when they do not combine, or when the analysis cannot honour them;
+- record ids become indices, text becomes tokens, inline data becomes canonical numbers;
+- every digest the result depends on, the compute dtype and the engine version enter the identity.
+
+Every problem becomes an InvalidInput (422), NotFound (404) or PayloadTooLarge (413) naming the field and
+the reason, so a job never fails on input that could have been refused here.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from worker.registry import DatasetManifest, ModelManifest, Registry
+from contract.jobs import (
+    AttributionJob,
+    DatasetRef,
+    InlinePoints,
+    Job,
+    LeakageJob,
+    MemorizationJob,
+    MislabeledJob,
+    ModelRef,
+    RecordPoints,
+)
+from contract.method import MethodConflict, resolve_method
+from contract.registry import DatasetManifest, ModelManifest, Registry
+from contract.schemas import (
+    AttributionCreate,
+    DatasetTest,
+    InlineTest,
+    LeakageCreate,
+    MemorizationCreate,
+    MislabeledCreate,
+    TextTest,
+)
+from contract.settings import Settings
 
 from .errors import InvalidInput, NotFound, PayloadTooLarge
-from .jobs import Request
-from .schemas import DatasetTest, InlineTest, TextTest
-from .settings import Settings
+
+Request = AttributionCreate | LeakageCreate | MislabeledCreate | MemorizationCreate
 
 
-def resolve(
-    kind: str, request: Request, registry: Registry, settings: Settings
-) -> tuple[ModelManifest, DatasetManifest]:
+def resolve(kind: str, request: Request, registry: Registry, settings: Settings) -> Job:
+    """The request as the payload of a job of `kind`, or the service error that says why it cannot run."""
     model = registry.model(request.model)
     if model is None:
         raise NotFound(f"unknown model {request.model!r}")
@@ -30,26 +56,49 @@ def resolve(
             f"dataset {dataset.id!r} holds {dataset.input.dtype} examples of shape {dataset.input.shape}; "
             f"model {model.id!r} takes {model.input.dtype} of shape {model.input.shape}"
         )
-    if getattr(request, "top_k", 0) > settings.max_top_k:
-        raise InvalidInput(f"top_k={request.top_k} exceeds the limit of {settings.max_top_k}", _loc("top_k"))
-    if kind == "mislabeled":
+    try:
+        method = resolve_method(kind, request.method, model.method)
+    except MethodConflict as exc:
+        raise InvalidInput(str(exc), [{"loc": ["body", "method", f]} for f in exc.fields]) from None
+    common = {
+        "model": ModelRef(id=model.id, digest=model.digest),
+        "dataset": DatasetRef(id=dataset.id, digest=dataset.digest),
+        "dtype": settings.dtype,
+        "method": method,
+    }
+    if isinstance(request, AttributionCreate):
+        if request.top_k > settings.max_top_k:
+            raise InvalidInput(f"top_k={request.top_k} exceeds the limit of {settings.max_top_k}", _loc("top_k"))
+        return AttributionJob(test=test_points(request.test, registry, model, settings), **common)
+    if isinstance(request, LeakageCreate):
+        return LeakageJob(
+            test=test_points(request.test, registry, model, settings),
+            calibration_records=request.calibration_records,
+            **common,
+        )
+    if isinstance(request, MislabeledCreate):
         if model.task != "classification":
             raise InvalidInput(f"a mislabeled analysis needs a classification model; {model.id!r} is {model.task}")
-        check_records(request.reference, registry, model, settings.max_reference_records, "reference")
-    elif kind == "memorization":
-        if request.records.dataset != dataset.id:
-            raise InvalidInput(
-                f"records.dataset must be the training dataset {dataset.id!r}", _loc("records", "dataset")
-            )
-        check_records(request.records, registry, model, settings.max_memorization_records, "records")
-    elif isinstance(request.test, TextTest):
-        request.test = encode_text(request.test, model)  # from here on, token ids like any inline test
-        check_inline(request.test, model, settings)
-    elif isinstance(request.test, InlineTest):
-        check_inline(request.test, model, settings)
-    else:
-        check_records(request.test, registry, model, settings.max_test_points)
-    return model, dataset
+        reference = records(request.reference, registry, model, settings.max_reference_records, "reference")
+        return MislabeledJob(reference=reference, rank_by=request.rank_by, review_size=request.review_size, **common)
+    if request.records.dataset != dataset.id:
+        raise InvalidInput(f"records.dataset must be the training dataset {dataset.id!r}", _loc("records", "dataset"))
+    return MemorizationJob(
+        records=records(request.records, registry, model, settings.max_memorization_records, "records"),
+        neighbours=request.neighbours,
+        calibration_records=request.calibration_records,
+        **common,
+    )
+
+
+def test_points(
+    test: InlineTest | DatasetTest | TextTest, registry: Registry, model: ModelManifest, settings: Settings
+) -> InlinePoints | RecordPoints:
+    if isinstance(test, DatasetTest):
+        return records(test, registry, model, settings.max_test_points)
+    if isinstance(test, TextTest):
+        test = encode_text(test, model)  # from here on, token ids like any inline test
+    return inline(test, model, settings)
 
 
 def encode_text(test: TextTest, model: ModelManifest) -> InlineTest:
@@ -73,7 +122,9 @@ def _count_limit(n: int, settings: Settings) -> None:
         raise PayloadTooLarge(f"{n} test points exceed the limit of {settings.max_test_points} per request")
 
 
-def check_inline(test: InlineTest, model: ModelManifest, settings: Settings) -> None:
+def inline(test: InlineTest, model: ModelManifest, settings: Settings) -> InlinePoints:
+    """Inline test points checked against the model's input spec, as canonical numbers (token ids as
+    integers, features as floats), so equal data always has the same identity."""
     spec, n = model.input, len(test.inputs)
     _count_limit(n, settings)
     try:
@@ -105,19 +156,21 @@ def check_inline(test: InlineTest, model: ModelManifest, settings: Settings) -> 
         )
     if spec.vocab_size is not None and ((x < 0).any() or (x >= spec.vocab_size).any()):
         raise InvalidInput(f"test.inputs: token ids must lie in 0..{spec.vocab_size - 1}", _loc("test", "inputs"))
-    _check_targets(test.targets, n, model, x.shape[1:])
+    y = _targets(test.targets, n, model, x.shape[1:])
+    inputs = x.astype(np.int64) if spec.dtype == "int64" else x
+    return InlinePoints(inputs=inputs.tolist(), targets=None if y is None else y.tolist())
 
 
-def _check_targets(targets, n: int, model: ModelManifest, input_shape) -> None:
+def _targets(targets, n: int, model: ModelManifest, input_shape) -> np.ndarray | None:
     loc = _loc("test", "targets")
     if model.task == "diffusion":
         if targets is not None:
             raise InvalidInput("test.targets: a diffusion model takes images only", loc)
-        return
+        return None
     if targets is None:
         if model.task in ("classification", "regression"):
             raise InvalidInput(f"test.targets: required for a {model.task} model (one per test point)", loc)
-        return
+        return None
     if len(targets) != n:
         raise InvalidInput(f"test.targets: {len(targets)} targets for {n} test points", loc)
     try:
@@ -134,10 +187,14 @@ def _check_targets(targets, n: int, model: ModelManifest, input_shape) -> None:
             raise InvalidInput(f"test.targets: labels must lie in 0..{classes - 1}", loc)
     elif model.task == "causal-lm" and y.shape != (n, *input_shape):
         raise InvalidInput("test.targets: a causal-LM target mask must match the token arrays' shape", loc)
+    return y if model.task == "regression" else y.astype(np.int64)
 
 
-def check_records(test: DatasetTest, registry: Registry, model: ModelManifest, limit: int, field: str = "test") -> None:
-    dataset = registry.dataset(test.dataset)
+def records(
+    test: DatasetTest, registry: Registry, model: ModelManifest, limit: int, field: str = "test"
+) -> RecordPoints:
+    """Records of a registered dataset, by index: record ids are mapped to indices here, once."""
+    dataset: DatasetManifest | None = registry.dataset(test.dataset)
     if dataset is None:
         raise NotFound(f"unknown dataset {test.dataset!r} ({field}.dataset)")
     if (test.records is None) == (test.indices is None):
@@ -154,14 +211,17 @@ def check_records(test: DatasetTest, registry: Registry, model: ModelManifest, l
             _loc(field, "dataset"),
         )
     if test.indices is not None:
-        bad = [i for i in test.indices if i >= dataset.size]
+        indices = list(test.indices)
+        bad = [i for i in indices if i >= dataset.size]
         if bad:
             raise InvalidInput(
                 f"{field}.indices: {bad[:5]} out of range for {dataset.id!r} ({dataset.size} records)",
                 _loc(field, "indices"),
             )
     else:
-        known = set(dataset.record_ids())
-        missing = [r for r in test.records if r not in known]
+        positions = dataset.positions()
+        missing = [r for r in test.records if r not in positions]
         if missing:
             raise NotFound(f"{field}.records: unknown record ids in {dataset.id!r}: {missing[:5]}")
+        indices = [positions[r] for r in test.records]
+    return RecordPoints(dataset=DatasetRef(id=dataset.id, digest=dataset.digest), indices=indices)

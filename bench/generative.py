@@ -32,11 +32,11 @@ import torch
 from safetensors.torch import load_file
 from torch.func import functional_call, grad, vmap
 
+from contract.registry import Registry
 from worker.corpus import encode, fact_corpus
 from worker.forward_inf import CausalLM, Diffusion, build
 from worker.forward_inf.tasks import TEST_INDEX_OFFSET
 from worker.generative import DDPM_METHOD, DIFFUSION, EXEMPLARS, LM_METHOD, SIZES, sample_ddpm
-from worker.registry import Registry
 from worker.registry import main as registry_main
 
 from .service import run_to_end, service

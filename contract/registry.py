@@ -4,27 +4,20 @@
     REGISTRY_DIR/datasets/<id>/dataset.toml    + shards (*.safetensors with "inputs"[, "targets"],
                                                   or inputs/targets .npy read with allow_pickle=False)
 
-Every file's sha256 is recorded in its manifest and verified when the worker loads it; a model's or
-dataset's digest (hash of its manifest, which holds the file digests) is part of every cache key, so
-a changed checkpoint never serves stale scores. This module is torch-free: the API reads manifests
-through it; loading tensors is the worker's job (worker/warm.py).
-
-    python -m worker.registry list
-    python -m worker.registry demo                  # build the demo registry (digits MLPs)
-    python -m worker.registry demo --generative     # ... plus a tiny GPT and DDPM (--full: bench sizes)
-    python -m worker.registry add-model --id ID --task classification --architecture builtin:mlp \\
-        --params '{"in_features": 64, ...}' --weights w.safetensors --input-shape 64 [--num-classes 10]
-    python -m worker.registry add-dataset --id ID --shard a.safetensors --shard b.safetensors
+Every file's sha256 is recorded in its manifest and verified before it is read; a model's or dataset's
+digest (the hash of its manifest, which holds the file digests) is part of every job's identity, so a
+changed checkpoint or test set never serves a stale result. A file is hashed once per version (path,
+size, mtime): the API's request path re-reads records, it never re-hashes a shard. Torch-free: the API
+reads manifests and records (numpy) through this module; the worker loads tensors (worker/warm.py).
+The command line (`python -m worker.registry`) lives with the worker, which can build the demo models.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
 import shutil
-import sys
 import tomllib
 from functools import lru_cache
 from pathlib import Path
@@ -32,7 +25,10 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
+from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
+
+from .method import MethodDefaults
 
 ID = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
@@ -67,7 +63,7 @@ class ModelManifest(BaseModel):
     weights: str
     sha256: str
     input: InputSpec
-    method: dict[str, Any] = Field({}, description="default method settings (MirrorConfig fields)")
+    method: MethodDefaults = Field(default_factory=MethodDefaults, description="the model's default method settings")
     digest: str = ""
     path: Path = Path()
 
@@ -96,20 +92,36 @@ class DatasetManifest(BaseModel):
     def size(self) -> int:
         return sum(s.size for s in self.shards)
 
+    @property
+    def bounds(self) -> np.ndarray:
+        """(shards + 1,) the global index of each shard's first record, then the size."""
+        return np.cumsum([0] + [s.size for s in self.shards])
+
     def read(self, indices: list[int]) -> dict[str, np.ndarray]:
-        """Records by global index as numpy arrays ("inputs"[, "targets"]); torch-free (the API renders
-        reports from these; the worker keeps whole shards warm as tensors). Indices must be in range."""
-        bounds = np.cumsum([0] + [s.size for s in self.shards])
+        """Records by global index as numpy arrays ("inputs"[, "targets"]), reading only those rows of
+        each shard (verified files; the API renders reports from these). Indices must be in range."""
+        bounds = self.bounds
         indices = np.asarray(indices, dtype=np.int64)
         shard_of = np.searchsorted(bounds, indices, side="right") - 1
         out: dict[str, np.ndarray] = {}
         for n in np.unique(shard_of):
             mask = shard_of == n
-            for key, value in self.load_shard(int(n)).items():
-                out.setdefault(key, np.empty((len(indices), *value.shape[1:]), value.dtype))[mask] = value[
-                    indices[mask] - bounds[n]
-                ]
+            for key, rows in self._rows(int(n), (indices[mask] - bounds[n]).tolist()).items():
+                out.setdefault(key, np.empty((len(indices), *rows.shape[1:]), rows.dtype))[mask] = rows
         return out
+
+    def _rows(self, n: int, rows: list[int]) -> dict[str, np.ndarray]:
+        shard = self.shards[n]
+        path = verify(self.path / shard.file, shard.sha256)
+        if path.suffix == ".npy":
+            data = {"inputs": np.load(path, mmap_mode="r", allow_pickle=False)[rows]}
+            if shard.targets:
+                targets = verify(self.path / shard.targets, shard.targets_sha256 or "")
+                data["targets"] = np.load(targets, mmap_mode="r", allow_pickle=False)[rows]
+            return data
+        with safe_open(path, framework="numpy") as f:
+            names = [k for k in ("inputs", "targets") if k in f.keys()]
+            return {k: np.stack([f.get_slice(k)[i : i + 1][0] for i in rows]) for k in names}
 
     def load_shard(self, n: int) -> dict[str, np.ndarray]:
         """Shard n's "inputs" (and "targets"), digest-checked, as numpy arrays (no pickle)."""
@@ -126,14 +138,35 @@ class DatasetManifest(BaseModel):
             raise RegistryError(f"dataset {self.id!r} shard {n}: expected 'inputs' with {shard.size} examples")
         return data
 
-    def record_ids(self) -> list[str]:
-        """Record ids in order: the records file (digest-checked), else '<id>:<index>'."""
+    def record_ids(self) -> tuple[str, ...]:
+        """Record ids in order: the records file (digest-checked, parsed once per version), else '<id>:<index>'."""
+        return self._records()[0]
+
+    def positions(self) -> dict[str, int]:
+        """Record id -> global index (the one mapping from ids to indices)."""
+        return self._records()[1]
+
+    def _records(self) -> tuple[tuple[str, ...], dict[str, int]]:
         if self.records is None:
-            return [f"{self.id}:{i}" for i in range(self.size)]
-        ids = json.loads(verify(self.path / self.records, self.records_sha256 or "").read_text())
+            return _default_records(self.id, self.size)
+        path = verify(self.path / self.records, self.records_sha256 or "")
+        stat = path.stat()
+        ids, positions = _parse_records(path, stat.st_size, stat.st_mtime_ns)
         if len(ids) != self.size:
             raise RegistryError(f"{self.id}: {len(ids)} record ids for {self.size} records")
-        return ids
+        return ids, positions
+
+
+@lru_cache(maxsize=64)
+def _default_records(id: str, size: int) -> tuple[tuple[str, ...], dict[str, int]]:
+    ids = tuple(f"{id}:{i}" for i in range(size))
+    return ids, {r: i for i, r in enumerate(ids)}
+
+
+@lru_cache(maxsize=64)
+def _parse_records(path: Path, size: int, mtime_ns: int) -> tuple[tuple[str, ...], dict[str, int]]:
+    ids = tuple(json.loads(path.read_text()))
+    return ids, {r: i for i, r in enumerate(ids)}
 
 
 def sha256_file(path: Path) -> str:
@@ -144,11 +177,21 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+@lru_cache(maxsize=4096)
+def _digest(path: Path, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
 def verify(path: Path, expected: str) -> Path:
-    """Return `path` if its sha256 is `expected`; raise RegistryError otherwise."""
-    if not path.is_file():
+    """Return `path` if its sha256 is `expected`; raise RegistryError otherwise. The digest is computed
+    once per version of the file (path, size, mtime)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None
+    if stat is None or not path.is_file():
         raise RegistryError(f"{path.name}: file missing from the registry")
-    actual = sha256_file(path)
+    actual = _digest(path, stat.st_size, stat.st_mtime_ns)
     if actual != expected:
         raise RegistryError(
             f"{path.name}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}... (file changed?)"
@@ -222,7 +265,7 @@ class Registry:
             "params": params or {},
             "task_params": task_params or {},
             "input": input,
-            "method": method or {},
+            "method": MethodDefaults(**(method or {})).model_dump(exclude_none=True),
         }
         ModelManifest(**manifest)  # validate before writing
         (folder / "model.toml").write_text(_toml(manifest))
@@ -294,61 +337,3 @@ def _toml(data: dict) -> str:
         return v
 
     return tomli_w.dumps(clean(data))
-
-
-def main(argv: list[str] | None = None) -> int:
-    from app.settings import Settings
-
-    parser = argparse.ArgumentParser(
-        prog="python -m worker.registry", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--root", type=Path, default=None, help="registry directory (default: ATTR_REGISTRY_DIR)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list")
-    demo = sub.add_parser("demo", help="build the demo registry (trains a digits MLP in seconds)")
-    demo.add_argument("--if-absent", action="store_true")
-    demo.add_argument("--generative", action="store_true", help="also a tiny GPT and DDPM (worker/generative.py)")
-    demo.add_argument("--full", action="store_true", help="with --generative: the benchmark's sizes (minutes)")
-    m = sub.add_parser("add-model")
-    m.add_argument("--id", required=True)
-    m.add_argument("--task", required=True)
-    m.add_argument("--architecture", required=True)
-    m.add_argument("--params", default="{}")
-    m.add_argument("--weights", type=Path, required=True)
-    m.add_argument("--input-shape", type=int, nargs="+", required=True)
-    m.add_argument("--input-dtype", default="float32")
-    m.add_argument("--num-classes", type=int)
-    d = sub.add_parser("add-dataset")
-    d.add_argument("--id", required=True)
-    d.add_argument("--shard", type=Path, action="append", required=True)
-    d.add_argument("--input-shape", type=int, nargs="+", required=True)
-    d.add_argument("--input-dtype", default="float32")
-    args = parser.parse_args(argv)
-    registry = Registry(args.root or Settings().registry_dir)
-    try:
-        if args.command == "list":
-            for item in registry.models() + registry.datasets():
-                print(f"{type(item).__name__.removesuffix('Manifest').lower():8} {item.id:24} {item.digest[:12]}")  # noqa: T201 (CLI output)
-        elif args.command == "demo":
-            if not (args.if_absent and registry.model("digits-audit-mlp") and registry.dataset("digits-audit-test")):
-                from .demo import build_demo_registry
-
-                build_demo_registry(registry)
-            if args.generative and not (args.if_absent and registry.model("digits-ddpm")):
-                from .generative import build_generative_registry
-
-                build_generative_registry(registry, full=args.full)
-            print(f"demo registry built in {registry.root}")  # noqa: T201
-        elif args.command == "add-model":
-            spec = {"shape": args.input_shape, "dtype": args.input_dtype, "num_classes": args.num_classes}
-            registry.add_model(args.id, args.task, args.architecture, args.weights, spec, json.loads(args.params))
-        elif args.command == "add-dataset":
-            registry.add_dataset(args.id, args.shard, {"shape": args.input_shape, "dtype": args.input_dtype})
-    except (RegistryError, ValidationError, OSError, json.JSONDecodeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

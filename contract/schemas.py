@@ -1,7 +1,11 @@
-"""The public contract, shared by the API and the worker: requests, responses and job payloads.
+"""The public schemas: requests, job views, results, registry views and problems (pure pydantic).
 
-Pure pydantic. The API enqueues `worker.jobs.<name>` with `AttributionJob.model_dump(mode="json")`;
-the worker validates it back with `AttributionJob.model_validate`. Nothing is pickled.
+    JobCreate  -> AttributionCreate, LeakageCreate, MislabeledCreate, MemorizationCreate
+    JobPublic  -> AttributionPublic, AnalysisPublic        (status, progress, `method`, `execution`, result)
+
+A request's `method` (MethodSettings) is resolved at the door into the job's `method` (Method); what the
+engine then actually ran (precondition and parameters as it resolved them, curvature, dtype, engine
+version, fallbacks) is the finished job's `execution`.
 """
 
 from __future__ import annotations
@@ -9,41 +13,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
+
+from .method import Method, MethodSettings
 
 Status = Literal["queued", "running", "finished", "failed", "canceled"]
-
-
-class MethodSettings(BaseModel):
-    """Forward-INF settings (the engine's MirrorConfig); unset fields take the preset's, then the
-    model's defaults. See docs/benchmarks.md for the evidence behind the presets."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Literal["attribution", "leakage", "mislabeled"] | None = Field(None, description="named, measured setting")
-    optimizer: Literal["sgd", "adam", "signsgd"] | None = None
-    lr: Annotated[float, Field(gt=0, le=100)] | None = None
-    steps: Annotated[int, Field(ge=1, le=20)] | None = None
-    direction: Literal["ascent", "descent"] | None = Field(None, description="ascent = unlearn the test point")
-    mode: Literal["finite", "linear"] | None = Field(
-        None, description="finite = take the step; linear = exact first order"
-    )
-    params: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
-        None, max_length=32, description="name globs of the parameters to perturb"
-    )
-    score: Literal["signed", "abs", "match", "relative", "cosine"] | None = None
-    group: bool | None = Field(None, description="one step on the mean loss of all test points, one score row")
-    safeguard: Literal["normalize", "none"] | None = None
-    precondition: Literal["auto", "none", "diag", "hessian"] | None = Field(
-        None, description="step along H^-1 g: linear scores become influence-function scores"
-    )
-    damping: Annotated[float, Field(ge=0, le=1e6)] | None = None
-
-    @model_validator(mode="after")
-    def _cosine_is_first_order(self):  # the engine checks the merged settings too; this answers at once
-        if self.score == "cosine" and self.mode == "finite":
-            raise ValueError("score='cosine' needs mode='linear' (a unit-norm first-order step)")
-        return self
 
 
 class InlineTest(BaseModel):
@@ -83,9 +57,18 @@ class DatasetTest(BaseModel):
     indices: list[Annotated[int, Field(ge=0)]] | None = None
 
 
-class AttributionCreate(BaseModel):
+class JobCreate(BaseModel):
+    """What every request names: a registered model, the training set it was trained on, and settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="registered model id")
+    dataset: str = Field(description="registered training dataset id")
+    method: MethodSettings = Field(default_factory=MethodSettings)
+
+
+class AttributionCreate(JobCreate):
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={
             "examples": [
                 {
@@ -98,10 +81,7 @@ class AttributionCreate(BaseModel):
         },
     )
 
-    model: str = Field(description="registered model id")
-    dataset: str = Field(description="registered training dataset id")
     test: InlineTest | DatasetTest | TextTest
-    method: MethodSettings = MethodSettings()
     top_k: Annotated[int, Field(ge=1)] = 10
 
 
@@ -135,51 +115,53 @@ class RowAttribution(BaseModel):
 
 class AttributionResult(BaseModel):
     shape: tuple[int, int]
-    method: dict[str, Any] = Field(description="the settings that were used, fully resolved")
     rows: list[RowAttribution]
     timing: Timing = Timing()
 
 
-class AttributionPublic(BaseModel):
+class CurvatureInfo(BaseModel):
+    kind: Literal["hessian", "diag"]
+    damping: float
+    samples: int = Field(description="training points the curvature was estimated from")
+    clipped_eigenvalues: int = Field(description="negative eigenvalues set to 0 before damping (non-convex model)")
+
+
+class Execution(BaseModel):
+    """What the engine actually ran for a finished job."""
+
+    method: Method = Field(description="the job's method with precondition and params as the engine resolved them")
+    parameters: list[str] = Field(description="names of the perturbed parameters")
+    parameter_count: int
+    curvature: CurvatureInfo | None
+    stacking: str = Field(description="how several test points met a batch: vmap, loop, or single")
+    dtype: str
+    device: str
+    engine_version: str
+    notes: list[str] = Field(description="every choice or repair the engine made on its own, in words")
+
+
+class JobPublic(BaseModel):
     id: str
     status: Status
     model: str
     dataset: str
+    method: Method | None = Field(
+        None, description="the resolved settings: request > preset > the model's defaults > the engine's"
+    )
     progress: Progress = Progress()
     timing: Timing | None = None
-    result: AttributionResult | None = None
-    error: str | None = None
-    cached: bool = False
+    execution: Execution | None = Field(None, description="what ran, once finished")
+    error: str | None = Field(None, description="why the job failed (the exception's message)")
+    cached: bool = Field(False, description="answered from an earlier computation of the same request")
     links: dict[str, str] = {}
 
 
-class AttributionJob(BaseModel):
-    """The payload of worker.jobs.attribute (request resolved against the registry). `kind` is
-    "attribution" or an analysis; `test` holds its test points (leakage), reference set (mislabeled)
-    or training records (memorization); `options` the analysis' own settings."""
-
-    key: str
-    kind: Literal["attribution", "leakage", "mislabeled", "memorization"] = "attribution"
-    options: dict[str, Any] = {}
-    model: str
-    model_digest: str
-    dataset: str
-    dataset_digest: str
-    test: InlineTest | DatasetTest
-    method: dict[str, Any]
-    top_k: int
+class AttributionPublic(JobPublic):
+    result: AttributionResult | None = None
 
 
 # -- analyses ------------------------------------------------------------------------------------------
-class AnalysisBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="registered model id")
-    dataset: str = Field(description="registered training dataset id")
-    method: MethodSettings = MethodSettings()
-
-
-class LeakageCreate(AnalysisBase):
+class LeakageCreate(JobCreate):
     """Which test points are (likely) present in the training set."""
 
     model_config = ConfigDict(
@@ -199,7 +181,7 @@ class LeakageCreate(AnalysisBase):
     )
 
 
-class MislabeledCreate(AnalysisBase):
+class MislabeledCreate(JobCreate):
     """Training records ranked by how likely their label is wrong."""
 
     model_config = ConfigDict(
@@ -225,7 +207,7 @@ class MislabeledCreate(AnalysisBase):
     )
 
 
-class MemorizationCreate(AnalysisBase):
+class MemorizationCreate(JobCreate):
     """How much the model relies on each requested training record for its own prediction."""
 
     model_config = ConfigDict(
@@ -331,18 +313,9 @@ class MemorizationResult(BaseModel):
 AnalysisResult = Annotated[LeakageResult | MislabeledResult | MemorizationResult, Field(discriminator="kind")]
 
 
-class AnalysisPublic(BaseModel):
-    id: str
+class AnalysisPublic(JobPublic):
     kind: Literal["leakage", "mislabeled", "memorization"]
-    status: Status
-    model: str
-    dataset: str
-    progress: Progress = Progress()
-    timing: Timing | None = None
     result: AnalysisResult | None = None
-    error: str | None = None
-    cached: bool = False
-    links: dict[str, str] = {}
 
 
 class ModelPublic(BaseModel):

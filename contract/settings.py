@@ -1,5 +1,7 @@
 """Every knob of the service, in one pydantic-settings class, read from ATTR_* environment variables
-(and REDIS_URL). The API and the worker each build one `Settings()` at start; tests pass their own."""
+(and REDIS_URL). The API and the worker each build one `Settings()` at start; tests pass their own.
+What a setting decides is said once, here: e.g. `dtype` is resolved by the API into each job (part of its
+identity), so the worker computes in the job's dtype whatever its own environment says."""
 
 from __future__ import annotations
 
@@ -27,7 +29,6 @@ class Settings(BaseSettings):
     max_memorization_records: int = 64
     max_reference_records: int = Field(4096, description="clean reference set of a mislabeled analysis")
     max_wait_s: float = Field(30.0, description="longest long poll (GET ...?wait_s=) the API holds open")
-    long_poll_interval_s: float = 0.02
 
     # jobs and caches
     job_timeout_s: int = 3600
@@ -37,10 +38,13 @@ class Settings(BaseSettings):
     score_ttl_s: int = 7 * 24 * 3600
     base_loss_ttl_s: int = 30 * 24 * 3600
     job_record_ttl_s: int = 24 * 3600
+    result_cache_bytes: int = Field(32 << 20, description="finished results each API process keeps parsed")
 
     # worker
     device: str = Field("auto", description='"auto" (cuda if available, else cpu), "cpu", "cuda:0", ...')
-    dtype: Literal["float32", "float64"] = "float32"
+    dtype: Literal["float32", "float64"] = Field(
+        "float32", description="compute dtype of new requests (resolved by the API, part of each job's identity)"
+    )
     batch_size: int = 1024
     warm_bytes: int = Field(2 << 30, description="budget of the worker's warm cache (models, shards, losses)")
     warm_on_start: bool = True

@@ -94,7 +94,8 @@ def redis_url(redis_server):
 
 @pytest.fixture(scope="session")
 def registry_dir(tmp_path_factory) -> Path:
-    from worker.registry import Registry, main
+    from contract.registry import Registry
+    from worker.registry import main
 
     root = tmp_path_factory.mktemp("registry")
     assert main(["--root", str(root), "demo"]) == 0
@@ -105,7 +106,7 @@ def registry_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def settings(redis_url, registry_dir):
-    from app.settings import Settings
+    from contract.settings import Settings
 
     return Settings(
         redis_url=redis_url,

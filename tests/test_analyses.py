@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from contract.schemas import AnalysisPublic
 from tests.conftest import ROOT
 from worker.demo import AUDIT_COPIES, AUDIT_PLANTED, audit_data
 
@@ -36,6 +37,7 @@ def finished(client, worker, kind: str, body: dict) -> dict:
     worker.work(burst=True)
     out = client.get(created.headers["location"]).json()
     assert out["status"] == "finished", out
+    AnalysisPublic.model_validate(out)  # views are assembled from stored parts: they fit the schema
     assert out["kind"] == kind and out["result"]["kind"] == kind and out["result"]["summary"]
     return out
 
@@ -127,6 +129,19 @@ def test_an_attribution_id_is_not_an_analysis(client, worker):
     key = created.json()["id"]
     assert client.get(f"/v1/analyses/{key}").status_code == 404
     assert client.get(f"/v1/attributions/{key}/report").status_code == 409  # not finished yet
+
+
+def test_a_report_reads_the_records_it_shows_once_per_dataset(client, worker, monkeypatch):
+    from contract.registry import DatasetManifest
+
+    test = {"dataset": "digits-audit-test", "indices": [0, 50, 51]}
+    created = client.post("/v1/attributions", json={**AUDIT, "test": test, "method": FAST, "top_k": 5})
+    worker.work(burst=True)
+    reads, read = [], DatasetManifest.read
+    monkeypatch.setattr(DatasetManifest, "read", lambda self, indices: reads.append(self.id) or read(self, indices))
+    report = client.get(created.json()["links"]["report"])
+    assert report.status_code == 200 and report.text.count("<img") >= 3 * 21  # each test point, 10 + 10 records
+    assert sorted(reads) == ["digits-audit-test", "digits-audit-train"]  # one read per page and dataset
 
 
 # -- the report, in a real browser -----------------------------------------------------------------------

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from contract.registry import Registry
 from worker.corpus import fact_corpus
-from worker.generative import DDPM_METHOD, DIFFUSION, EXEMPLARS, SIZES, sample_ddpm
-from worker.registry import Registry
+from worker.generative import DDPM_METHOD, DIFFUSION, EXEMPLARS, LM_METHOD, SIZES, sample_ddpm
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,17 @@ def test_lm_fact_tracing_over_http(client, worker):
     print(f"\nfact tracing, {len(facts)} queries over {len(corpus.sentences)} sentences: MRR@10 {mrr:.3f}")
     assert mrr >= 0.3  # chance: a proponent among 3 of ~260 sentences, MRR ~0.03
 
-    # a leakage analysis takes text too (its calibration rows, training sentences, are padded to fit)
+    # a leakage analysis takes text too (its calibration rows, training sentences, are padded to fit), with
+    # the leakage preset's step over the model's own defaults (LM_METHOD: lr 1e-3), resolved at POST
     leak = client.post(
         "/v1/analyses/leakage",
         json={"model": "facts-gpt", "dataset": "facts-corpus", "test": {"texts": texts[:2]}, "calibration_records": 16},
     )
+    assert leak.status_code == 202 and leak.json()["method"]["lr"] == 0.05 != LM_METHOD["lr"]
+    assert leak.json()["method"]["score"] == "signed"  # what the analysis reads, not the preset's "match"
     worker.work(burst=True)
-    assert client.get(leak.json()["links"]["self"]).json()["status"] == "finished"
+    leaked = client.get(leak.json()["links"]["self"]).json()
+    assert leaked["status"] == "finished" and leaked["execution"]["method"]["lr"] == 0.05
 
     report = client.get(done["links"]["report"]).text
     first = texts[0]

@@ -23,9 +23,12 @@ def test_compose_file_names_files_and_targets_that_exist():
     assert gpu["capabilities"] == ["gpu"]
     for path in re.findall(r"^COPY (\S+)", dockerfile, flags=re.M):
         assert (ROOT / path).exists(), path
-    # the API image installs no torch; the worker image does
-    assert re.search(r"AS api\n(?:(?!FROM).*\n)*RUN pip install \.\n", dockerfile)
-    assert "TORCH_SPEC" in dockerfile.split("AS worker")[1]
+    # the API image holds the contract and the API only, and installs no torch; the worker image has torch
+    stage = dict(re.findall(r"^FROM \S+ AS (\w+)\n((?:(?!FROM ).*\n?)*)", dockerfile, re.M))
+    copied = {name: set(re.findall(r"^COPY (\S+) ", body, re.M)) for name, body in stage.items()}
+    assert copied["api"] | copied["base"] == {"pyproject.toml", "contract", "app"}
+    assert copied["worker"] | copied["base"] == {"pyproject.toml", "contract", "worker"}
+    assert "torch" not in stage["api"] and "TORCH_SPEC" in stage["worker"]
 
 
 def test_readme_commands_exist():

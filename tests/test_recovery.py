@@ -1,5 +1,5 @@
-"""Real worker processes (`python -m worker`): readiness, cancel while running, and a worker SIGKILLed
-mid-job whose request another worker finishes."""
+"""Real worker processes (`python -m worker`): readiness, cancel while running, a long poll woken by the
+job's end, and a worker SIGKILLed mid-job whose request another worker finishes."""
 
 import shutil
 import signal
@@ -7,11 +7,14 @@ import subprocess
 import time
 
 import pytest
+import redis as redis_lib
 import torch
+from rq.job import Job as RQJob
+from rq.job import JobStatus
 from safetensors.torch import load_file, save_file
 
+from contract.registry import Registry
 from tests.conftest import PYTHON, ROOT, subprocess_env
-from worker.registry import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +124,23 @@ def test_cancel_a_running_job(api, big_settings):
         job = wait_for(lambda: (j := api.get(url).json())["status"] == "canceled" and j, timeout=30)
         assert job["progress"]["done"] < job["progress"]["total"]
         assert worker.poll() is None  # the worker stays up for the next job
+        record = RQJob.fetch(job["id"], connection=redis_lib.Redis.from_url(big_settings.redis_url))
+        assert record.get_status() == JobStatus.STOPPED  # RQ's own state, through RQ's stop-job command
     finally:
         worker.terminate()
         worker.wait(10)
+
+
+def test_a_long_poll_returns_as_soon_as_the_job_ends(api, big_settings):
+    worker = start_worker(big_settings, "poller")
+    try:
+        wait_for(lambda: api.get("/readyz").status_code == 200)
+        url = submit(api)
+        start = time.monotonic()
+        done = api.get(url, params={"wait_s": 25}).json()  # one request, held until the end is published
+        elapsed = time.monotonic() - start
+    finally:
+        worker.terminate()
+        worker.wait(10)
+    assert done["status"] == "finished", done
+    assert elapsed < 20 and done["timing"]["sweep_s"] < elapsed  # it waited for the job, not for the deadline

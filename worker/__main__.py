@@ -3,11 +3,18 @@
 RQ's default worker forks per job, which breaks CUDA and throws warm state away, so this is a
 `SimpleWorker` that runs jobs in-process with models, shards and base losses kept warm.
 
-Recovery from a worker killed mid-job (SIGKILL, OOM): while a job runs, a thread refreshes its
-heartbeat every heartbeat_ttl_s / 3. When the heartbeat lapses (heartbeat_ttl_s after the kill),
-the next maintenance pass of any live worker (every maintenance_interval_s) finds the job abandoned
-and requeues it (each job carries job_retries retries), so the request finishes elsewhere after at
-most heartbeat_ttl_s + maintenance_interval_s (defaults 30 s + 10 s), plus the job's own run time.
+How a job ends, in RQ's own states:
+- it returns: FINISHED (the result and scores are in Redis under its id);
+- it raises (input the model cannot take, a registry entry that changed, a timeout, a bug): FAILED, with
+  the exception's message (no traceback) in the job's meta "error", and never retried: the same payload
+  would fail the same way;
+- a cancel sends RQ's stop-job command: this worker's `kill_horse` (it has no horse) sets a flag that the
+  job checks between batches, and RQ records it STOPPED;
+- its worker dies (SIGKILL, OOM): while a job runs, a thread refreshes its heartbeat every
+  heartbeat_ttl_s / 3. When the heartbeat lapses (heartbeat_ttl_s after the kill), the next maintenance
+  pass of any live worker (every maintenance_interval_s) finds the job abandoned and requeues it (each job
+  carries job_retries retries, spent only this way), so the request finishes elsewhere after at most
+  heartbeat_ttl_s + maintenance_interval_s (defaults 30 s + 10 s), plus the job's own run time.
 """
 
 from __future__ import annotations
@@ -18,16 +25,19 @@ import os
 import socket
 import threading
 
-import torch
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
+from rq.exceptions import AbandonedJobError
 from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
 
-from app.settings import Settings
+from contract.method import MethodSettings, resolve_method
+from contract.registry import Registry, RegistryError
+from contract.settings import Settings
 
 from . import jobs
 from .forward_inf import AttributionInputError
-from .registry import Registry, RegistryError
 from .store import Store
 from .warm import Warm, resolve_device
 
@@ -56,11 +66,12 @@ class WarmWorker(SimpleWorker):
             connection=redis,
             serializer=JSONSerializer,
             maintenance_interval=settings.maintenance_interval_s,
+            exception_handlers=[self.record_failure],
             **kwargs,
         )
         self.settings = settings
         store = Store(redis, settings)
-        warm = Warm(store, settings.warm_bytes, resolve_device(settings.device), getattr(torch, settings.dtype))
+        warm = Warm(store, settings.warm_bytes, resolve_device(settings.device))
         self.context = jobs.Context(settings, Registry(settings.registry_dir), store, warm)
         jobs.bind(self.context)
         self._alive = threading.Event()
@@ -71,6 +82,7 @@ class WarmWorker(SimpleWorker):
 
     def execute_job(self, job, queue):
         jobs.bind(self.context)
+        self.context.stop.clear()
         done = threading.Event()
 
         def beat():
@@ -88,7 +100,41 @@ class WarmWorker(SimpleWorker):
             return super().execute_job(job, queue)
         finally:
             done.set()
-            self.publish()
+            try:
+                self.publish()
+            except RedisError:  # the readiness heartbeat catches up on its next tick
+                log.warning("worker heartbeat failed after job %s", job.id, exc_info=True)
+
+    # -- how jobs end (module docstring) -------------------------------------------------------------
+    def kill_horse(self, sig=None) -> None:
+        """RQ's stop-job command ends here: stop the running job at its next batch."""
+        self.context.stop.set()
+
+    def record_failure(self, job, exc_type, exc, tb) -> bool:
+        """Exception handler: the reason a job failed, in one line, into its meta (the API shows it)."""
+        if isinstance(exc, jobs.Stopped) or (isinstance(exc, AbandonedJobError) and job.retries_left):
+            return True  # stopped on request, or requeued: not a failure
+        if isinstance(exc, AbandonedJobError):
+            reason = "its worker died mid-job (killed, out of memory or lost) on every try"
+        elif isinstance(exc, JobTimeoutException):
+            reason = f"the job ran past its time limit of {job.timeout} s (ATTR_JOB_TIMEOUT_S)"
+        elif isinstance(exc, AttributionInputError | RegistryError):
+            reason = str(exc)
+        else:
+            reason = f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__
+        job.meta["error"] = reason
+        job.save_meta()
+        return True
+
+    def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="", execution=None):
+        """An exception raised by the job itself is deterministic: no retry (only abandoned jobs are
+        retried, by RQ's registry cleanup). Then wake the long polls."""
+        job.retries_left = None
+        super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+        try:
+            self.context.store.ended(job.id)
+        except RedisError:  # a long poll then ends at its deadline instead
+            log.warning("could not publish the end of job %s", job.id, exc_info=True)
 
     # -- readiness heartbeat -------------------------------------------------------------------------
     def publish(self) -> None:
@@ -130,7 +176,8 @@ class WarmWorker(SimpleWorker):
                     continue
                 try:
                     shards = [ctx.warm.shard(d, n) for n in range(len(d.shards))]
-                    fi, *_ = jobs.prepared(ctx, m, d, shards, m.method)
+                    method = resolve_method("attribution", MethodSettings(), m.method)
+                    fi, *_ = jobs.prepared(ctx, m, d, shards, method, self.settings.dtype)
                     fi.mirror({k: v[:1] for k, v in shards[0].items()})
                 except (RegistryError, AttributionInputError, OSError) as exc:
                     log.error("warm-up skipped %s on %s: %s", m.id, d.id, exc)

@@ -1,8 +1,9 @@
 """Data-governance answers read off the engine's output: leakage, mislabeled data, memorization.
 
-Each function takes the `Evidence` of one job (score matrix, the mirror's own responses, base losses)
-and returns the JSON of its result schema (app/schemas.py). The statistics, and the measurements
-behind their defaults, are in docs/benchmarks.md ("Governance analyses").
+Each function takes the `Evidence` of one job (score matrix, the mirror's own responses, base losses) and
+the job's typed payload (its options), and returns the JSON of its result schema (contract/schemas.py).
+The statistics, and the measurements behind their defaults, are in docs/benchmarks.md ("Governance
+analyses").
 
 Two records are *the same* to the model when they respond alike to a mirrored step and have the same
 loss: `distance` is the larger of the two relative differences. An exact duplicate is at numerical
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from app.schemas import LeakageResult, MemorizationResult, MislabeledResult
+from contract.jobs import LeakageJob, MemorizationJob, MislabeledJob
+from contract.schemas import LeakageResult, MemorizationResult, MislabeledResult
 
 COPY_DISTANCE = 1e-3  # memorization: records this close to the audited one are its exact copies
 EVIDENCE = 5
@@ -48,7 +50,7 @@ def distance(scores: torch.Tensor, own: torch.Tensor, base: torch.Tensor, own_lo
     return torch.maximum(response, loss)
 
 
-def leakage(e: Evidence, options: dict) -> dict:
+def leakage(e: Evidence, job: LeakageJob) -> dict:
     dist = distance(e.scores.double(), e.own.double(), e.base.double(), e.own_loss.double())
     calib, c = dist[e.n :], len(e.calibration)
     rows = torch.arange(c)
@@ -88,7 +90,7 @@ def leakage(e: Evidence, options: dict) -> dict:
     return LeakageResult(summary=summary, leaked=leaked, rows=out, calibration=calibration).model_dump(mode="json")
 
 
-def mislabeled(e: Evidence, options: dict) -> dict:
+def mislabeled(e: Evidence, job: MislabeledJob) -> dict:
     harm = -e.scores[0].double()  # the group step's score: positive = supports the reference set
     loss = e.base.double()
     p_label = torch.exp(-loss)
@@ -97,11 +99,11 @@ def mislabeled(e: Evidence, options: dict) -> dict:
     def percentile_rank(v):
         return v.argsort().argsort().double() / max(n - 1, 1)
 
-    rank_by = options.get("rank_by", "combined")
+    rank_by = job.rank_by
     suspicion = {"loss": loss, "harm": harm, "combined": percentile_rank(loss) + percentile_rank(harm)}[rank_by]
     order = suspicion.argsort(descending=True)
     expected_wrong = float((1 - p_label).sum())
-    size = int(options.get("review_size") or min(n, max(1, round(expected_wrong))))
+    size = job.review_size or min(n, max(1, round(expected_wrong)))
     review = order[:size]
     labels = e.labels.tolist() if e.labels is not None else [None] * n
     suspects = [
@@ -165,8 +167,8 @@ def _reliance(scores: torch.Tensor, records: torch.Tensor, base: torch.Tensor, n
     return same, self_influence, support, reliance, top
 
 
-def memorization(e: Evidence, options: dict) -> dict:
-    k = int(options.get("neighbours", 10))
+def memorization(e: Evidence, job: MemorizationJob) -> dict:
+    k = job.neighbours
     scores = e.scores.double()
     same, self_influence, support, reliance, top = _reliance(scores[: e.n], e.records, e.base.double(), k)
     calib = _reliance(scores[e.n :], e.calibration, e.base.double(), k)[3]

@@ -1,8 +1,9 @@
 """The worker's warm state: models, training-set shards and base losses, in an LRU under a byte budget.
 
-Base losses are looked up warm, then in Redis (so a restarted worker does not recompute them), and
-only then computed. Counters say what was loaded or computed; the worker publishes them in its
-heartbeat (tests and /metrics read them).
+Everything a job's dtype changes is kept per dtype (each job carries its own: contract/jobs.py). Base
+losses are looked up warm, then in Redis (so a restarted worker does not recompute them), and only then
+computed. Counters say what was loaded or computed; the worker publishes them in its heartbeat (tests
+and /metrics read them).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from contract.jobs import artifact_id
+from contract.registry import DatasetManifest, ModelManifest, RegistryError, verify
+
 from .forward_inf import AttributionInputError, ForwardInf, MirrorConfig, Task, build, make_task
 from .forward_inf.curvature import Curvature
-from .registry import DatasetManifest, ModelManifest, RegistryError, verify
 from .store import Store
 
 
@@ -45,8 +48,8 @@ def nbytes(value: Any) -> int:
 
 
 class Warm:
-    def __init__(self, store: Store, budget_bytes: int, device: torch.device, dtype: torch.dtype):
-        self.store, self.budget, self.device, self.dtype = store, budget_bytes, device, dtype
+    def __init__(self, store: Store, budget_bytes: int, device: torch.device):
+        self.store, self.budget, self.device = store, budget_bytes, device
         self.items: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
         self.counters: Counter[str] = Counter()
 
@@ -68,10 +71,10 @@ class Warm:
         return value
 
     # -- models --------------------------------------------------------------------------------------
-    def model(self, m: ModelManifest) -> tuple[torch.nn.Module, Task]:
-        return self._get(("model", m.digest), lambda: self._load_model(m))
+    def model(self, m: ModelManifest, dtype: str) -> tuple[torch.nn.Module, Task]:
+        return self._get(("model", m.digest, dtype), lambda: self._load_model(m, getattr(torch, dtype)))
 
-    def _load_model(self, m: ModelManifest) -> tuple[torch.nn.Module, Task]:
+    def _load_model(self, m: ModelManifest, dtype: torch.dtype) -> tuple[torch.nn.Module, Task]:
         self.counters["model_loads"] += 1
         if m.architecture.startswith("builtin:"):
             model = build(m.architecture, m.params)
@@ -83,14 +86,14 @@ class Warm:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise RegistryError(f"model {m.id!r}: weights do not fit the architecture: {exc}") from exc
-        return model.to(self.device, self.dtype).eval(), make_task(m.task, **m.task_params)
+        return model.to(self.device, dtype).eval(), make_task(m.task, **m.task_params)
 
     def engine(self, m: ModelManifest, d: DatasetManifest, config: MirrorConfig) -> ForwardInf:
         """A ForwardInf per (model, training set, settings), kept warm: its measured stacking choice, its
         scratch copy of the model and its curvature estimate carry over to the next job."""
 
         def make():
-            model, task = self.model(m)
+            model, task = self.model(m, config.dtype or "float32")
             return ForwardInf(model, task, config)
 
         return self._get(("engine", m.digest, d.digest, config), make)
@@ -98,8 +101,11 @@ class Warm:
     def curvature(self, m: ModelManifest, d: DatasetManifest, fi: ForwardInf, estimate: Callable[[], Curvature]):
         """The damped curvature for this model, training set and what it depends on (perturbed
         parameters, kind, damping, samples, dtype): one estimate serves every preset that uses it."""
-        c, params = fi.config, tuple(fi.fm.theta)  # as resolved by fi.plan()
-        key = ("curvature", m.digest, d.digest, fi.precondition, params, c.damping, c.curvature_samples, c.dtype)
+        c, params = fi.config, list(fi.fm.theta)  # as resolved by fi.plan()
+        key = (
+            "curvature",
+            artifact_id(m.digest, d.digest, fi.precondition, *params, c.damping, c.curvature_samples, c.dtype),
+        )
 
         def load():
             self.counters["curvature_estimates"] += 1
@@ -121,7 +127,7 @@ class Warm:
 
     def examples(self, d: DatasetManifest, indices: list[int]) -> dict[str, torch.Tensor]:
         """Records of a dataset by global index (for test points given by reference)."""
-        bounds = np.cumsum([0] + [s.size for s in d.shards])
+        bounds = d.bounds
         parts: dict[str, list[torch.Tensor]] = {}
         for i in indices:
             if not 0 <= i < bounds[-1]:
@@ -132,20 +138,22 @@ class Warm:
         return {k: torch.stack(v) for k, v in parts.items()}
 
     # -- base losses ---------------------------------------------------------------------------------
-    def norms(self, m: ModelManifest, d: DatasetManifest, n: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def norms(self, m: ModelManifest, d: DatasetManifest, n: int, dtype: str, compute: Callable[[], torch.Tensor]):
         """Shard n's last-layer gradient norms (score="cosine"): computed once, kept warm."""
-        return self._get(("norms", m.digest, d.digest, n, str(self.dtype)), compute)
+        return self._get(("norms", m.digest, d.digest, n, dtype), compute)
 
-    def base(self, m: ModelManifest, d: DatasetManifest, n: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def base(
+        self, m: ModelManifest, d: DatasetManifest, n: int, dtype: str, compute: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
         """L(theta; z_i) for shard n: warm, else from Redis, else computed (and stored in both)."""
-        dtype = str(self.dtype).removeprefix("torch.")
-        key = ("base", m.digest, d.digest, n, dtype)
+        key = ("base", artifact_id(m.digest, d.digest, n, dtype))
+        torch_dtype = getattr(torch, dtype)
 
         def load():
             raw = self.store.get_base(m.digest, d.digest, n, dtype)
-            if raw is not None and len(raw) == d.shards[n].size * self.dtype.itemsize:
+            if raw is not None and len(raw) == d.shards[n].size * torch_dtype.itemsize:
                 self.counters["base_from_redis"] += 1
-                return torch.frombuffer(bytearray(raw), dtype=self.dtype).to(self.device)
+                return torch.frombuffer(bytearray(raw), dtype=torch_dtype).to(self.device)
             self.counters["base_computes"] += 1
             value = compute().detach()
             self.store.put_base(m.digest, d.digest, n, dtype, value.cpu().numpy().tobytes())

@@ -6,8 +6,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse
 
+from contract.schemas import AnalysisPublic, LeakageCreate, MemorizationCreate, MislabeledCreate
+
 from ..deps import JobsDep, RegistryDep, SettingsDep
-from ..schemas import AnalysisPublic, LeakageCreate, MemorizationCreate, MislabeledCreate
 from .attributions import PROBLEMS, REPORT, SCORES, Format, WaitS, create, report_response, scores_response
 
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
@@ -37,10 +38,11 @@ def create_memorization(
     return create("memorization", body, jobs, registry, settings)
 
 
-@router.get("/{analysis_id}", operation_id="get_analysis", responses=PROBLEMS)
-def get_analysis(analysis_id: str, jobs: JobsDep, settings: SettingsDep, wait_s: WaitS = 0.0) -> AnalysisPublic:
+@router.get("/{analysis_id}", operation_id="get_analysis", response_model=AnalysisPublic, responses=PROBLEMS)
+async def get_analysis(analysis_id: str, jobs: JobsDep, settings: SettingsDep, wait_s: WaitS = 0.0) -> Response:
     """Status, progress and, when finished, the analysis' answer (with `wait_s`: a long poll)."""
-    return jobs.get(analysis_id, None, min(wait_s, settings.max_wait_s), analysis=True)
+    body = await jobs.wait(analysis_id, None, min(wait_s, settings.max_wait_s), analysis=True)
+    return Response(body, media_type="application/json")
 
 
 @router.get("/{analysis_id}/scores", operation_id="get_analysis_scores", responses=SCORES)

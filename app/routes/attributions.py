@@ -12,16 +12,16 @@ import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from worker.registry import Registry
+from contract.registry import Registry
+from contract.schemas import AttributionCreate, AttributionPublic, Problem
+from contract.settings import Settings
 
 from .. import metrics
 from ..deps import JobsDep, RegistryDep, SettingsDep
-from ..inputs import resolve
 from ..jobs import Jobs
-from ..jobs import Request as JobRequest
 from ..report import render
-from ..schemas import AttributionCreate, AttributionPublic, Problem
-from ..settings import Settings
+from ..resolve import Request as JobRequest
+from ..resolve import resolve
 
 router = APIRouter(prefix="/v1/attributions", tags=["attributions"])
 PROBLEMS = {code: {"model": Problem, "content": {"application/problem+json": {}}} for code in (404, 409, 413, 422, 503)}
@@ -34,11 +34,10 @@ Format = Annotated[str | None, Query(pattern="^(json|npy)$")]
 
 def create(kind: str, body: JobRequest, jobs: Jobs, registry: Registry, settings: Settings) -> Response:
     """Validate, then enqueue (202 + Location), join an identical job, or answer from the cache (200)."""
-    model, dataset = resolve(kind, body, registry, settings)
-    public, cached = jobs.submit(kind, body, model, dataset)
+    public, cached = jobs.submit(resolve(kind, body, registry, settings), getattr(body, "top_k", None))
     metrics.CACHE.labels("hit" if cached else "miss").inc()
-    headers = {} if cached else {"Location": public.links["self"]}
-    return JSONResponse(public.model_dump(mode="json"), status_code=200 if cached else 202, headers=headers)
+    headers = {} if cached else {"Location": public["links"]["self"]}
+    return JSONResponse(public, status_code=200 if cached else 202, headers=headers)
 
 
 def scores_response(jobs: Jobs, key: str, analysis: bool, request: Request, format: str | None) -> Response:
@@ -67,13 +66,14 @@ def create_attribution(
     return create("attribution", body, jobs, registry, settings)
 
 
-@router.get("/{attribution_id}", operation_id="get_attribution", responses=PROBLEMS)
-def get_attribution(
+@router.get("/{attribution_id}", operation_id="get_attribution", response_model=AttributionPublic, responses=PROBLEMS)
+async def get_attribution(
     attribution_id: str, jobs: JobsDep, settings: SettingsDep, top_k: TopK = None, wait_s: WaitS = 0.0
-) -> AttributionPublic:
+) -> Response:
     """Status, progress, timing and, when finished, the top-k proponents and opponents per test point.
     With `wait_s`, a long poll: the answer comes when the job ends or the wait is over."""
-    return jobs.get(attribution_id, top_k, min(wait_s, settings.max_wait_s))
+    body = await jobs.wait(attribution_id, top_k, min(wait_s, settings.max_wait_s))
+    return Response(body, media_type="application/json")
 
 
 @router.get("/{attribution_id}/scores", operation_id="get_attribution_scores", responses=SCORES)

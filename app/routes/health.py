@@ -6,15 +6,16 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
+from contract.schemas import Health
+
 from .. import metrics
 from ..deps import RedisDep, SettingsDep
-from ..schemas import Health
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", operation_id="liveness")
-def healthz() -> Health:
+async def healthz() -> Health:
     """The process is up (touches no dependency)."""
     return Health(status="ok")
 

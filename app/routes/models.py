@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from contract.schemas import DatasetPublic, ModelPublic
+
 from ..deps import RegistryDep
 from ..errors import NotFound
-from ..schemas import DatasetPublic, ModelPublic
 
 router = APIRouter(prefix="/v1", tags=["registry"])
 
@@ -19,7 +20,7 @@ def _model(m) -> ModelPublic:
         task=m.task,
         architecture=m.architecture,
         input=m.input.model_dump(exclude_none=True),
-        method_defaults=m.method,
+        method_defaults=m.method.model_dump(exclude_none=True),
         digest=m.digest,
     )
 

@@ -1,0 +1,78 @@
+"""Job-end events for long polls that hold no thread and poll nothing.
+
+Workers publish a job's id on the channel `settings.key("events")` once its end is stored (finished,
+failed, stopped); the API does when it cancels a queued job. Each API process keeps one subscription
+(redis.asyncio) and wakes the requests waiting on that id. While the subscription is down (Redis
+restarting) waits simply run to their deadline; on every (re)connect all waiters are woken to read
+again, so an end published meanwhile is never missed for longer than the outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError
+
+from contract.settings import Settings
+
+log = logging.getLogger("app.events")
+
+
+class Events:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.channel = settings.key("events")
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._listen())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @contextlib.contextmanager
+    def watch(self, key: str) -> Iterator[asyncio.Event]:
+        """An event set when job `key` ends (or the subscription reconnects), for the duration of a wait."""
+        event = asyncio.Event()
+        self._waiting.setdefault(key, set()).add(event)
+        try:
+            yield event
+        finally:
+            waiting = self._waiting.get(key, set())
+            waiting.discard(event)
+            if not waiting:
+                self._waiting.pop(key, None)
+
+    def _wake(self, keys) -> None:
+        for key in keys:
+            for event in self._waiting.get(key, ()):
+                event.set()
+
+    async def _listen(self) -> None:
+        delay = 0.1
+        while True:
+            client = aioredis.Redis.from_url(
+                self.settings.redis_url, socket_connect_timeout=self.settings.redis_timeout_s
+            )
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    self._wake(list(self._waiting))  # whatever ended while we were not listening is read again
+                    delay = 0.1
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            self._wake([message["data"].decode()])
+            except (RedisError, OSError) as exc:
+                log.warning("job events: subscription lost (%s); reconnecting in %.1f s", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
+            finally:
+                await client.aclose()

@@ -1,0 +1,141 @@
+"""Job payloads: a request resolved completely at the door (app/resolve.py), one typed payload per kind,
+enqueued as JSON to `JOB_FUNC` and run exactly as it is by the worker.
+
+The payload *is* the request's identity: `job.key` (the RQ job id and the cache key of its result) hashes
+all of it: the resolved method, every digest the result depends on (model, training set, the records used
+as test points, reference or audit set), inline test data, the compute dtype and ENGINE_VERSION. Nothing
+that does not change the result is in it (top_k is a view of the stored result).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from .method import Method
+
+__all__ = [
+    "ENGINE_VERSION",
+    "JOB",
+    "JOB_FUNC",
+    "AttributionJob",
+    "DatasetRef",
+    "InlinePoints",
+    "Job",
+    "LeakageJob",
+    "MemorizationJob",
+    "MislabeledJob",
+    "ModelRef",
+    "Points",
+    "RecordPoints",
+    "artifact_id",
+]
+
+# Bump on any change that alters scores, base losses, curvature or an analysis' answer: cached results,
+# stored base losses and curvature made by another version are then never reused (tests/test_contract.py
+# fails when the engine's code changes and this does not).
+ENGINE_VERSION = "2026.12.1"
+JOB_FUNC = "worker.jobs.run"  # the worker's RQ entry point, by dotted path (the API never imports it)
+Dtype = Literal["float32", "float64"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(_Frozen):
+    id: str
+    digest: str = Field(description="sha256 of the model's manifest (which records its weights' sha256)")
+
+
+class DatasetRef(_Frozen):
+    id: str
+    digest: str = Field(description="sha256 of the dataset's manifest (which records each shard's sha256)")
+
+
+class RecordPoints(_Frozen):
+    """Records of a registered dataset, by index (record ids are resolved to indices at the door)."""
+
+    source: Literal["records"] = "records"
+    dataset: DatasetRef
+    indices: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+
+
+class InlinePoints(_Frozen):
+    """Test points given inline (or text, encoded at the door), canonicalised to the model's dtypes."""
+
+    source: Literal["inline"] = "inline"
+    inputs: list[Any] = Field(min_length=1, description="one nested array (or token list) per test point")
+    targets: list[Any] | None = None
+
+
+Points = Annotated[RecordPoints | InlinePoints, Field(discriminator="source")]
+
+
+class _Job(_Frozen):
+    engine_version: str = ENGINE_VERSION
+    model: ModelRef
+    dataset: DatasetRef
+    dtype: Dtype = Field(description="the compute dtype (the service's ATTR_DTYPE when it was resolved)")
+    method: Method
+
+    @property
+    def key(self) -> str:
+        """The job id and cache key: a hash of the whole payload."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+class AttributionJob(_Job):
+    kind: Literal["attribution"] = "attribution"
+    test: Points
+
+    @property
+    def points(self) -> RecordPoints | InlinePoints:
+        """The records or inline data whose rows the engine's first score rows are."""
+        return self.test
+
+
+class LeakageJob(_Job):
+    kind: Literal["leakage"] = "leakage"
+    test: Points
+    calibration_records: int
+
+    @property
+    def points(self) -> RecordPoints | InlinePoints:
+        return self.test
+
+
+class MislabeledJob(_Job):
+    kind: Literal["mislabeled"] = "mislabeled"
+    reference: RecordPoints
+    rank_by: Literal["loss", "harm", "combined"]
+    review_size: int | None
+
+    @property
+    def points(self) -> RecordPoints:
+        return self.reference
+
+
+class MemorizationJob(_Job):
+    kind: Literal["memorization"] = "memorization"
+    records: RecordPoints
+    neighbours: int
+    calibration_records: int
+
+    @property
+    def points(self) -> RecordPoints:
+        return self.records
+
+
+Job = Annotated[AttributionJob | LeakageJob | MislabeledJob | MemorizationJob, Field(discriminator="kind")]
+JOB: TypeAdapter[Job] = TypeAdapter(Job)
+
+
+def artifact_id(*parts: str | int) -> str:
+    """Identity of a stored intermediate (base losses, curvature) made from `parts` (digests, shard,
+    dtype, settings) by this ENGINE_VERSION."""
+    return hashlib.sha256(json.dumps([ENGINE_VERSION, *parts]).encode()).hexdigest()[:32]

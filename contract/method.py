@@ -1,0 +1,145 @@
+"""Forward-INF method settings as the service takes them: the fields, the measured presets, what each
+analysis needs, and the one precedence order that resolves a request's settings.
+
+    request  >  preset (the request's `preset`, else the analysis')  >  the model's defaults  >  engine defaults
+
+`Method` is the resolved form (every field set, the engine's defaults as defaults): what a job payload
+carries and the worker runs. `MethodDefaults` (a model manifest's `method`) and `MethodSettings` (a
+request's `method`) are the same fields with every one optional; None means "not set here".
+
+The engine's `MirrorConfig` (worker/forward_inf/config.py) states the same fields for library users; it
+cannot import this package (the engine imports nothing of the service), so tests/test_contract.py fails
+when the two differ in a field, a choice, a default, a preset or a rule.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+__all__ = [
+    "KIND_PRESET",
+    "KIND_RULES",
+    "PRESETS",
+    "Kind",
+    "Method",
+    "MethodConflict",
+    "MethodDefaults",
+    "MethodSettings",
+    "resolve_method",
+]
+
+Kind = Literal["attribution", "leakage", "mislabeled", "memorization"]
+PresetName = Literal["attribution", "leakage", "mislabeled"]
+
+
+class Method(BaseModel):
+    """Fully resolved Forward-INF settings (the engine's MirrorConfig fields that a request may set)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    optimizer: Literal["sgd", "adam", "signsgd"] = Field("sgd", description="update rule of the mirrored step")
+    lr: Annotated[float, Field(gt=0, le=100)] = Field(1e-3, description="step size")
+    steps: Annotated[int, Field(ge=1, le=20)] = Field(1, description="mirrored steps (linear mode: the first)")
+    direction: Literal["ascent", "descent"] = Field("ascent", description="ascent = unlearn the test point")
+    mode: Literal["finite", "linear"] = Field(
+        "linear", description="finite = take the step; linear = exact first order"
+    )
+    params: tuple[Annotated[str, Field(min_length=1, max_length=200)], ...] = Field(
+        ("*",), min_length=1, max_length=32, description="name globs of the parameters to perturb"
+    )
+    score: Literal["signed", "abs", "match", "relative", "cosine"] = Field(
+        "signed", description="how a loss change is scored"
+    )
+    group: bool = Field(False, description="one step on the mean loss of all test points, one score row")
+    safeguard: Literal["normalize", "none"] = Field("normalize", description="memorised test points under SGD")
+    precondition: Literal["auto", "none", "diag", "hessian"] = Field(
+        "auto", description="step along H^-1 g: linear scores become influence-function scores"
+    )
+    damping: Annotated[float, Field(ge=0, le=1e6)] = Field(1e-2, description="added to the curvature's diagonal")
+
+    @model_validator(mode="after")
+    def _cosine_is_first_order(self):
+        if self.score == "cosine" and self.mode != "linear":
+            raise ValueError("score='cosine' needs mode='linear' (a unit-norm first-order step)")
+        return self
+
+
+def _optional(model: type[BaseModel], name: str, doc: str) -> Any:
+    """`model` with every field optional (None = not set), its constraints and descriptions kept."""
+    fields: dict[str, Any] = {}
+    for field, info in model.model_fields.items():
+        kind = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        fields[field] = (kind | None, Field(None, description=info.description))
+    return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc, **fields)
+
+
+MethodDefaults = _optional(Method, "MethodDefaults", "A model's default method settings (its manifest's `method`).")
+
+
+class MethodSettings(MethodDefaults):  # type: ignore[misc, valid-type]
+    """Forward-INF settings of a request. Unset fields come from the preset, then the model's defaults,
+    then the engine's (docs/benchmarks.md has the evidence behind the presets)."""
+
+    preset: PresetName | None = Field(None, description="named, measured setting (default: the analysis')")
+
+
+# Chosen by measurement (python -m bench.quality; docs/benchmarks.md): a preset sets only the fields it
+# names. attribution: the engine's defaults (a curvature-preconditioned first-order step); leakage: a
+# finite Adam step and the duplicate-matching score; mislabeled: group mode over a clean reference set.
+PRESETS: dict[str, dict[str, Any]] = {
+    "attribution": {},
+    "leakage": {"mode": "finite", "optimizer": "adam", "lr": 0.05, "score": "match", "precondition": "none"},
+    "mislabeled": {"mode": "linear", "group": True, "score": "cosine", "precondition": "diag", "damping": 1e-3},
+}
+KIND_PRESET: dict[str, str] = {
+    "attribution": "attribution",
+    "leakage": "leakage",
+    "mislabeled": "mislabeled",
+    "memorization": "attribution",
+}
+# What each analysis reads off the engine (worker/analyses.py), so values outside these cannot be honoured:
+# field -> (allowed values, the first is taken when a preset or the model's defaults say otherwise; why)
+KIND_RULES: dict[str, dict[str, tuple[tuple, str]]] = {
+    "leakage": {
+        "score": (("signed",), "it compares each record's raw response with the test point's own"),
+        "group": ((False,), "it matches each test point on its own"),
+    },
+    "memorization": {
+        "score": (("signed",), "self-influence is a signed loss change"),
+        "group": ((False,), "each audited record is its own query"),
+    },
+    "mislabeled": {
+        "group": ((True,), "the clean reference set is one query"),
+        "score": (("cosine", "signed", "relative"), "harm is a signed loss change of the reference set"),
+    },
+}
+
+
+class MethodConflict(ValueError):
+    """A requested setting the analysis cannot honour, or settings that do not combine."""
+
+    def __init__(self, message: str, fields: list[str]):
+        super().__init__(message)
+        self.fields = fields
+
+
+def resolve_method(kind: str, requested: MethodSettings, model_defaults: MethodDefaults) -> Method:
+    """The settings a job runs: request > preset (the request's, else the analysis') > the model's
+    defaults > the engine's. A field an analysis pins (KIND_RULES) is pinned silently when a preset or
+    the model's defaults disagree, and is a MethodConflict when the request asks for it."""
+    asked = requested.model_dump(exclude_none=True, exclude={"preset"})
+    merged = {**model_defaults.model_dump(exclude_none=True), **PRESETS[requested.preset or KIND_PRESET[kind]], **asked}
+    for name, (allowed, why) in KIND_RULES.get(kind, {}).items():
+        if merged.get(name, Method.model_fields[name].default) not in allowed:
+            if name in asked:
+                choices = " or ".join(repr(v) for v in allowed)
+                raise MethodConflict(f"method.{name}: the {kind} analysis needs {choices} ({why})", [name])
+            merged[name] = allowed[0]
+    try:
+        return Method(**merged)
+    except ValidationError as exc:
+        fields = [str(e["loc"][0]) for e in exc.errors() if e["loc"]]
+        reason = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise MethodConflict(f"method: {reason} (after the preset and the model's defaults)", fields) from None

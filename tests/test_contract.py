@@ -1,0 +1,215 @@
+"""The contract both processes share (contract/): its import direction, the method settings against the
+engine's config, the precedence order, the analyses' rules, the request identity and verified reads."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import itertools
+import subprocess
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from contract.jobs import ENGINE_VERSION, AttributionJob, DatasetRef, InlinePoints, ModelRef, RecordPoints
+from contract.method import KIND_RULES, PRESETS, Method, MethodConflict, MethodDefaults, MethodSettings, resolve_method
+from tests.conftest import PYTHON, ROOT
+
+# -- import direction: app -> contract <- worker; the engine imports none of them -------------------------
+FORBIDDEN = {
+    "contract": {"app", "worker", "torch", "redis", "rq", "fastapi", "starlette", "uvicorn"},
+    "app": {"worker", "torch"},
+    "worker": {"app", "fastapi", "starlette", "uvicorn"},
+    "worker/forward_inf": {"app", "contract", "worker", "redis", "rq", "fastapi", "starlette"},
+}
+
+
+def imports(path: Path) -> set[str]:
+    """Top-level package names a module imports (relative imports resolved against its own package)."""
+    package = path.relative_to(ROOT).parent.parts
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                names.add(".".join([*base, node.module or ""]).strip("."))
+            else:
+                names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_import_direction(folder):
+    engine = ROOT / "worker" / "forward_inf"
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        if folder == "worker" and engine in path.parents:
+            continue  # the engine has stricter rules of its own
+        for name in imports(path):
+            if folder == "worker/forward_inf" and name.startswith("worker.forward_inf"):
+                continue
+            top = name.split(".")[0]
+            assert top not in FORBIDDEN[folder], f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_the_contract_loads_none_of_the_heavy_packages():
+    code = (
+        "import sys, contract.jobs, contract.method, contract.registry, contract.schemas, contract.settings\n"
+        "loaded = {'torch', 'redis', 'rq', 'fastapi', 'app', 'worker'} & {m.split('.')[0] for m in sys.modules}\n"
+        "assert not loaded, loaded"
+    )
+    subprocess.run([PYTHON, "-c", code], cwd=ROOT, check=True)
+
+
+# -- the service's method settings and the engine's MirrorConfig cannot drift -----------------------------
+def test_method_and_the_engine_config_cannot_drift():
+    from worker.forward_inf import PRESETS as ENGINE_PRESETS
+    from worker.forward_inf import MirrorConfig
+
+    engine_fields = {f.name: f for f in dataclasses.fields(MirrorConfig)}
+    hints = typing.get_type_hints(MirrorConfig)
+    engine_default, ours = MirrorConfig(), Method()
+    for name, info in Method.model_fields.items():
+        assert name in engine_fields, f"Method.{name} is not an engine setting"
+        assert getattr(ours, name) == getattr(engine_default, name), f"default of {name}"
+        if typing.get_origin(info.annotation) is typing.Literal:
+            assert typing.get_args(info.annotation) == typing.get_args(hints[name]), f"choices of {name}"
+    for name, preset in PRESETS.items():
+        assert preset == ENGINE_PRESETS[name], f"preset {name!r}"
+        assert set(preset) <= set(Method.model_fields)
+
+
+CHOICES = {
+    name: typing.get_args(info.annotation)
+    for name, info in Method.model_fields.items()
+    if typing.get_origin(info.annotation) is typing.Literal
+} | {"group": (False, True)}
+
+
+def test_the_contract_refuses_exactly_what_the_engine_refuses():
+    """Every combination of the categorical settings: refused at the door iff the engine refuses it."""
+    from worker.forward_inf import AttributionInputError, MirrorConfig
+
+    names = sorted(CHOICES)
+    for values in itertools.product(*(CHOICES[n] for n in names)):
+        settings = dict(zip(names, values, strict=True))
+        try:
+            MirrorConfig(**settings)
+            engine_ok = True
+        except AttributionInputError:
+            engine_ok = False
+        try:
+            Method(**settings)
+            ours_ok = True
+        except ValueError:
+            ours_ok = False
+        assert ours_ok == engine_ok, settings
+
+
+# Recorded per engine version: a change to the engine's code (worker/forward_inf, worker/analyses.py;
+# comments and docstrings aside) must come with a new contract.jobs.ENGINE_VERSION and its fingerprint here,
+# so that no cached result, stored base loss or curvature made by other code is served.
+ENGINE_FINGERPRINTS = {"2026.12.1": "1715ac480ffb0599"}
+
+
+def engine_fingerprint() -> str:
+    h = hashlib.sha256()
+    for path in sorted([*(ROOT / "worker" / "forward_inf").glob("*.py"), ROOT / "worker" / "analyses.py"]):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+                if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                    node.body = body[1:] or [ast.Pass()]
+        h.update(path.name.encode() + ast.unparse(tree).encode())  # source text, comments and layout aside
+    return h.hexdigest()[:16]
+
+
+def test_a_change_to_the_engine_comes_with_a_new_engine_version():
+    assert ENGINE_FINGERPRINTS.get(ENGINE_VERSION) == engine_fingerprint(), (
+        f"the engine's code changed (fingerprint {engine_fingerprint()}): bump contract.jobs.ENGINE_VERSION "
+        "and record the new version's fingerprint in ENGINE_FINGERPRINTS"
+    )
+
+
+# -- precedence: request > preset > the model's defaults > the engine's ---------------------------------
+def test_precedence_request_over_preset_over_model_over_engine():
+    model = MethodDefaults(optimizer="adam", lr=1e-3, mode="finite", damping=0.5)
+    leakage = resolve_method("leakage", MethodSettings(), model)
+    assert (leakage.lr, leakage.optimizer) == (PRESETS["leakage"]["lr"], "adam")  # preset over the model
+    assert leakage.damping == 0.5  # the model's, where the preset is silent
+    assert leakage.steps == Method().steps  # the engine's, where all are silent
+    asked = resolve_method("leakage", MethodSettings(lr=0.2), model)
+    assert asked.lr == 0.2  # the request over everything
+    plain = resolve_method("attribution", MethodSettings(), model)
+    assert (plain.lr, plain.mode) == (1e-3, "finite")  # the attribution preset names nothing: model defaults
+    named = resolve_method("attribution", MethodSettings(preset="mislabeled"), model)
+    assert named.group and named.score == "cosine" and named.mode == "linear"
+
+
+def test_an_analysis_pins_what_it_reads_and_refuses_a_request_against_it():
+    finite = MethodDefaults(mode="finite")
+    mislabeled = resolve_method("mislabeled", MethodSettings(), finite)
+    assert mislabeled.mode == "linear" and mislabeled.score == "cosine"  # the preset beats the manifest
+    assert resolve_method("leakage", MethodSettings(), MethodDefaults()).score == "signed"  # pinned, not "match"
+    for kind, rules in KIND_RULES.items():
+        for name, (allowed, _why) in rules.items():
+            other = next(v for v in CHOICES[name] if v not in allowed)
+            with pytest.raises(MethodConflict, match=f"method.{name}") as caught:
+                resolve_method(kind, MethodSettings(**{name: other}), MethodDefaults())
+            assert caught.value.fields == [name]
+    with pytest.raises(MethodConflict, match="needs mode='linear'"):
+        resolve_method("mislabeled", MethodSettings(mode="finite"), MethodDefaults())  # the preset's cosine
+
+
+# -- identity: everything the result depends on, nothing else ---------------------------------------------
+def test_the_key_hashes_every_input_of_the_result():
+    records = RecordPoints(dataset=DatasetRef(id="t", digest="a" * 64), indices=[0, 1])
+    base = AttributionJob(
+        model=ModelRef(id="m", digest="b" * 64),
+        dataset=DatasetRef(id="d", digest="c" * 64),
+        dtype="float32",
+        method=Method(),
+        test=records,
+    )
+    changes = {
+        "model": ModelRef(id="m", digest="0" * 64),
+        "dataset": DatasetRef(id="d", digest="0" * 64),
+        "test": records.model_copy(update={"dataset": DatasetRef(id="t", digest="0" * 64)}),
+        "dtype": "float64",
+        "method": Method(lr=0.5),
+        "engine_version": ENGINE_VERSION + "+1",
+    }
+    keys = {base.key} | {base.model_copy(update={k: v}).key for k, v in changes.items()}
+    assert len(keys) == 1 + len(changes)
+    assert AttributionJob(**base.model_dump()).key == base.key  # and it is a function of the payload alone
+    inline = base.model_copy(update={"test": InlinePoints(inputs=[[0.0, 1.0]], targets=[1])})
+    assert inline.key != base.key
+    assert inline.model_copy(update={"test": InlinePoints(inputs=[[0.0, 1.5]], targets=[1])}).key != inline.key
+
+
+# -- the request path re-reads, it never re-hashes --------------------------------------------------------
+def test_verified_reads_hash_each_file_version_once(registry_dir, tmp_path):
+    import shutil
+
+    from contract import registry as reg
+
+    root = tmp_path / "registry"
+    shutil.copytree(registry_dir, root)
+    dataset = reg.Registry(root).dataset("digits-train")
+    reg._digest.cache_clear()
+    first = dataset.read([0, 5, 1400])
+    for _ in range(5):
+        np.testing.assert_array_equal(dataset.read([0, 5, 1400])["inputs"], first["inputs"])
+    assert reg._digest.cache_info().misses == 2  # each of the two shards hashed once
+    np.testing.assert_array_equal(first["inputs"][2], dataset.load_shard(1)["inputs"][1400 - dataset.shards[0].size])
+    shard = root / "datasets" / "digits-train" / dataset.shards[0].file
+    changed = bytearray(shard.read_bytes())
+    changed[-1] ^= 0xFF
+    shard.write_bytes(changed)  # a changed file is hashed again, and refused
+    with pytest.raises(reg.RegistryError, match="sha256"):
+        dataset.read([0])

@@ -12,7 +12,7 @@ COPY contract contract
 
 FROM base AS api
 COPY app app
-RUN pip install .
+RUN pip install . && mkdir /keys && chown service /keys  # a new `keys` volume takes this owner
 USER service
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]

@@ -28,7 +28,7 @@ async def get_registry(request: Request) -> Registry:
 
 async def get_jobs(request: Request) -> Jobs:
     state = request.app.state
-    return Jobs(state.redis, state.settings, state.events, state.results)
+    return Jobs(state.redis, state.aredis, state.settings, state.events, state.results)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -1,13 +1,18 @@
 """The service's errors, rendered as application/problem+json by one handler (app.main).
 
     ServiceError (500)
-    ├── NotFound (404)            unknown model, dataset, record or job
-    ├── InvalidInput (422)        input that does not fit the model or the settings
-    ├── PayloadTooLarge (413)     too many test points, too large a body
+    ├── BadRequest (400)          a body that is not JSON at all
+    ├── Unauthorized (401)        no API key, or an unknown one (WWW-Authenticate: Bearer)
+    ├── Forbidden (403)           a key without the scope the operation needs
+    ├── NotFound (404)            unknown model, dataset, record or job (another tenant's job too)
     ├── Conflict (409)            an operation the job's state does not allow
-    └── Unavailable (503)         Redis unreachable (redis errors are translated to this at one place)
+    ├── PayloadTooLarge (413)     too many test points, too large a body
+    ├── InvalidInput (422)        input that does not fit the model or the settings
+    ├── TooManyRequests (429)     a key's rate limit or a tenant's concurrent-job cap (Retry-After)
+    └── Unavailable (503)         Redis unreachable, the queue full (Retry-After), a broken registry entry
 
-Messages are precise and safe to show: never a traceback.
+Messages are precise and safe to show: never a traceback, never a server path. Foreign exceptions are
+translated to these in one place (app.main.translate).
 """
 
 from __future__ import annotations
@@ -17,26 +22,51 @@ class ServiceError(Exception):
     status = 500
     title = "Internal error"
 
-    def __init__(self, detail: str, errors: list[dict] | None = None):
+    def __init__(self, detail: str, errors: list[dict] | None = None, headers: dict[str, str] | None = None):
         super().__init__(detail)
-        self.detail, self.errors = detail, errors
+        self.detail, self.errors, self.headers = detail, errors, headers or {}
+
+
+class BadRequest(ServiceError):
+    status, title = 400, "Bad request"
+
+
+class Unauthorized(ServiceError):
+    status, title = 401, "Unauthorized"
+
+    def __init__(self, detail: str):
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ServiceError):
+    status, title = 403, "Forbidden"
 
 
 class NotFound(ServiceError):
     status, title = 404, "Not found"
 
 
-class InvalidInput(ServiceError):
-    status, title = 422, "Invalid input"
+class Conflict(ServiceError):
+    status, title = 409, "Conflict"
 
 
 class PayloadTooLarge(ServiceError):
     status, title = 413, "Payload too large"
 
 
-class Conflict(ServiceError):
-    status, title = 409, "Conflict"
+class InvalidInput(ServiceError):
+    status, title = 422, "Invalid input"
+
+
+class TooManyRequests(ServiceError):
+    status, title = 429, "Too many requests"
+
+    def __init__(self, detail: str, retry_after_s: int):
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after_s))})
 
 
 class Unavailable(ServiceError):
     status, title = 503, "Service unavailable"
+
+    def __init__(self, detail: str, retry_after_s: int | None = None):
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after_s))} if retry_after_s else None)

@@ -1,23 +1,39 @@
-"""Jobs from the API's side (attributions and analyses): cache lookup, dedup, enqueue, status, long polls,
-cancel.
+"""Jobs from the API's side (attributions and analyses): tenant handles, cache lookup, dedup, quotas,
+enqueue, views, long polls, cancel and delete, the job list.
 
-The job id is the resolved payload's identity (`Job.key`, contract/jobs.py), so an identical request finds
-its finished result (a 200 from the cache) or joins the job already queued or running; `unique=True`
-makes the enqueue itself race-free. States are RQ's own: FAILED (with the worker's one-line reason in
-the job's meta, no traceback), STOPPED (a running job canceled) and CANCELED (a queued one). Only a job
-whose worker died is retried (RQ's registry cleanup, `job_retries` times); one that raised is not.
+    computation K   the resolved payload's identity (contract/jobs.py: `Job.key`): identical requests, of
+                    any tenant, share one computation and one stored result
+    handle H        HMAC(secret, tenant, K): the job id a tenant sees, unguessable, different per tenant
+    fi:handle:H     {tenant, key, kind, model, dataset, method, top_k, created[, canceled]}
+    fi:holders:K    the handles that still want K: when the last one lets go, a queued or running K stops
+                    and a finished K's result and scores are deleted
+    fi:jobs:T       tenant T's handles by creation time (GET /v1/jobs)
+    fi:active:T     computations T started that may still be queued or running (its concurrency cap)
+
+A tenant sees only its own handles (another tenant's is a 404) and `cached: true` only for what it asked
+itself before: a first request for a result another tenant already has is a 202 whose view is finished.
+What stays observable is timing: a shared computation finishes sooner, or shows progress at once.
+
+States are RQ's own: FAILED (with the worker's one-line reason, no traceback), STOPPED (a running job
+canceled), CANCELED (a queued one). Only a job whose worker died is retried; one that raised is not.
+The hot path (a finished job's view, a cache-hit POST, long polls) runs on the event loop with the
+async Redis client; RQ's own calls (enqueue, a queued or running job's state, stop) run in threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
-import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from redis import Redis
+from redis import asyncio as aioredis
 from rq import Queue
 from rq.command import send_stop_job_command
 from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
@@ -27,10 +43,11 @@ from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
 from contract.jobs import JOB_FUNC, Job
-from contract.schemas import AnalysisPublic, AttributionPublic
+from contract.schemas import AnalysisPublic, AttributionPublic, JobSummary
 from contract.settings import Settings
 
-from .errors import Conflict, NotFound
+from .auth import Principal
+from .errors import Conflict, NotFound, TooManyRequests, Unavailable
 from .events import Events
 
 STATUS = {
@@ -47,82 +64,114 @@ STATUS = {
     JobStatus.CANCELED: "canceled",
 }
 ACTIVE = ("queued", "running")
-ENDED = (JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED, JobStatus.FINISHED)
 View = dict  # a job's public view, JSON-ready: the AttributionPublic or AnalysisPublic schema (contract/schemas.py)
+LARGE = 1 << 16  # stored results larger than this are parsed in a thread, not on the event loop
 
 
-def links(kind: str, key: str) -> dict[str, str]:
-    base = f"/v1/{'attributions' if kind == 'attribution' else 'analyses'}/{key}"
+def links(kind: str, handle: str) -> dict[str, str]:
+    base = f"/v1/{'attributions' if kind == 'attribution' else 'analyses'}/{handle}"
     return {"self": base, "scores": f"{base}/scores", "report": f"{base}/report"}
 
 
 class Results:
-    """Finished results, parsed once per API process. A result never changes under its id (the id hashes
-    everything it depends on), so a popular one (a report, the long polls that one job's end wakes) is
-    read and parsed once; a hit costs one EXISTS, so an expired result is never served. Bounded by the
-    stored JSON's size (`result_cache_bytes`); shared by the request threads."""
+    """Finished results, parsed once per API process, and their encoded views. A result never changes
+    under its key (the key hashes everything it depends on), so a popular one (a report, the long polls
+    that one job's end wakes) is read and parsed once; a hit costs one EXISTS, so an expired or deleted
+    result is never served. Bounded by the stored JSON's size (`result_cache_bytes`)."""
 
     def __init__(self, budget_bytes: int):
-        self.budget, self.bytes, self.items, self.lock = budget_bytes, 0, OrderedDict(), threading.Lock()
-        self.loading: dict[str, threading.Lock] = {}  # one reader per result: concurrent misses wait for it
+        self.budget, self.bytes = budget_bytes, 0
+        self.items: OrderedDict[str, tuple[dict, int]] = OrderedDict()
+        self.encoded: OrderedDict[tuple, bytes] = OrderedDict()
+        self.loading: dict[str, asyncio.Lock] = {}  # one reader per result: concurrent misses wait for it
 
-    def get(self, redis: Redis, name: str) -> dict | None:
-        with self.lock:
-            hit = self.items.get(name)
-        if hit is not None:
-            alive = redis.exists(name)
-            with self.lock:
-                if name in self.items:
-                    self.items.move_to_end(name)
-                    if not alive:  # expired (or deleted) in Redis: never served from here either
-                        self.bytes -= self.items.pop(name)[1]
-            if alive:
-                return hit[0]
-        with self.lock:
-            loading = self.loading.setdefault(name, threading.Lock())
-        with loading:
-            with self.lock:
-                hit = self.items.get(name)
-            if hit is not None:  # another thread read it meanwhile
-                return hit[0]
-            raw = redis.get(name)
-            result = json.loads(raw) if raw is not None else None
-            with self.lock:
-                self.loading.pop(name, None)
-                if result is not None:
-                    self.items[name], self.bytes = (result, len(raw)), self.bytes + len(raw)
-                while self.bytes > self.budget and len(self.items) > 1:
-                    self.bytes -= self.items.popitem(last=False)[1][1]
-        return result
+    async def get(self, aredis: aioredis.Redis, name: str) -> dict | None:
+        if name in self.items:
+            if await aredis.exists(name):
+                self.items.move_to_end(name)
+                return self.items[name][0]
+            self._drop(name)  # expired, or deleted, in Redis
+        async with self.loading.setdefault(name, asyncio.Lock()):
+            if name in self.items:  # another request read it meanwhile
+                return self.items[name][0]
+            raw = await aredis.get(name)
+            self.loading.pop(name, None)
+            if raw is None:
+                return None
+            result = await run_in_threadpool(json.loads, raw) if len(raw) > LARGE else json.loads(raw)
+            if "job" not in result:  # stored by an earlier release: unknown here
+                return None
+            self.items[name], self.bytes = (result, len(raw)), self.bytes + len(raw)
+            while self.bytes > self.budget and len(self.items) > 1:
+                self._drop(next(iter(self.items)))
+            return result
+
+    def view(self, name: str, variant: tuple, encode: Callable[[], bytes]) -> bytes:
+        """The encoded view `variant` of the cached result `name` (call after get() found it)."""
+        key = (name, *variant)
+        if key not in self.encoded:
+            self.encoded[key] = body = encode()
+            self.bytes += len(body)
+            while self.bytes > self.budget and len(self.encoded) > 1:
+                self.bytes -= len(self.encoded.popitem(last=False)[1])
+        return self.encoded[key]
+
+    def _drop(self, name: str) -> None:
+        self.bytes -= self.items.pop(name)[1]
+        for key in [k for k in self.encoded if k[0] == name]:
+            self.bytes -= len(self.encoded.pop(key))
 
 
 class Jobs:
-    def __init__(self, redis: Redis, settings: Settings, events: Events, results: Results):
-        self.redis, self.settings, self.events, self.results = redis, settings, events, results
+    def __init__(self, redis: Redis, aredis: aioredis.Redis, settings: Settings, events: Events, results: Results):
+        self.redis, self.aredis, self.settings, self.events, self.results = redis, aredis, settings, events, results
         self.queue = Queue(settings.queue, connection=redis, serializer=JSONSerializer)
+        self.key = settings.key
 
-    def _result(self, key: str) -> dict | None:
-        result = self.results.get(self.redis, self.settings.key("result", key))
-        return result if result is not None and "job" in result else None  # else stored by an earlier release
+    def handle_of(self, tenant: str, key: str) -> str:
+        mac = hmac.new(self.settings.secret.encode(), f"{tenant}\0{key}".encode(), hashlib.sha256)
+        return mac.hexdigest()[:32]
 
-    def _fetch(self, key: str) -> RQJob | None:
-        try:
-            job = RQJob.fetch(key, connection=self.redis, serializer=JSONSerializer)
-        except NoSuchJobError:
-            return None
-        return job if job.args and "engine_version" in job.args[0] else None  # else enqueued by an earlier release
+    # -- submit -----------------------------------------------------------------------------------
+    async def submit(self, job: Job, who: Principal, top_k: int | None = None) -> tuple[View, int]:
+        """The job's view for this tenant and its status code: 200 when the tenant asked the same before
+        and it has finished (`cached`), else 202 (new, joined, or already finished for another tenant)."""
+        await self._rate(who)
+        key, handle = job.key, self.handle_of(who.tenant, job.key)
+        held = await self.aredis.hmget(self.key("handle", handle), "tenant", "canceled")
+        known = held[0] is not None and held[1] is None  # asked before, and did not let go (else others kept it)
+        finished = await self.results.get(self.aredis, self.key("result", key)) is not None
+        if not finished:
+            await run_in_threadpool(self._start, job, who.tenant)
+        record = await self._hold(handle, who.tenant, job, top_k)
+        view = await self._view(handle, record, top_k)
+        view["cached"] = cached = finished and known
+        return view, 200 if cached else 202
 
-    def submit(self, job: Job, top_k: int | None = None) -> tuple[View, bool]:
-        """Returns (the job's public view, whether it is a finished result from the cache)."""
+    async def _rate(self, who: Principal) -> None:
+        now = time.time()
+        name = self.key("rate", who.key_id, str(int(now // 60)))
+        async with self.aredis.pipeline(transaction=True) as pipe:
+            count, _ = await pipe.incr(name).expire(name, 120).execute()
+        if count > self.settings.submit_rate_per_minute:
+            raise TooManyRequests(
+                f"API key {who.key_id!r} has submitted {self.settings.submit_rate_per_minute} requests this minute "
+                "(ATTR_SUBMIT_RATE_PER_MINUTE)",
+                60 - int(now) % 60,
+            )
+
+    def _start(self, job: Job, tenant: str) -> None:
+        """Enqueue the computation unless an identical one is queued or running (then it is joined)."""
         key = job.key
-        if (result := self._result(key)) is not None:
-            return self._finished(key, result, top_k, cached=True), True
         existing = self._fetch(key)
-        if existing is not None and existing.get_status(refresh=False) in ENDED:
-            existing.delete()  # a new try; finished without a stored result = its result expired
+        if existing is not None and STATUS.get(existing.get_status(refresh=False)) in ACTIVE:
+            return
+        self._caps(tenant)
+        if existing is not None:
+            existing.delete()  # a new try of something that failed, was canceled, or whose result expired
         retries = self.settings.job_retries
         try:
-            rq_job = self.queue.enqueue(
+            self.queue.enqueue(
                 JOB_FUNC,
                 job.model_dump(mode="json"),
                 job_id=key,
@@ -132,81 +181,210 @@ class Jobs:
                 failure_ttl=self.settings.job_record_ttl_s,
                 ttl=self.settings.job_record_ttl_s,
                 retry=Retry(max=retries) if retries else None,  # spent only on abandoned runs (worker/__main__.py)
-                meta={"kind": job.kind, "model": job.model.id, "dataset": job.dataset.id, "top_k": top_k},
+                meta={"kind": job.kind},
             )
-        except DuplicateJobError:  # an identical request is queued or running: join it
-            rq_job = self._job(key)
-        return self._active(key, rq_job, top_k), False
+        except DuplicateJobError:  # an identical request got there first: join it
+            return
+        self.redis.sadd(self.key("active", tenant), key)
 
-    def view(self, key: str, top_k: int | None = None, analysis: bool = False) -> View:
-        """The job's public view, from one read of its result and (if none) one of its RQ record. An
-        attribution id asked for as an analysis (or the reverse) is unknown there."""
-        result = self._result(key)
-        job = None if result is not None and top_k else self._fetch(key)  # its meta: the creating request's top_k
-        kind = result["job"]["kind"] if result is not None else job.meta.get("kind") if job is not None else None
-        if kind is None or (kind != "attribution") != analysis:
-            raise NotFound(f"no {'analysis' if analysis else 'attribution'} {key!r} (unknown, or expired)")
-        top_k = top_k or (job.meta.get("top_k") if job is not None else None)
-        return self._finished(key, result, top_k) if result is not None else self._active(key, job, top_k)
+    def _caps(self, tenant: str) -> None:
+        s = self.settings
+        if (waiting := self.queue.count) >= s.max_queued_jobs:
+            raise Unavailable(f"the queue is full ({waiting} jobs waiting; ATTR_MAX_QUEUED_JOBS)", s.retry_after_s)
+        name = self.key("active", tenant)
+        started = [k.decode() for k in self.redis.smembers(name)]
+        ended = [k for k in started if self._state(k) not in ACTIVE]
+        if ended:
+            self.redis.srem(name, *ended)
+        if len(started) - len(ended) >= s.max_active_jobs_per_tenant:
+            raise TooManyRequests(
+                f"{s.max_active_jobs_per_tenant} of this tenant's jobs are queued or running "
+                "(ATTR_MAX_ACTIVE_JOBS_PER_TENANT); wait for one to end",
+                s.retry_after_s,
+            )
 
-    def _look(self, key: str, top_k: int | None, analysis: bool) -> tuple[str, bytes]:
-        public = self.view(key, top_k, analysis)
-        return public["status"], json.dumps(public, allow_nan=False).encode()
+    async def _hold(self, handle: str, tenant: str, job: Job, top_k: int | None) -> dict[str, str]:
+        """The tenant's handle on computation `job.key`: created (or renewed, and un-canceled)."""
+        name, holders, ttl = self.key("handle", handle), self.key("holders", job.key), self.settings.score_ttl_s
+        record = {
+            "tenant": tenant,
+            "key": job.key,
+            "kind": job.kind,
+            "model": job.model.id,
+            "dataset": job.dataset.id,
+            "method": job.method.model_dump_json(),
+        }
+        now = time.time()
+        async with self.aredis.pipeline(transaction=True) as pipe:
+            pipe.hset(name, mapping=record).hsetnx(name, "created", str(now)).hsetnx(name, "top_k", str(top_k or 10))
+            pipe.hdel(name, "canceled").expire(name, ttl).sadd(holders, handle).expire(holders, ttl)
+            pipe.zadd(self.key("jobs", tenant), {handle: now}, nx=True)
+            await pipe.execute()
+        return await self._record(handle, tenant)
 
-    async def wait(self, key: str, top_k: int | None, wait_s: float, analysis: bool = False) -> bytes:
+    # -- views ------------------------------------------------------------------------------------
+    async def _record(self, handle: str, tenant: str, analysis: bool | None = None) -> dict[str, str]:
+        """The tenant's handle record; 404 for an unknown handle, another tenant's, or the other family's
+        (an attribution id asked for as an analysis, or the reverse)."""
+        raw = await self.aredis.hgetall(self.key("handle", handle))
+        record = {k.decode(): v.decode() for k, v in raw.items()}
+        family = None if analysis is None else record.get("kind") != "attribution"
+        if not record or record["tenant"] != tenant or (analysis is not None and family != analysis):
+            what = "job" if analysis is None else "analysis" if analysis else "attribution"
+            raise NotFound(f"no {what} {handle!r} (unknown, or expired)")
+        return record
+
+    async def view(self, handle: str, who: Principal, top_k: int | None = None, analysis: bool = False) -> View:
+        return await self._view(handle, await self._record(handle, who.tenant, analysis), top_k)
+
+    async def _view(self, handle: str, record: dict[str, str], top_k: int | None) -> View:
+        k = top_k or int(record["top_k"])
+        if not record.get("canceled"):
+            result = await self.results.get(self.aredis, self.key("result", record["key"]))
+            if result is not None:
+                return self._finished(handle, result, k)
+        return await run_in_threadpool(self._active, handle, record)
+
+    async def _look(self, handle: str, record: dict[str, str], top_k: int | None) -> tuple[str, bytes]:
+        """(status, the encoded view): a finished view is encoded once per handle and top_k."""
+        k = top_k or int(record["top_k"])
+        name = self.key("result", record["key"])
+        if not record.get("canceled") and (result := await self.results.get(self.aredis, name)) is not None:
+            return "finished", self.results.view(name, (handle, k), lambda: _encode(self._finished(handle, result, k)))
+        view = await self._view(handle, record, top_k)
+        return view["status"], _encode(view)
+
+    async def wait(self, handle: str, who: Principal, top_k: int | None, wait_s: float, analysis: bool) -> bytes:
         """The view (as JSON) once the job has ended or `wait_s` has passed: a long poll that holds no
-        thread and polls nothing (the job's end, published by its worker, wakes it). Reading and
-        serialising run in a thread, so the event loop only waits."""
+        thread and polls nothing (the job's end, published by its worker, wakes it)."""
         deadline = time.monotonic() + wait_s
-        with self.events.watch(key) as ended:
+        record = await self._record(handle, who.tenant, analysis)
+        with self.events.watch(record["key"]) as ended:
             while True:
                 ended.clear()  # before the read: an end published during it still wakes the wait below
-                status, body = await run_in_threadpool(self._look, key, top_k, analysis)
+                status, body = await self._look(handle, record, top_k)
                 remaining = deadline - time.monotonic()
                 if status not in ACTIVE or remaining <= 0:
                     return body
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ended.wait(), remaining)
+                record = await self._record(handle, who.tenant, analysis)  # a cancel may have changed it
 
-    def finished(self, key: str, analysis: bool) -> tuple[dict, bytes]:
-        """The stored result and raw scores of a finished job: one read each; 404 when unknown (or of the
-        other family), 409 when not finished or its scores expired."""
-        result = self._result(key)
-        if result is None or (result["job"]["kind"] != "attribution") != analysis:
-            public = self.view(key, analysis=analysis)  # NotFound when unknown
-            raise Conflict(f"{key!r} is {public['status']}: no result yet")
-        raw = self.redis.get(self.settings.key("scores", key))
+    async def finished(self, handle: str, who: Principal, analysis: bool) -> tuple[dict, bytes]:
+        """The stored result and raw scores of a finished job; 409 when it has not finished (or its
+        scores expired)."""
+        record = await self._record(handle, who.tenant, analysis)
+        name = self.key("result", record["key"])
+        result = None if record.get("canceled") else await self.results.get(self.aredis, name)
+        if result is None:
+            view = await self._view(handle, record, None)
+            raise Conflict(f"{handle!r} is {view['status']}: no result")
+        raw = await self.aredis.get(self.key("scores", record["key"]))
         if raw is None:
-            raise Conflict(f"{key!r}: its scores expired; submit the request again")
+            raise Conflict(f"{handle!r}: its scores expired; submit the request again")
         return result, raw
 
-    def cancel(self, key: str, analysis: bool = False) -> View:
-        """A queued job is CANCELED at once; a running one is told to stop (RQ's stop-job command) and
-        becomes STOPPED at its next batch."""
-        if self.view(key, analysis=analysis)["status"] == "finished":
-            raise Conflict(f"{key!r} has finished; there is nothing to cancel")
-        job = self._job(key)
-        status = job.get_status(refresh=False)
-        if status == JobStatus.STARTED:
-            with contextlib.suppress(InvalidJobOperation):  # it ended meanwhile
+    # -- cancel and delete --------------------------------------------------------------------------
+    async def cancel(self, handle: str, who: Principal, analysis: bool) -> View | None:
+        """A queued or running job: the tenant lets go of it (202 and its view, now canceled); the
+        computation stops only when no tenant holds it any more. An ended job (finished, failed,
+        canceled): its handle is deleted (None: 204), and a finished result nobody else holds with it."""
+        record = await self._record(handle, who.tenant, analysis)
+        key, status = record["key"], (await self._view(handle, record, None))["status"]
+        holders = self.key("holders", key)
+        if status in ACTIVE:
+            async with self.aredis.pipeline(transaction=True) as pipe:
+                await pipe.hset(self.key("handle", handle), "canceled", "1").srem(holders, handle).execute()
+            if not await self.aredis.scard(holders):
+                await run_in_threadpool(self._stop, key)
+            await self.aredis.publish(self.key("events"), key)  # waiting long polls read their view again
+            return await self._view(handle, {**record, "canceled": "1"}, None)
+        async with self.aredis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.key("handle", handle)).srem(holders, handle).zrem(self.key("jobs", who.tenant), handle)
+            await pipe.execute()
+        if status == "finished" and not await self.aredis.scard(holders):
+            await self.aredis.delete(self.key("result", key), self.key("scores", key), holders)
+        return None
+
+    def _stop(self, key: str) -> None:
+        job = self._fetch(key)
+        status = job.get_status(refresh=False) if job is not None else None
+        with contextlib.suppress(InvalidJobOperation):  # it ended meanwhile
+            if status == JobStatus.STARTED:
                 send_stop_job_command(self.redis, key, serializer=JSONSerializer)
-        elif STATUS.get(status) == "queued":
-            with contextlib.suppress(InvalidJobOperation):
+            elif STATUS.get(status) == "queued":
                 job.cancel()
-            self.redis.publish(self.settings.key("events"), key)
-        return self.view(key, analysis=analysis)
+                self.redis.publish(self.key("events"), key)
 
-    def _job(self, key: str) -> RQJob:
-        if (job := self._fetch(key)) is None:
-            raise NotFound(f"no job {key!r} (unknown, or its record expired)")
-        return job
+    # -- the job list ---------------------------------------------------------------------------------
+    async def page(self, who: Principal, limit: int, before: float | None, kind: str | None, status: str | None):
+        """The tenant's jobs newest first, filtered; `next` continues after the last one returned."""
+        name, items, cursor = self.key("jobs", who.tenant), [], before
+        while len(items) < limit:
+            top = "+inf" if cursor is None else f"({cursor!r}"
+            chunk = await self.aredis.zrevrangebyscore(name, top, "-inf", start=0, num=limit, withscores=True)
+            if not chunk:
+                return {"items": items, "next": None}
+            for raw, created in chunk:
+                cursor, handle = created, raw.decode()
+                try:
+                    record = await self._record(handle, who.tenant)
+                except NotFound:
+                    await self.aredis.zrem(name, handle)  # expired
+                    continue
+                if kind is not None and record["kind"] != kind:
+                    continue
+                view = await self._view(handle, record, 1)
+                if status is None or view["status"] == status:
+                    when = datetime.fromtimestamp(float(record["created"]), UTC)
+                    summary = {k: view[k] for k in ("id", "status", "model", "dataset", "links")}
+                    items.append(JobSummary(**summary, kind=record["kind"], created=when).model_dump(mode="json"))
+                    if len(items) == limit:
+                        break
+        return {"items": items, "next": repr(cursor)}
 
-    def _finished(self, key: str, result: dict, top_k: int | None, cached: bool = False) -> View:
+    # -- RQ's side (in threads) -------------------------------------------------------------------------
+    def _fetch(self, key: str) -> RQJob | None:
+        try:
+            job = RQJob.fetch(key, connection=self.redis, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return None
+        return job if job.args and "engine_version" in job.args[0] else None  # else enqueued by an earlier release
+
+    def _state(self, key: str) -> str | None:
+        if self.redis.exists(self.key("result", key)):
+            return "finished"
+        job = self._fetch(key)
+        return STATUS.get(job.get_status(refresh=False), "queued") if job is not None else None
+
+    def _active(self, handle: str, record: dict[str, str]) -> View:
+        """The view of a job without a result: canceled by this tenant, or RQ's state of the computation."""
+        job = None if record.get("canceled") else self._fetch(record["key"])
+        if job is None and not record.get("canceled"):
+            raise NotFound(f"{handle!r}: its job record expired; submit the request again")
+        status = "canceled" if job is None else STATUS.get(job.get_status(refresh=False), "queued")
+        meta = job.meta if job is not None else {}
+        kind = record["kind"]
+        common = {
+            "id": handle,
+            "status": status,
+            "model": record["model"],
+            "dataset": record["dataset"],
+            "method": json.loads(record["method"]),
+            "progress": meta.get("progress", {}),
+            "timing": meta.get("timing"),
+            "error": failure(job) if status == "failed" else None,
+            "links": links(kind, handle),
+        }
+        public = AttributionPublic(**common) if kind == "attribution" else AnalysisPublic(kind=kind, **common)
+        return public.model_dump(mode="json")
+
+    def _finished(self, handle: str, result: dict, top_k: int, cached: bool = False) -> View:
         """Assembled from the stored result, which the worker wrote through the contract's schemas (the
         hot path validates nothing again; tests check the views against the schemas)."""
         job = result["job"]
         view = {
-            "id": key,
+            "id": handle,
             "status": "finished",
             "model": job["model"]["id"],
             "dataset": job["dataset"]["id"],
@@ -216,32 +394,19 @@ class Jobs:
             "execution": result["execution"],
             "error": None,
             "cached": cached,
-            "links": links(job["kind"], key),
+            "links": links(job["kind"], handle),
         }
         if job["kind"] != "attribution":
             return {**view, "kind": job["kind"], "result": result["analysis"]}
-        k = top_k or 10
         rows = [
-            {**row, "proponents": row["proponents"][:k], "opponents": row["opponents"][:k]} for row in result["rows"]
+            {**row, "proponents": row["proponents"][:top_k], "opponents": row["opponents"][:top_k]}
+            for row in result["rows"]
         ]
         return {**view, "result": {"shape": result["shape"], "rows": rows, "timing": result["timing"]}}
 
-    def _active(self, key: str, job: RQJob, top_k: int | None) -> View:
-        status = STATUS.get(job.get_status(refresh=False), "queued")
-        meta, kind = job.meta, job.meta.get("kind", "attribution")
-        common = {
-            "id": key,
-            "status": status,
-            "model": meta.get("model", ""),
-            "dataset": meta.get("dataset", ""),
-            "method": job.args[0]["method"],
-            "progress": meta.get("progress", {}),
-            "timing": meta.get("timing"),
-            "error": failure(job) if status == "failed" else None,
-            "links": links(kind, key),
-        }
-        public = AttributionPublic(**common) if kind == "attribution" else AnalysisPublic(kind=kind, **common)
-        return public.model_dump(mode="json")
+
+def _encode(view: View) -> bytes:
+    return json.dumps(view, allow_nan=False).encode()
 
 
 def failure(job: RQJob) -> str:

@@ -14,31 +14,56 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis import Redis
+from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 from starlette.exceptions import HTTPException
 
 from contract.registry import Registry, RegistryError
-from contract.settings import Settings
+from contract.settings import PLACEHOLDER_SECRET, Settings
 
 from . import metrics
+from .auth import KeyStore
 from .errors import InvalidInput, PayloadTooLarge, ServiceError, Unavailable
 from .events import Events
 from .jobs import Results
-from .routes import analyses, attributions, health, models
+from .routes import analyses, attributions, health, jobs, models
 
 PROBLEM = "application/problem+json"
 
 
 def connect(settings: Settings) -> Redis:
     """A pooled client that fails fast: no retries, short timeouts (Redis down -> 503 in ~1 s)."""
+    timeout = settings.redis_timeout_s
     return Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=settings.redis_timeout_s,
-        socket_timeout=settings.redis_timeout_s,
-        retry=Retry(NoBackoff(), 0),
+        settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout, retry=Retry(NoBackoff(), 0)
     )
+
+
+def connect_async(settings: Settings) -> aioredis.Redis:
+    """The event loop's client: the same, over a bounded pool in which a request waits (up to the
+    timeout) for a free connection rather than failing when many arrive at once."""
+    timeout = settings.redis_timeout_s
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_connections,
+        timeout=timeout,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+    )
+    return aioredis.Redis(connection_pool=pool, retry=AsyncRetry(NoBackoff(), 0))
+
+
+def refuse_placeholders(settings: Settings) -> None:
+    """Outside development an API needs real keys and a real secret (or its job ids are guessable)."""
+    if settings.environment == "development":
+        return
+    if settings.api_keys_file is None or settings.secret == PLACEHOLDER_SECRET:
+        raise RuntimeError(
+            "ATTR_ENVIRONMENT=production needs ATTR_API_KEYS_FILE (python -m app.keys) and ATTR_SECRET set"
+        )
 
 
 def problem(request: Request, exc: ServiceError) -> JSONResponse:
@@ -51,7 +76,7 @@ def problem(request: Request, exc: ServiceError) -> JSONResponse:
     }
     if exc.errors:
         body["errors"] = exc.errors
-    return JSONResponse(body, status_code=exc.status, media_type=PROBLEM)
+    return JSONResponse(body, status_code=exc.status, media_type=PROBLEM, headers=exc.headers)
 
 
 def translate(exc: Exception) -> ServiceError:
@@ -64,24 +89,27 @@ def translate(exc: Exception) -> ServiceError:
         errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
         return InvalidInput(detail or "invalid request", errors)
-    if isinstance(exc, HTTPException):  # routing: unknown path (404), wrong method (405)
-        error = ServiceError(str(exc.detail))
+    if isinstance(exc, HTTPException):  # routing: unknown path (404), wrong method (405, with Allow); a body
+        error = ServiceError(str(exc.detail), headers=dict(exc.headers or {}))  # that is not JSON at all (400)
         error.status, error.title = exc.status_code, HTTPStatus(exc.status_code).phrase
         return error
     if isinstance(exc, RegistryError):
-        return ServiceError(f"the model registry is misconfigured: {exc}")
+        return Unavailable(f"a registry entry cannot be served ({exc}); the operator must fix it")
     return ServiceError("internal error; the request was not processed")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    refuse_placeholders(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.redis, app.state.events = connect(settings), Events(settings)
+        app.state.redis, app.state.aredis = connect(settings), connect_async(settings)
+        app.state.events = Events(settings)
         app.state.events.start()
         yield
         await app.state.events.stop()
+        await app.state.aredis.aclose()
         app.state.redis.close()
 
     app = FastAPI(
@@ -94,7 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings, app.state.registry = settings, Registry(settings.registry_dir)
     app.state.results = Results(settings.result_cache_bytes)
-    for router in (attributions.router, analyses.router, models.router, health.router):
+    app.state.keys = KeyStore(settings.api_keys_file, settings.local_tenant)
+    for router in (attributions.router, analyses.router, jobs.router, models.router, health.router):
         app.include_router(router)
 
     @app.exception_handler(Exception)

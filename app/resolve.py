@@ -70,6 +70,11 @@ def resolve(kind: str, request: Request, registry: Registry, settings: Settings)
         if request.top_k > settings.max_top_k:
             raise InvalidInput(f"top_k={request.top_k} exceeds the limit of {settings.max_top_k}", _loc("top_k"))
         return AttributionJob(test=test_points(request.test, registry, model, settings), **common)
+    if isinstance(request, LeakageCreate | MemorizationCreate) and model.task == "diffusion":
+        raise InvalidInput(
+            f"model {model.id!r} is a diffusion model: its per-record loss is an average over random noise draws, "
+            "so a record and its copy do not respond alike; leakage and memorization need a deterministic loss"
+        )
     if isinstance(request, LeakageCreate):
         return LeakageJob(
             test=test_points(request.test, registry, model, settings),
@@ -156,6 +161,8 @@ def inline(test: InlineTest, model: ModelManifest, settings: Settings) -> Inline
         )
     if spec.vocab_size is not None and ((x < 0).any() or (x >= spec.vocab_size).any()):
         raise InvalidInput(f"test.inputs: token ids must lie in 0..{spec.vocab_size - 1}", _loc("test", "inputs"))
+    if model.task == "causal-lm" and x.shape[1] < 2:
+        raise InvalidInput("test.inputs: a causal LM needs at least 2 tokens per test point", _loc("test", "inputs"))
     y = _targets(test.targets, n, model, x.shape[1:])
     inputs = x.astype(np.int64) if spec.dtype == "int64" else x
     return InlinePoints(inputs=inputs.tolist(), targets=None if y is None else y.tolist())
@@ -187,6 +194,8 @@ def _targets(targets, n: int, model: ModelManifest, input_shape) -> np.ndarray |
             raise InvalidInput(f"test.targets: labels must lie in 0..{classes - 1}", loc)
     elif model.task == "causal-lm" and y.shape != (n, *input_shape):
         raise InvalidInput("test.targets: a causal-LM target mask must match the token arrays' shape", loc)
+    elif model.task == "causal-lm" and not (y[:, 1:] != 0).any(1).all():
+        raise InvalidInput("test.targets: each mask needs a target token after the first", loc)
     return y if model.task == "regression" else y.astype(np.int64)
 
 

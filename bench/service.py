@@ -118,7 +118,10 @@ def service(registry_dir: Path, warm: bool, code: Path = ROOT, **settings: str):
     finally:
         for p in reversed(procs):
             p.terminate()
-            p.wait(10)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def run_to_end(client: httpx.Client, body: dict, path: str = "/v1/attributions") -> tuple[float, dict]:

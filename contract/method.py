@@ -60,9 +60,11 @@ class Method(BaseModel):
     damping: Annotated[float, Field(ge=0, le=1e6)] = Field(1e-2, description="added to the curvature's diagonal")
 
     @model_validator(mode="after")
-    def _cosine_is_first_order(self):
+    def _combine(self):
         if self.score == "cosine" and self.mode != "linear":
             raise ValueError("score='cosine' needs mode='linear' (a unit-norm first-order step)")
+        if self.precondition != "none" and self.damping <= 0:
+            raise ValueError("precondition needs damping > 0 (a classifier's curvature is singular without it)")
         return self
 
 

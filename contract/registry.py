@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 import tomllib
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import tomli_w
 from pydantic import BaseModel, Field, ValidationError
 from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
@@ -31,6 +33,7 @@ from safetensors.numpy import load_file as load_numpy
 from .method import MethodDefaults
 
 ID = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+log = logging.getLogger("contract.registry")
 
 
 class RegistryError(Exception):
@@ -207,7 +210,8 @@ def _read(path: Path, mtime_ns: int, kind: str):
         cls = ModelManifest if kind == "model" else DatasetManifest
         return cls(**data, digest=hashlib.sha256(raw).hexdigest(), path=path.parent)
     except (tomllib.TOMLDecodeError, ValidationError, UnicodeDecodeError) as exc:
-        raise RegistryError(f"{path}: invalid manifest: {exc}") from exc
+        where = f"{path.parent.parent.name}/{path.parent.name}/{path.name}"  # never the server's absolute path
+        raise RegistryError(f"{where}: invalid manifest: {exc}") from exc
 
 
 class Registry:
@@ -229,9 +233,16 @@ class Registry:
         return self._manifest("dataset", id)
 
     def _all(self, kind: str) -> list:
+        """Every valid entry; an invalid one is left out of the list (and logged), not fatal to it."""
         folder = self.root / f"{kind}s"
         ids = sorted(p.name for p in folder.iterdir() if (p / f"{kind}.toml").is_file()) if folder.is_dir() else []
-        return [self._manifest(kind, i) for i in ids]
+        entries = []
+        for id in ids:
+            try:
+                entries.append(self._manifest(kind, id))
+            except RegistryError as exc:
+                log.error("registry: %s left out: %s", kind, exc)
+        return [e for e in entries if e is not None]
 
     def models(self) -> list[ModelManifest]:
         return self._all("model")
@@ -327,8 +338,6 @@ def _count(path: Path) -> int:
 
 
 def _toml(data: dict) -> str:
-    import tomli_w  # operator side only
-
     def clean(v):
         if isinstance(v, dict):
             return {k: clean(x) for k, x in v.items() if x is not None}

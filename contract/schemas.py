@@ -160,6 +160,23 @@ class AttributionPublic(JobPublic):
     result: AttributionResult | None = None
 
 
+class JobSummary(BaseModel):
+    id: str
+    kind: Literal["attribution", "leakage", "mislabeled", "memorization"]
+    status: Status
+    model: str
+    dataset: str
+    created: datetime
+    links: dict[str, str]
+
+
+class JobPage(BaseModel):
+    """One page of a tenant's jobs, newest first."""
+
+    items: list[JobSummary]
+    next: str | None = Field(None, description="pass as `before` for the next page; null on the last")
+
+
 # -- analyses ------------------------------------------------------------------------------------------
 class LeakageCreate(JobCreate):
     """Which test points are (likely) present in the training set."""

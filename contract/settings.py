@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+PLACEHOLDER_SECRET = "development-only-secret"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ATTR_", extra="ignore", populate_by_name=True)
@@ -18,9 +20,25 @@ class Settings(BaseSettings):
     environment: Literal["development", "production"] = "development"
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "ATTR_REDIS_URL"))
     redis_timeout_s: float = Field(1.0, description="socket connect/read timeout: Redis down -> 503 fast")
+    redis_connections: int = Field(64, description="the API's async pool; requests beyond it wait for one")
     namespace: str = Field("fi", description="prefix of every key this service writes (RQ's own: rq:)")
     queue: str = "attributions"
     registry_dir: Path = Path("var/registry")
+
+    # tenants and keys (app/auth.py)
+    api_keys_file: Path | None = Field(
+        None, description="TOML file of API keys (python -m app.keys); unset in development: one local user"
+    )
+    secret: str = Field(
+        PLACEHOLDER_SECRET, description="HMAC key of job handles (unguessable ids); required outside development"
+    )
+    local_tenant: str = Field("local", description="the tenant of every request when there is no keys file")
+
+    # quotas (429 / 503 with Retry-After)
+    submit_rate_per_minute: int = Field(120, description="requests an API key may submit per minute")
+    max_active_jobs_per_tenant: int = Field(16, description="computations a tenant may have queued or running")
+    max_queued_jobs: int = Field(1000, description="jobs waiting in the queue before new work is refused")
+    retry_after_s: int = Field(5, description="Retry-After hint when a cap (not the rate) refuses work")
 
     # request limits
     max_body_bytes: int = 8 << 20
@@ -34,6 +52,10 @@ class Settings(BaseSettings):
     job_timeout_s: int = 3600
     job_retries: int = Field(2, description="re-runs of a job whose worker died (SIGKILL, OOM)")
     heartbeat_ttl_s: int = Field(30, description="a running job not heartbeated this long is abandoned")
+    ready_ttl_s: int = Field(5, description="a worker not heard from this long is not counted by /readyz")
+    worker_redis_retries: int = Field(
+        15, description="a worker retries a Redis command this often (back-off 0.1 s doubling to 2 s: ~25 s)"
+    )
     maintenance_interval_s: int = Field(10, description="how often a worker requeues abandoned jobs")
     score_ttl_s: int = 7 * 24 * 3600
     base_loss_ttl_s: int = 30 * 24 * 3600

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
+import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,8 +38,10 @@ def redis_binary() -> str:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path):
-        self.port, self.workdir, self.proc = free_port(), workdir, None
+    """A private redis-server; `durable` keeps its data across stop/start (AOF, fsync on every write)."""
+
+    def __init__(self, workdir: Path, durable: bool = False):
+        self.port, self.workdir, self.proc, self.durable = free_port(), workdir, None, durable
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
@@ -51,7 +55,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.durable else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.workdir),
                 "--maxmemory-policy",
@@ -151,3 +157,78 @@ def subprocess_env(settings, **extra) -> dict:
 
 
 PYTHON = sys.executable
+
+
+# -- real worker processes on a training set big enough to interrupt (test_recovery, test_supervision) --
+@pytest.fixture
+def big_settings(settings, registry_dir, tmp_path):
+    """The demo registry plus `digits-big`: the digits training set tiled 40x (57,480 records), so that
+    a job runs long enough (a few seconds, batch 32) to be interrupted."""
+    from contract.registry import Registry
+
+    root = tmp_path / "registry"
+    shutil.copytree(registry_dir, root)
+    registry = Registry(root)
+    train = registry.dataset("digits-train")
+    parts = [load_file(train.path / s.file) for s in train.shards]
+    big = {k: torch.cat([p[k] for p in parts]).repeat(40, *[1] * (parts[0][k].dim() - 1)) for k in parts[0]}
+    big = {k: v.contiguous() for k, v in big.items()}
+    save_file(big, tmp_path / "big.safetensors")
+    registry.add_dataset("digits-big", [tmp_path / "big.safetensors"], train.input.model_dump(), trained=["digits-mlp"])
+    return settings.model_copy(update={"registry_dir": root})
+
+
+def start_worker(settings, name):
+    env = subprocess_env(
+        settings,
+        ATTR_BATCH_SIZE=32,
+        ATTR_HEARTBEAT_TTL_S=2,
+        ATTR_MAINTENANCE_INTERVAL_S=1,
+        ATTR_WARM_ON_START="false",
+        ATTR_PROGRESS_INTERVAL_S=0.1,
+    )
+    return subprocess.Popen(
+        [PYTHON, "-m", "worker", "--name", name],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_for(predicate, timeout=60.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def api(big_settings):
+    """An in-process API on the registry with `digits-big`."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(big_settings)) as c:
+        yield c
+
+
+def submit(api):
+    body = {
+        "model": "digits-mlp",
+        "dataset": "digits-big",
+        "test": {"dataset": "digits-test", "indices": list(range(16))},
+        "method": {"mode": "finite", "optimizer": "adam", "precondition": "none"},
+    }
+    response = api.post("/v1/attributions", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()["links"]["self"]
+
+
+def running_mid_job(api, url):
+    job = api.get(url).json()
+    return job if job["status"] == "running" and 0 < job["progress"]["done"] < (job["progress"]["total"] or 0) else None

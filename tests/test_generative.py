@@ -88,3 +88,27 @@ def test_diffusion_attribution_is_deterministic_and_finds_the_exemplars(client, 
 
     report = client.get(done["links"]["report"]).text
     assert report.count("<img") >= 2 * 21  # each generated image, its 10 proponents and 10 opponents
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "needle"),
+    [
+        ("analyses/leakage", {"model": "digits-ddpm", "dataset": "digits-ddpm-train"}, "diffusion model"),
+        ("analyses/memorization", {"model": "digits-ddpm", "dataset": "digits-ddpm-train"}, "deterministic loss"),
+        ("attributions", {"model": "facts-gpt", "dataset": "facts-corpus", "test": {"inputs": [[]]}}, "at least 2"),
+        ("attributions", {"model": "facts-gpt", "dataset": "facts-corpus", "test": {"inputs": [[5]]}}, "at least 2"),
+        (
+            "attributions",
+            {"model": "facts-gpt", "dataset": "facts-corpus", "test": {"inputs": [[5, 6]], "targets": [[1, 0]]}},
+            "target token after the first",
+        ),
+    ],
+)
+def test_what_the_generative_models_cannot_serve_is_refused_at_post(client, path, body, needle):
+    test = {"inputs": [[[[0.0] * 8] * 8]]} if body["model"] == "digits-ddpm" else None
+    if "memorization" in path:
+        body = {**body, "records": {"dataset": "digits-ddpm-train", "indices": [0]}}
+    elif test is not None:
+        body = {**body, "test": test}
+    response = client.post(f"/v1/{path}", json=body)
+    assert response.status_code == 422 and needle in response.json()["detail"], response.text

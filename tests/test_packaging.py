@@ -19,6 +19,10 @@ def test_compose_file_names_files_and_targets_that_exist():
             assert build["target"] in stages, name
     assert "--appendonly" in compose["services"]["redis"]["command"]
     assert compose["services"]["redis"]["healthcheck"]["test"]
+    for name in ("redis", "api", "worker"):  # kept alive, and checked
+        assert compose["services"][name]["restart"] == "unless-stopped", name
+        assert compose["services"][name]["healthcheck"]["test"], name
+    assert "container_name" not in compose["services"]["worker"]  # `docker compose up --scale worker=N`
     gpu = compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"]
     for path in re.findall(r"^COPY (\S+)", dockerfile, flags=re.M):

@@ -138,14 +138,19 @@ def test_an_analysis_refuses_settings_it_cannot_honour_at_post(client, path, bod
     assert response.json()["errors"][0]["loc"][:2] == ["body", "method"]
 
 
-def test_the_result_says_what_ran_after_auto_fell_back(settings, root):
+def register_mlp(root, id: str, hidden: int) -> None:
+    """A randomly initialised digits MLP 64-hidden-10 in the registry at `root`."""
     from worker.forward_inf import build
 
     torch.manual_seed(0)
-    wide = {"in_features": 64, "hidden": [128], "out_features": 10}  # 9,610 parameters: no full Hessian
-    save_file({k: v.contiguous() for k, v in build("mlp", wide).state_dict().items()}, root / "wide.safetensors")
+    params = {"in_features": 64, "hidden": [hidden], "out_features": 10}
+    save_file({k: v.contiguous() for k, v in build("mlp", params).state_dict().items()}, root / f"{id}.safetensors")
     spec = Registry(root).model("digits-mlp").input.model_dump()
-    Registry(root).add_model("digits-wide", "classification", "builtin:mlp", root / "wide.safetensors", spec, wide)
+    Registry(root).add_model(id, "classification", "builtin:mlp", root / f"{id}.safetensors", spec, params)
+
+
+def test_the_result_says_what_ran_after_auto_fell_back(settings, root):
+    register_mlp(root, "digits-wide", 128)  # 9,610 parameters: no full Hessian
     client, worker = service(settings, root)
     with client:
         done = finished(client, worker, "/v1/attributions", {**attribution(model="digits-wide"), "method": {}})
@@ -158,16 +163,22 @@ def test_the_result_says_what_ran_after_auto_fell_back(settings, root):
     assert any("last layer" in note for note in ran["notes"])
 
 
-def test_a_job_whose_engine_raises_fails_once_with_that_message(client, settings, worker):
-    method = {"precondition": "hessian", "damping": 0.0, "params": ["net.3.*"]}  # singular: softmax's null space
-    created = client.post("/v1/attributions", json=attribution(method=method))
-    assert created.status_code == 202, created.text
-    worker.work(burst=True)
-    failed = client.get(created.headers["location"]).json()
+def test_a_job_whose_engine_raises_fails_once_with_that_message(settings, root):
+    register_mlp(root, "digits-huge", 320)  # 24,010 parameters: over the exact Hessian's limit
+    client, worker = service(settings, root)
+    with client:
+        created = client.post(
+            "/v1/attributions", json=attribution(model="digits-huge", method={"precondition": "hessian"})
+        )
+        assert created.status_code == 202, created.text
+        worker.work(burst=True)
+        failed = client.get(created.headers["location"]).json()
     assert failed["status"] == "failed"
-    assert failed["error"].startswith("the damped Hessian is singular") and "Traceback" not in failed["error"]
-    assert worker.context.stats["jobs"] == 1  # a deterministic error is not retried
-    job = Job.fetch(
-        created.json()["id"], connection=redis_lib.Redis.from_url(settings.redis_url), serializer=JSONSerializer
+    assert (
+        failed["error"].startswith("precondition='hessian' needs a 24010 x 24010 matrix")
+        and "Traceback" not in failed["error"]
     )
+    assert worker.context.stats["jobs"] == 1  # a deterministic error is not retried
+    key = redis_lib.Redis.from_url(settings.redis_url).hget(settings.key("handle", failed["id"]), "key").decode()
+    job = Job.fetch(key, connection=redis_lib.Redis.from_url(settings.redis_url), serializer=JSONSerializer)
     assert job.get_status() == JobStatus.FAILED  # RQ's own state

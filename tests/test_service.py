@@ -252,6 +252,7 @@ def test_openapi_operation_ids_are_stable(client):
         "get_model",
         "list_datasets",
         "get_dataset",
+        "list_jobs",
         "liveness",
         "readiness",
         "metrics",
@@ -301,6 +302,8 @@ def test_redis_outage_is_a_fast_503_and_recovers(client, redis_server):
         ({"method": {"optimizer": "rmsprop"}}, 422, "method.optimizer"),
         ({"method": {"unknown": 1}}, 422, "method.unknown"),
         ({"method": {"score": "cosine", "mode": "finite"}}, 422, "needs mode='linear'"),
+        ({"method": {"precondition": "hessian", "damping": 0}}, 422, "needs damping > 0"),
+        ({"method": {"precondition": "auto", "damping": 0}}, 422, "needs damping > 0"),
     ],
 )
 def test_errors_are_problem_json(client, changes, status, needle):
@@ -332,6 +335,42 @@ def test_more_errors_are_problem_json(client, settings):
     for response, status in cases:
         assert response.status_code == status, response.text
         assert response.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("path", ["/v1/attributions/a.b", "/v1/attributions/a%20b/scores", "/v1/analyses/%C3%A9"])
+def test_an_id_outside_the_id_alphabet_is_a_422_not_a_500(client, path):
+    response = client.get(path)
+    assert response.status_code == 422 and response.headers["content-type"] == "application/problem+json"
+
+
+def test_an_unsupported_method_is_a_405_with_allow(client):
+    response = client.request("TRACE", "/healthz")
+    assert response.status_code == 405 and response.headers["allow"] == "GET"
+
+
+def test_a_step_that_overflows_fails_the_job_and_says_what_to_change(client, worker):
+    created = post(client, method={"lr": 100, "steps": 5, "mode": "finite", "precondition": "diag"})
+    assert created.status_code == 202, created.text
+    worker.work(burst=True)
+    failed = client.get(created.headers["location"]).json()
+    assert failed["status"] == "failed" and "not finite" in failed["error"] and "method.lr" in failed["error"]
+
+
+def test_an_invalid_manifest_is_left_out_of_lists_and_a_503_by_id(client, settings, tmp_path):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    root = tmp_path / "registry"
+    shutil.copytree(settings.registry_dir, root)
+    (root / "models" / "digits-mlp" / "model.toml").write_text("task = 'nonsense'\n")
+    with TestClient(create_app(settings.model_copy(update={"registry_dir": root}))) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()] == ["digits-audit-mlp"]
+        broken = c.get("/v1/models/digits-mlp")
+        assert broken.status_code == 503 and "models/digits-mlp/model.toml" in broken.json()["detail"]
+        assert str(tmp_path) not in broken.text  # no server path
 
 
 def test_chunked_body_over_the_limit_is_refused(client, settings):

@@ -23,10 +23,13 @@ import argparse
 import logging
 import os
 import socket
+import sys
 import threading
 
 from redis import Redis
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry as RedisRetry
 from rq import Queue, SimpleWorker
 from rq.exceptions import AbandonedJobError
 from rq.serializers import JSONSerializer
@@ -58,7 +61,10 @@ class WarmWorker(SimpleWorker):
     """A SimpleWorker with a warm cache, short job heartbeats and a readiness heartbeat in Redis."""
 
     def __init__(self, settings: Settings, name: str | None = None, **kwargs):
-        redis = Redis.from_url(settings.redis_url)  # rq sets a read timeout that fits its blocking dequeue
+        # a Redis outage is ridden out, not fatal: every command is retried with back-off (rq sets a read
+        # timeout that fits its blocking dequeue); a job whose writes still fail is abandoned, then requeued
+        backoff = ExponentialWithJitterBackoff(base=0.1, cap=2.0)
+        redis = Redis.from_url(settings.redis_url, retry=RedisRetry(backoff, settings.worker_redis_retries))
         name = name or f"{socket.gethostname()}-{os.getpid()}"
         super().__init__(
             [Queue(settings.queue, connection=redis, serializer=JSONSerializer)],
@@ -151,12 +157,15 @@ class WarmWorker(SimpleWorker):
         key = self.settings.key("worker", self.name)
         with self.connection.pipeline() as pipe:
             pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
-            pipe.expire(key, max(3, self.settings.heartbeat_ttl_s))
+            pipe.expire(key, self.settings.ready_ttl_s)
             pipe.execute()
 
     def start_heartbeat(self) -> None:
+        """After the warm-up: /readyz counts a worker only once it is warm, and stops within ready_ttl_s
+        of its death."""
+
         def loop():
-            while not self._alive.wait(max(1.0, self.settings.heartbeat_ttl_s / 3)):
+            while not self._alive.wait(self.settings.ready_ttl_s / 3):
                 try:
                     self.publish()
                 except Exception:
@@ -194,9 +203,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--burst", action="store_true", help="drain the queue, then exit")
     parser.add_argument("--name", default=None)
+    parser.add_argument("--healthcheck", action="store_true", help="exit 0 if a worker of this host is ready")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings()
+    if args.healthcheck:  # a container's health check: its worker's readiness heartbeat is alive
+        mine = Redis.from_url(settings.redis_url).scan_iter(match=settings.key("worker", f"{socket.gethostname()}-*"))
+        sys.exit(0 if next(mine, None) is not None else 1)
     worker = WarmWorker(settings, name=args.name)
     log.info(
         "worker %s on %s, queue %s, registry %s",

@@ -1,5 +1,5 @@
 """Data-governance analyses: leakage, mislabeled data, memorization. Each is a job like an attribution
-(same lifecycle, progress, cache and cancel), with an answer instead of a score matrix."""
+(same lifecycle, progress, cache, cancel and tenancy), with an answer instead of a score matrix."""
 
 from __future__ import annotations
 
@@ -8,57 +8,75 @@ from fastapi.responses import HTMLResponse
 
 from contract.schemas import AnalysisPublic, LeakageCreate, MemorizationCreate, MislabeledCreate
 
+from ..auth import Reader, Submitter
 from ..deps import JobsDep, RegistryDep, SettingsDep
-from .attributions import PROBLEMS, REPORT, SCORES, Format, WaitS, create, report_response, scores_response
+from . import jobs as shared
+from .attributions import REPORT, SCORES
+from .jobs import CREATE, READ, Format, JobId, WaitS
 
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
-CREATED = {200: {"model": AnalysisPublic}, 202: {"model": AnalysisPublic}, **PROBLEMS}
+CREATED = {
+    "status_code": 202,
+    "response_model": AnalysisPublic,
+    "responses": {200: {"model": AnalysisPublic, "description": "this tenant asked the same before"}, **CREATE},
+}
 
 
-@router.post("/leakage", operation_id="create_leakage_analysis", status_code=202, responses=CREATED)
-def create_leakage(body: LeakageCreate, jobs: JobsDep, registry: RegistryDep, settings: SettingsDep) -> Response:
+@router.post("/leakage", operation_id="create_leakage_analysis", **CREATED)
+async def create_leakage(
+    body: LeakageCreate, who: Submitter, jobs: JobsDep, registry: RegistryDep, settings: SettingsDep
+) -> Response:
     """Which test points are present in the training set: per test point the closest training record,
     a calibrated leaked/not decision (threshold and calibration reported) and the 5 closest as evidence."""
-    return create("leakage", body, jobs, registry, settings)
+    return await shared.create("leakage", body, who, jobs, registry, settings)
 
 
-@router.post("/mislabeled", operation_id="create_mislabeled_analysis", status_code=202, responses=CREATED)
-def create_mislabeled(body: MislabeledCreate, jobs: JobsDep, registry: RegistryDep, settings: SettingsDep) -> Response:
+@router.post("/mislabeled", operation_id="create_mislabeled_analysis", **CREATED)
+async def create_mislabeled(
+    body: MislabeledCreate, who: Submitter, jobs: JobsDep, registry: RegistryDep, settings: SettingsDep
+) -> Response:
     """Training records ranked by how likely their label is wrong, a review list with its expected
     precision, and per-class summaries."""
-    return create("mislabeled", body, jobs, registry, settings)
+    return await shared.create("mislabeled", body, who, jobs, registry, settings)
 
 
-@router.post("/memorization", operation_id="create_memorization_analysis", status_code=202, responses=CREATED)
-def create_memorization(
-    body: MemorizationCreate, jobs: JobsDep, registry: RegistryDep, settings: SettingsDep
+@router.post("/memorization", operation_id="create_memorization_analysis", **CREATED)
+async def create_memorization(
+    body: MemorizationCreate, who: Submitter, jobs: JobsDep, registry: RegistryDep, settings: SettingsDep
 ) -> Response:
     """For each requested training record: how much the model relies on it (and its exact copies) for
     its own prediction versus its supporting neighbours; ranked, with outliers flagged."""
-    return create("memorization", body, jobs, registry, settings)
+    return await shared.create("memorization", body, who, jobs, registry, settings)
 
 
-@router.get("/{analysis_id}", operation_id="get_analysis", response_model=AnalysisPublic, responses=PROBLEMS)
-async def get_analysis(analysis_id: str, jobs: JobsDep, settings: SettingsDep, wait_s: WaitS = 0.0) -> Response:
+@router.get("/{analysis_id}", operation_id="get_analysis", response_model=AnalysisPublic, responses=READ)
+async def get_analysis(
+    analysis_id: JobId, who: Reader, jobs: JobsDep, settings: SettingsDep, wait_s: WaitS = 0.0
+) -> Response:
     """Status, progress and, when finished, the analysis' answer (with `wait_s`: a long poll)."""
-    body = await jobs.wait(analysis_id, None, min(wait_s, settings.max_wait_s), analysis=True)
-    return Response(body, media_type="application/json")
+    return await shared.view(jobs, settings, analysis_id, who, None, wait_s, analysis=True)
 
 
 @router.get("/{analysis_id}/scores", operation_id="get_analysis_scores", responses=SCORES)
-def get_analysis_scores(analysis_id: str, jobs: JobsDep, request: Request, format: Format = None) -> Response:
+async def get_analysis_scores(analysis_id: JobId, who: Reader, jobs: JobsDep, request: Request, format: Format = None):
     """The engine's raw float32 score matrix behind the answer (rows: test points, reference group or
     audited records; columns: training records)."""
-    return scores_response(jobs, analysis_id, True, request, format)
+    return await shared.scores(jobs, analysis_id, who, True, request, format)
 
 
 @router.get("/{analysis_id}/report", operation_id="get_analysis_report", response_class=HTMLResponse, responses=REPORT)
-def get_analysis_report(analysis_id: str, jobs: JobsDep, registry: RegistryDep) -> HTMLResponse:
+async def get_analysis_report(analysis_id: JobId, who: Reader, jobs: JobsDep, registry: RegistryDep) -> HTMLResponse:
     """A self-contained HTML page of the answer, with thumbnails (or text) of the records involved."""
-    return report_response(jobs, analysis_id, True, registry)
+    return await shared.report(jobs, analysis_id, who, True, registry)
 
 
-@router.delete("/{analysis_id}", operation_id="cancel_analysis", status_code=202, responses=PROBLEMS)
-def cancel_analysis(analysis_id: str, jobs: JobsDep) -> AnalysisPublic:
-    """Cancel: a queued job is removed; a running one stops at its next batch."""
-    return jobs.cancel(analysis_id, analysis=True)
+@router.delete(
+    "/{analysis_id}",
+    operation_id="cancel_analysis",
+    status_code=202,
+    response_model=AnalysisPublic,
+    responses={204: {"description": "an ended job's handle (and a result no one else holds) deleted"}, **READ},
+)
+async def cancel_analysis(analysis_id: JobId, who: Submitter, jobs: JobsDep) -> Response:
+    """A queued or running analysis: canceled for this tenant (202); an ended one: deleted (204)."""
+    return await shared.cancel(jobs, analysis_id, who, True)

@@ -34,7 +34,9 @@ def readyz(redis: RedisDep, settings: SettingsDep) -> Response:
     return JSONResponse(health.model_dump(mode="json"), status_code=200 if workers else 503)
 
 
-@router.get("/metrics", operation_id="metrics", response_class=Response)
+@router.get(
+    "/metrics", operation_id="metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}}
+)
 def prometheus(redis: RedisDep, settings: SettingsDep) -> Response:
     body, content_type = metrics.render(redis, settings)
     return Response(body, media_type=content_type)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
+from fastapi import APIRouter, Path
+
+from contract.registry import ID
 from contract.schemas import DatasetPublic, ModelPublic
 
+from ..auth import Reader
 from ..deps import RegistryDep
 from ..errors import NotFound
+from .jobs import READ, problems
+
+EntryId = Annotated[str, Path(pattern=ID, description="a registered id")]
 
 router = APIRouter(prefix="/v1", tags=["registry"])
 
@@ -38,25 +45,25 @@ def _dataset(d) -> DatasetPublic:
     )
 
 
-@router.get("/models", operation_id="list_models")
-def list_models(registry: RegistryDep) -> list[ModelPublic]:
+@router.get("/models", operation_id="list_models", responses=problems(503))
+def list_models(who: Reader, registry: RegistryDep) -> list[ModelPublic]:
     return [_model(m) for m in registry.models()]
 
 
-@router.get("/models/{model_id}", operation_id="get_model")
-def get_model(model_id: str, registry: RegistryDep) -> ModelPublic:
+@router.get("/models/{model_id}", operation_id="get_model", responses=READ)
+def get_model(model_id: EntryId, who: Reader, registry: RegistryDep) -> ModelPublic:
     if (m := registry.model(model_id)) is None:
         raise NotFound(f"unknown model {model_id!r}")
     return _model(m)
 
 
-@router.get("/datasets", operation_id="list_datasets")
-def list_datasets(registry: RegistryDep) -> list[DatasetPublic]:
+@router.get("/datasets", operation_id="list_datasets", responses=problems(503))
+def list_datasets(who: Reader, registry: RegistryDep) -> list[DatasetPublic]:
     return [_dataset(d) for d in registry.datasets()]
 
 
-@router.get("/datasets/{dataset_id}", operation_id="get_dataset")
-def get_dataset(dataset_id: str, registry: RegistryDep) -> DatasetPublic:
+@router.get("/datasets/{dataset_id}", operation_id="get_dataset", responses=READ)
+def get_dataset(dataset_id: EntryId, who: Reader, registry: RegistryDep) -> DatasetPublic:
     if (d := registry.dataset(dataset_id)) is None:
         raise NotFound(f"unknown dataset {dataset_id!r}")
     return _dataset(d)

@@ -111,6 +111,10 @@ class MirrorConfig:
                 raise AttributionInputError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.score == "cosine" and self.mode != "linear":
             raise AttributionInputError("score='cosine' needs mode='linear' (a unit-norm first-order step)")
+        if self.precondition != "none" and self.damping <= 0:
+            raise AttributionInputError(
+                "precondition needs damping > 0 (a classifier's curvature is singular without it)"
+            )
         if isinstance(self.params, str):
             object.__setattr__(self, "params", (self.params,))
         if not self.params:

@@ -1,0 +1,160 @@
+"""Processes that stay up: a worker rides out a Redis outage mid-job, scripts/serve restarts a SIGKILLed
+worker and the job in flight still finishes, /readyz forgets a dead worker within seconds, and 200 held
+long polls leave /healthz fast. Real redis-server, real `python -m worker`, uvicorn and scripts/serve."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+import redis as redis_lib
+
+from tests.conftest import PYTHON, ROOT, RedisServer, free_port, running_mid_job, start_worker, submit, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def worker_pid(settings) -> int:
+    """The pid of the one live worker, from its readiness heartbeat (named host-pid)."""
+    redis = redis_lib.Redis.from_url(settings.redis_url)
+    names = [k.decode() for k in redis.scan_iter(settings.key("worker", "*"))]
+    assert len(names) == 1, names
+    return int(names[0].rsplit("-", 1)[1])
+
+
+def test_a_worker_rides_out_a_redis_outage_mid_job(big_settings, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    server = RedisServer(tmp_path, durable=True)
+    server.start()
+    settings = big_settings.model_copy(update={"redis_url": server.url, "heartbeat_ttl_s": 10})
+    worker = start_worker(settings, "steady")
+    try:
+        with TestClient(create_app(settings)) as api:
+            url = submit(api)
+            wait_for(lambda: running_mid_job(api, url))
+            server.stop()
+            time.sleep(2)
+            server.start()
+            done = wait_for(lambda: (j := _json(api, url)) and j["status"] in ("finished", "failed") and j, timeout=90)
+        assert done["status"] == "finished", done
+        assert worker.poll() is None  # still up: it retried, it did not quit
+    finally:
+        worker.kill()
+        server.stop()
+
+
+def _json(api, url) -> dict | None:
+    response = api.get(url)
+    return response.json() if response.status_code == 200 else None  # a 503 while Redis comes back
+
+
+def test_readyz_forgets_a_dead_worker_within_seconds(api, big_settings):
+    worker = start_worker(big_settings.model_copy(update={"ready_ttl_s": 2}), "mortal")
+    try:
+        wait_for(lambda: api.get("/readyz").status_code == 200)
+        worker.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: api.get("/readyz").status_code == 503, timeout=10)
+        assert time.monotonic() - killed < big_settings.ready_ttl_s + 1
+    finally:
+        worker.kill()
+
+
+def test_serve_restarts_a_killed_worker_and_the_job_in_flight_finishes(big_settings, tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "VENV": str(ROOT / ".venv") if (ROOT / ".venv").is_dir() else os.path.dirname(os.path.dirname(PYTHON)),
+        "PORT": str(port),
+        "REDIS_URL": big_settings.redis_url,
+        "ATTR_REGISTRY_DIR": str(big_settings.registry_dir),
+        "ATTR_WORKERS": "1",
+        "ATTR_WARM_ON_START": "false",
+        "ATTR_BATCH_SIZE": "32",
+        "ATTR_HEARTBEAT_TTL_S": "2",
+        "ATTR_MAINTENANCE_INTERVAL_S": "1",
+        "ATTR_PROGRESS_INTERVAL_S": "0.1",
+    }
+    env.pop("PYTEST_CURRENT_TEST", None)
+    serve = subprocess.Popen(
+        [ROOT / "scripts" / "serve"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+        wait_for(lambda: _ready(api), timeout=120, interval=0.2)
+        url = submit(api)
+        wait_for(lambda: running_mid_job(api, url))
+        victim = worker_pid(big_settings)
+        os.kill(victim, signal.SIGKILL)
+        done = wait_for(lambda: (j := api.get(url).json())["status"] == "finished" and j, timeout=60, interval=0.2)
+        assert len(done["result"]["rows"]) == 16
+        assert worker_pid(big_settings) != victim  # a new worker, started by serve, finished it
+    finally:
+        serve.terminate()
+        serve.wait(30)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)  # serve stopped what it started
+
+
+def _ready(api: httpx.Client) -> bool:
+    try:
+        return api.get("/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_200_held_long_polls_leave_healthz_fast(settings):
+    """No worker: the job stays queued, so every long poll is held for its whole wait."""
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": settings.redis_url, "ATTR_REGISTRY_DIR": str(settings.registry_dir)}
+    api = subprocess.Popen(
+        [PYTHON, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _ready_or_503(base), timeout=30, interval=0.1)
+        body = {"model": "digits-mlp", "dataset": "digits-train", "test": {"dataset": "digits-test", "indices": [0]}}
+        url = httpx.post(f"{base}/v1/attributions", json=body).json()["links"]["self"]
+
+        async def run():
+            limits = httpx.Limits(max_connections=220, max_keepalive_connections=220)
+            async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
+                polls = [asyncio.create_task(client.get(url, params={"wait_s": 6})) for _ in range(200)]
+                await asyncio.sleep(2)  # all of them in, and held
+                health = []
+                for _ in range(20):
+                    start = time.perf_counter()
+                    assert (await client.get("/healthz")).status_code == 200
+                    health.append(time.perf_counter() - start)
+                    await asyncio.sleep(0.05)
+                answers = await asyncio.gather(*polls)
+                return health, answers
+
+        health, answers = asyncio.run(run())
+    finally:
+        api.terminate()
+        api.wait(10)
+    assert all(a.status_code == 200 and a.json()["status"] == "queued" for a in answers), {
+        (a.status_code, a.text[:200]) for a in answers
+    }
+    print(
+        f"\n/healthz with 200 long polls held: p50 {1000 * sorted(health)[10]:.1f} ms, max {1000 * max(health):.1f} ms"
+    )
+    assert max(health) < 0.05
+
+
+def _ready_or_503(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False

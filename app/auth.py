@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .errors import Forbidden, Unauthorized
 
@@ -67,16 +66,17 @@ class KeyStore:
         return Principal(entry["tenant"], frozenset(entry.get("scopes", ())), key_id)
 
 
-_bearer = HTTPBearer(auto_error=False, description="an API key: Bearer fi_<id>_<secret> (none in development)")
+# The OpenAPI document declares this scheme on every /v1 operation (app.main); the dependency below reads
+# the header itself, one dependency instead of two on the hot path.
+SECURITY_SCHEME = {"type": "http", "scheme": "bearer", "description": "an API key: Bearer fi_<id>_<secret>"}
 
 
 def require(scope: str):
     """A dependency: the caller's principal, refused (401/403) unless its key has `scope`."""
 
-    async def principal(
-        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-    ) -> Principal:
-        who = request.app.state.keys.authenticate(credentials.credentials if credentials else None)
+    async def principal(request: Request) -> Principal:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        who = request.app.state.keys.authenticate(token.strip() if scheme.lower() == "bearer" else None)
         if scope not in who.scopes:
             raise Forbidden(f"this API key lacks the {scope!r} scope")
         return who

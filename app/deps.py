@@ -27,8 +27,7 @@ async def get_registry(request: Request) -> Registry:
 
 
 async def get_jobs(request: Request) -> Jobs:
-    state = request.app.state
-    return Jobs(state.redis, state.aredis, state.settings, state.events, state.results)
+    return request.app.state.jobs
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -4,7 +4,9 @@ Workers publish a job's id on the channel `settings.key("events")` once its end 
 failed, stopped); the API does when it cancels a queued job. Each API process keeps one subscription
 (redis.asyncio) and wakes the requests waiting on that id. While the subscription is down (Redis
 restarting) waits simply run to their deadline; on every (re)connect all waiters are woken to read
-again, so an end published meanwhile is never missed for longer than the outage.
+again, so an end published meanwhile is never missed for longer than the outage. `drop:<name>` tells
+every API process to forget a deleted result it keeps parsed (app/jobs.py: Results); after an outage
+each process forgets them all.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ log = logging.getLogger("app.events")
 
 
 class Events:
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    def __init__(self, settings: Settings, results=None):
+        self.settings, self.results = settings, results
         self.channel = settings.key("events")
         self._waiting: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task | None = None
@@ -66,10 +68,18 @@ class Events:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(self.channel)
                     self._wake(list(self._waiting))  # whatever ended while we were not listening is read again
+                    if self.results is not None:  # and what was deleted meanwhile is forgotten
+                        for name in list(self.results.items):
+                            self.results.drop(name)
                     delay = 0.1
                     async for message in pubsub.listen():
-                        if message["type"] == "message":
-                            self._wake([message["data"].decode()])
+                        if message["type"] != "message":
+                            continue
+                        data = message["data"].decode()
+                        if data.startswith("drop:") and self.results is not None:
+                            self.results.drop(data.removeprefix("drop:"))
+                        else:
+                            self._wake([data])
             except (RedisError, OSError) as exc:
                 log.warning("job events: subscription lost (%s); reconnecting in %.1f s", type(exc).__name__, delay)
                 await asyncio.sleep(delay)

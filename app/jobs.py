@@ -75,36 +75,47 @@ def links(kind: str, handle: str) -> dict[str, str]:
 
 class Results:
     """Finished results, parsed once per API process, and their encoded views. A result never changes
-    under its key (the key hashes everything it depends on), so a popular one (a report, the long polls
-    that one job's end wakes) is read and parsed once; a hit costs one EXISTS, so an expired or deleted
-    result is never served. Bounded by the stored JSON's size (`result_cache_bytes`)."""
+    under its key (the key hashes everything it depends on), so a popular one (a report, repeated views,
+    the long polls one job's end wakes) is read and parsed once, and a hit costs no Redis command: an
+    entry lives until the result's own expiry in Redis (read with it), and a deleted result is dropped
+    from every API process by its `drop` event (app/events.py). Bounded by the stored JSON's size
+    (`result_cache_bytes`)."""
 
     def __init__(self, budget_bytes: int):
         self.budget, self.bytes = budget_bytes, 0
-        self.items: OrderedDict[str, tuple[dict, int]] = OrderedDict()
+        self.items: OrderedDict[str, tuple[dict, int, float]] = OrderedDict()  # name -> (result, size, expires)
         self.encoded: OrderedDict[tuple, bytes] = OrderedDict()
         self.loading: dict[str, asyncio.Lock] = {}  # one reader per result: concurrent misses wait for it
 
     async def get(self, aredis: aioredis.Redis, name: str) -> dict | None:
-        if name in self.items:
-            if await aredis.exists(name):
-                self.items.move_to_end(name)
-                return self.items[name][0]
-            self._drop(name)  # expired, or deleted, in Redis
+        if (hit := self._hit(name)) is not None:
+            return hit
         async with self.loading.setdefault(name, asyncio.Lock()):
-            if name in self.items:  # another request read it meanwhile
-                return self.items[name][0]
-            raw = await aredis.get(name)
+            if (hit := self._hit(name)) is not None:  # another request read it meanwhile
+                return hit
+            async with aredis.pipeline(transaction=False) as pipe:
+                raw, ttl_ms = await pipe.get(name).pttl(name).execute()
             self.loading.pop(name, None)
             if raw is None:
                 return None
             result = await run_in_threadpool(json.loads, raw) if len(raw) > LARGE else json.loads(raw)
             if "job" not in result:  # stored by an earlier release: unknown here
                 return None
-            self.items[name], self.bytes = (result, len(raw)), self.bytes + len(raw)
+            expires = time.monotonic() + (ttl_ms / 1000 if ttl_ms > 0 else 60.0)
+            self.items[name], self.bytes = (result, len(raw), expires), self.bytes + len(raw)
             while self.bytes > self.budget and len(self.items) > 1:
-                self._drop(next(iter(self.items)))
+                self.drop(next(iter(self.items)))
             return result
+
+    def _hit(self, name: str) -> dict | None:
+        entry = self.items.get(name)
+        if entry is None:
+            return None
+        if time.monotonic() >= entry[2]:  # expired in Redis too by now
+            self.drop(name)
+            return None
+        self.items.move_to_end(name)
+        return entry[0]
 
     def view(self, name: str, variant: tuple, encode: Callable[[], bytes]) -> bytes:
         """The encoded view `variant` of the cached result `name` (call after get() found it)."""
@@ -116,8 +127,9 @@ class Results:
                 self.bytes -= len(self.encoded.popitem(last=False)[1])
         return self.encoded[key]
 
-    def _drop(self, name: str) -> None:
-        self.bytes -= self.items.pop(name)[1]
+    def drop(self, name: str) -> None:
+        if name in self.items:
+            self.bytes -= self.items.pop(name)[1]
         for key in [k for k in self.encoded if k[0] == name]:
             self.bytes -= len(self.encoded.pop(key))
 
@@ -133,31 +145,36 @@ class Jobs:
         return mac.hexdigest()[:32]
 
     # -- submit -----------------------------------------------------------------------------------
-    async def submit(self, job: Job, who: Principal, top_k: int | None = None) -> tuple[View, int]:
-        """The job's view for this tenant and its status code: 200 when the tenant asked the same before
-        and it has finished (`cached`), else 202 (new, joined, or already finished for another tenant)."""
-        await self._rate(who)
-        key, handle = job.key, self.handle_of(who.tenant, job.key)
-        held = await self.aredis.hmget(self.key("handle", handle), "tenant", "canceled")
-        known = held[0] is not None and held[1] is None  # asked before, and did not let go (else others kept it)
-        finished = await self.results.get(self.aredis, self.key("result", key)) is not None
-        if not finished:
+    async def submit(self, job: Job, who: Principal, top_k: int | None = None) -> tuple[bytes, int, str]:
+        """The job's view for this tenant (JSON), its status code and its handle: 200 when the tenant asked
+        the same before and it has finished (`cached`), else 202 (new, joined, or finished for another)."""
+        key = job.key
+        handle, window = self.handle_of(who.tenant, key), self.key("rate", who.key_id, str(int(time.time() // 60)))
+        async with self.aredis.pipeline(transaction=False) as pipe:  # one round trip for both
+            count, raw = await pipe.incr(window).hgetall(self.key("handle", handle)).execute()
+        await self._rate(window, count)
+        record = {k.decode(): v.decode() for k, v in raw.items()}
+        known = bool(record) and not record.get("canceled")  # asked before and did not let go (else others kept it)
+        result = await self.results.get(self.aredis, self.key("result", key))
+        if result is None:
             await run_in_threadpool(self._start, job, who.tenant)
-        record = await self._hold(handle, who.tenant, job, top_k)
-        view = await self._view(handle, record, top_k)
-        view["cached"] = cached = finished and known
-        return view, 200 if cached else 202
+        if not known:
+            record = await self._hold(handle, who.tenant, job, top_k)
+        if result is None:
+            return _encode(await self._view(handle, record, top_k)), 202, handle
+        name, k = self.key("result", key), top_k or int(record["top_k"])
+        body = self.results.view(name, (handle, k, known), lambda: _encode(self._finished(handle, result, k, known)))
+        return body, 200 if known else 202, handle
 
-    async def _rate(self, who: Principal) -> None:
-        now = time.time()
-        name = self.key("rate", who.key_id, str(int(now // 60)))
-        async with self.aredis.pipeline(transaction=True) as pipe:
-            count, _ = await pipe.incr(name).expire(name, 120).execute()
+    async def _rate(self, window: str, count: int) -> None:
+        """The key's `count`-th submission in this minute's `window`: refused past the limit."""
+        if count == 1:
+            await self.aredis.expire(window, 120)
         if count > self.settings.submit_rate_per_minute:
             raise TooManyRequests(
-                f"API key {who.key_id!r} has submitted {self.settings.submit_rate_per_minute} requests this minute "
+                f"this API key has submitted {self.settings.submit_rate_per_minute} requests this minute "
                 "(ATTR_SUBMIT_RATE_PER_MINUTE)",
-                60 - int(now) % 60,
+                60 - int(time.time()) % 60,
             )
 
     def _start(self, job: Job, tenant: str) -> None:
@@ -218,16 +235,19 @@ class Jobs:
         async with self.aredis.pipeline(transaction=True) as pipe:
             pipe.hset(name, mapping=record).hsetnx(name, "created", str(now)).hsetnx(name, "top_k", str(top_k or 10))
             pipe.hdel(name, "canceled").expire(name, ttl).sadd(holders, handle).expire(holders, ttl)
-            pipe.zadd(self.key("jobs", tenant), {handle: now}, nx=True)
-            await pipe.execute()
-        return await self._record(handle, tenant)
+            pipe.zadd(self.key("jobs", tenant), {handle: now}, nx=True).hmget(name, "created", "top_k")
+            *_, (created, kept_top_k) = await pipe.execute()
+        return {**record, "created": created.decode(), "top_k": kept_top_k.decode()}
 
     # -- views ------------------------------------------------------------------------------------
+    async def _lookup(self, handle: str) -> dict[str, str]:
+        raw = await self.aredis.hgetall(self.key("handle", handle))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
     async def _record(self, handle: str, tenant: str, analysis: bool | None = None) -> dict[str, str]:
         """The tenant's handle record; 404 for an unknown handle, another tenant's, or the other family's
         (an attribution id asked for as an analysis, or the reverse)."""
-        raw = await self.aredis.hgetall(self.key("handle", handle))
-        record = {k.decode(): v.decode() for k, v in raw.items()}
+        record = await self._lookup(handle)
         family = None if analysis is None else record.get("kind") != "attribution"
         if not record or record["tenant"] != tenant or (analysis is not None and family != analysis):
             what = "job" if analysis is None else "analysis" if analysis else "attribution"
@@ -250,7 +270,9 @@ class Jobs:
         k = top_k or int(record["top_k"])
         name = self.key("result", record["key"])
         if not record.get("canceled") and (result := await self.results.get(self.aredis, name)) is not None:
-            return "finished", self.results.view(name, (handle, k), lambda: _encode(self._finished(handle, result, k)))
+            return "finished", self.results.view(
+                name, (handle, k, False), lambda: _encode(self._finished(handle, result, k))
+            )
         view = await self._view(handle, record, top_k)
         return view["status"], _encode(view)
 
@@ -304,6 +326,7 @@ class Jobs:
             await pipe.execute()
         if status == "finished" and not await self.aredis.scard(holders):
             await self.aredis.delete(self.key("result", key), self.key("scores", key), holders)
+            await self.aredis.publish(self.key("events"), f"drop:{self.key('result', key)}")  # every API's cache
         return None
 
     def _stop(self, key: str) -> None:

@@ -1,9 +1,15 @@
-"""Prometheus metrics: request counts and latency (this process), plus a scrape-time view of Redis:
-queue depth, and what each worker reports in its heartbeat (memory, jobs, durations, cache counters)."""
+"""Prometheus metrics: request counts and latency, plus a scrape-time view of Redis: queue depth, and
+what each worker reports in its heartbeat (memory, jobs, durations, cache counters).
+
+With several API processes (uvicorn --workers), set PROMETHEUS_MULTIPROC_DIR to an empty directory
+(scripts/serve does): each process then writes its counts there and a scrape sums all of them,
+prometheus_client's multiprocess mode."""
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from redis import Redis
 from rq import Queue
@@ -58,4 +64,8 @@ def render(redis: Redis, settings: Settings) -> tuple[bytes, str]:
 
     scrape = CollectorRegistry()
     scrape.register(Snapshot())
-    return generate_latest(REGISTRY) + generate_latest(scrape), CONTENT_TYPE_LATEST
+    own = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # every API process's counts, not this one's alone
+        own = CollectorRegistry()
+        multiprocess.MultiProcessCollector(own)
+    return generate_latest(own) + generate_latest(scrape), CONTENT_TYPE_LATEST

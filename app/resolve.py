@@ -12,6 +12,8 @@ the reason, so a job never fails on input that could have been refused here.
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
+
 import numpy as np
 
 from contract.jobs import (
@@ -60,6 +62,13 @@ def resolve(kind: str, request: Request, registry: Registry, settings: Settings)
         method = resolve_method(kind, request.method, model.method)
     except MethodConflict as exc:
         raise InvalidInput(str(exc), [{"loc": ["body", "method", f]} for f in exc.fields]) from None
+    names = model.tensor_names()
+    for glob in method.params:
+        if not any(fnmatch(name, glob) for name in names):
+            raise InvalidInput(
+                f"method.params: {glob!r} matches no parameter of model {model.id!r} ({', '.join(names[:8])})",
+                _loc("method", "params"),
+            )
     common = {
         "model": ModelRef(id=model.id, digest=model.digest),
         "dataset": DatasetRef(id=dataset.id, digest=dataset.digest),

@@ -1,6 +1,6 @@
 """Service latency on loopback, measured side by side in one run.
 
-    python -m bench.service [--requests 500] [--tile 100] [--polls 200] [--compare PATH]
+    python -m bench.service [--requests 500] [--tile 100] [--polls 200] [--seconds 5] [--compare PATH]
 
 Starts a private redis-server, a demo registry (plus `digits-big`: the training set tiled `--tile`
 times), the API under uvicorn and one worker, then reports:
@@ -8,6 +8,8 @@ times), the API under uvicorn and one worker, then reports:
     (keep-alive client);
   - `--polls` concurrent long polls (`wait_s=20`) on one running job: errors, how they ended, the API
     process's CPU use while they waited, and /healthz latency meanwhile;
+  - throughput of a cached GET and a cache-hit POST at concurrency 1, 8, 32 and 128 (wrk, from Debian's
+    `wrk` package: C, so the load costs the two cores little), with 1 and 2 API processes;
   - warm end-to-end latency of one attribution (POST, then a long-poll GET) divided by the
     engine's own compute time for the same work in this process (mirror + sweep on warm data);
   - cold first request (a fresh worker without warm-up: model and shard loads, torch.func's first call)
@@ -21,7 +23,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
+import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -34,6 +39,7 @@ import redis
 import torch
 from safetensors.torch import load_file, save_file
 
+from app.keys import main as keys_main
 from contract.registry import Registry
 from worker.registry import main as registry_main
 
@@ -54,7 +60,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @contextlib.contextmanager
-def service(registry_dir: Path, warm: bool, code: Path = ROOT, **settings: str):
+def service(registry_dir: Path, warm: bool, code: Path = ROOT, api_workers: int = 1, **settings: str):
     """Redis, the API under uvicorn and one worker on free ports, running the code in `code`; yields an
     httpx client once ready (`client.api_pid`: the API's process). `settings`: extra ATTR_* environment
     variables (e.g. ATTR_MAX_TEST_POINTS="512")."""
@@ -92,6 +98,8 @@ def service(registry_dir: Path, warm: bool, code: Path = ROOT, **settings: str):
                     "--factory",
                     "--port",
                     str(api_port),
+                    "--workers",
+                    str(api_workers),
                     "--log-level",
                     "warning",
                 ],
@@ -188,6 +196,19 @@ def latency(client: httpx.Client, body: dict, requests: int) -> list[tuple[str, 
     return rows
 
 
+PROBE = """
+import sys, time, urllib.request
+while True:
+    start = time.perf_counter()
+    try:
+        urllib.request.urlopen(sys.argv[1], timeout=120).read()
+    except OSError:
+        pass
+    print(time.perf_counter() - start, flush=True)
+    time.sleep(0.1)
+"""
+
+
 def long_polls(client: httpx.Client, body: dict, polls: int, wait_s: float = 20.0) -> list[tuple[str, float | str]]:
     """`polls` concurrent long polls on one running job: errors, how they ended, the API's CPU while they
     were held (from all in until the job's end) and while they were answered, /healthz meanwhile."""
@@ -197,7 +218,9 @@ def long_polls(client: httpx.Client, body: dict, polls: int, wait_s: float = 20.
 
     async def run():
         limits = httpx.Limits(max_connections=polls + 10, max_keepalive_connections=polls + 10)
-        async with httpx.AsyncClient(base_url=str(client.base_url), limits=limits, timeout=wait_s + 60) as ac:
+        async with httpx.AsyncClient(
+            base_url=str(client.base_url), headers=client.headers, limits=limits, timeout=wait_s + 60
+        ) as ac:
 
             async def poll():
                 try:
@@ -206,24 +229,21 @@ def long_polls(client: httpx.Client, body: dict, polls: int, wait_s: float = 20.
                 except httpx.HTTPError as exc:
                     return type(exc).__name__, None, time.perf_counter()
 
-            async def health(until):
-                while not until.done():
-                    start = time.perf_counter()
-                    await ac.get("/healthz")
-                    latencies.append(time.perf_counter() - start)
-                    await asyncio.sleep(0.25)
-
-            latencies: list[float] = []
             tasks = [asyncio.create_task(poll()) for _ in range(polls)]
-            await asyncio.sleep(2.0)  # every poll is in and waiting
-            held = (time.perf_counter(), cpu_seconds(client.api_pid))
             everything = asyncio.gather(*tasks)
-            probe = asyncio.create_task(health(everything))
+            await asyncio.sleep(1.0)  # every poll is in and waiting
+            held = (time.perf_counter(), cpu_seconds(client.api_pid))
+            # /healthz from another process: this one's event loop is busy reading 200 long answers
+            probe = subprocess.Popen(
+                [sys.executable, "-c", PROBE, f"{client.base_url}/healthz"], stdout=subprocess.PIPE
+            )
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            assert time.perf_counter() - held[0] > 1.0, "the job ended too soon to hold the polls: use a larger --tile"
             woken = (time.perf_counter(), cpu_seconds(client.api_pid))
             results = await everything
-            await probe
             done = (time.perf_counter(), cpu_seconds(client.api_pid))
+            probe.terminate()
+            latencies = [float(line) for line in probe.communicate()[0].split()]
             return results, latencies, held, woken, done
 
     results, health, held, woken, done = asyncio.run(run())
@@ -242,9 +262,52 @@ def long_polls(client: httpx.Client, body: dict, polls: int, wait_s: float = 20.
         (f"{polls} long polls: API CPU while answering, % of a core", core(woken, done)),
         (
             f"{polls} long polls: /healthz meanwhile p50 / max, ms",
-            f"{1000 * percentile(health, 0.5):.1f} / {1000 * max(health):.1f}",
+            f"{1000 * percentile(health, 0.5):.1f} / {1000 * max(health):.1f}" if health else "no answer",
         ),
     ]
+
+
+def wrk(url: str, connections: int, seconds: int, headers: dict[str, str], body: dict | None = None) -> dict:
+    """wrk (C, from Debian's `wrk` package) against `url`: requests/s, p50/p99 latency in ms, errors."""
+    args = ["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{seconds}s", "--latency"]
+    for name, value in headers.items():
+        args += ["-H", f"{name}: {value}"]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        if body is not None:  # a POST with this JSON body
+            script.write(f"wrk.method = 'POST'\nwrk.body = {json.dumps(json.dumps(body))}\n")
+            script.write("wrk.headers['Content-Type'] = 'application/json'\n")
+            script.flush()
+            args += ["-s", script.name]
+        out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+
+    def ms(label: str) -> float:
+        value = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        return float(value[1]) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[value[2]]
+
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
+    return {"rps": rate, "p50": ms("50"), "p99": ms("99"), "errors": errors + (int(non_2xx[1]) if non_2xx else 0)}
+
+
+def throughput(client: httpx.Client, body: dict, seconds: int, headers: dict[str, str]) -> list[tuple[str, str]]:
+    """Cached GET (a finished job's view) and cache-hit POST at concurrency 1, 8, 32, 128."""
+    _, job = run_to_end(client, body)
+    assert client.post("/v1/attributions", json=body).status_code == 200  # from here on a cache hit
+    rows = []
+    for name, url, payload in (
+        ("cached GET", f"{client.base_url}{job['links']['self']}", None),
+        ("cache-hit POST", f"{client.base_url}/v1/attributions", body),
+    ):
+        for c in (1, 8, 32, 128):
+            r = wrk(url, c, seconds, headers, payload)
+            rows.append(
+                (
+                    f"{name}, c={c}: req/s, p50 / p99 ms, errors",
+                    f"{r['rps']:.0f}, {r['p50']:.1f} / {r['p99']:.1f}, {r['errors']}",
+                )
+            )
+    return rows
 
 
 def main() -> None:
@@ -253,6 +316,7 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=100)
     parser.add_argument("--polls", type=int, default=200)
     parser.add_argument("--compare", type=Path, default=None, help="another checkout, measured in the same run")
+    parser.add_argument("--seconds", type=int, default=5, help="each wrk run (throughput at 1, 8, 32, 128)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "registry"
@@ -274,13 +338,24 @@ def main() -> None:
         slow = {  # a job that runs for several seconds, to hold long polls on
             "model": "digits-mlp",
             "dataset": "digits-big",
-            "test": {"dataset": "digits-test", "indices": list(range(64))},
+            "test": {"dataset": "digits-test", "indices": list(range(128))},
             "method": {"mode": "finite", "optimizer": "adam", "precondition": "none"},
         }
-        columns: dict[str, list[tuple[str, float | str]]] = {}
-        for name, code in [("this checkout", ROOT)] + ([("compared", args.compare)] if args.compare else []):
-            with service(root, warm=False, code=code, ATTR_BATCH_SIZE="256") as client:
-                columns[name] = latency(client, report, args.requests) + long_polls(client, slow, args.polls)
+        keys = Path(tmp) / "keys.toml"  # this checkout runs as in production: every request with a key
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            keys_main(["--file", str(keys), "create", "--tenant", "bench", "--scopes", "read,submit"])
+        auth = {"Authorization": f"Bearer {printed.getvalue().strip()}"}
+        own = {"ATTR_API_KEYS_FILE": str(keys), "ATTR_SUBMIT_RATE_PER_MINUTE": str(10**9), "ATTR_BATCH_SIZE": "256"}
+        runs = [("this checkout", ROOT, 1), ("this checkout, 2 API processes", ROOT, 2)]
+        runs += [("compared", args.compare, 1)] if args.compare else []
+        columns: dict[str, dict[str, float | str]] = {}
+        for name, code, processes in runs:
+            with service(root, warm=False, code=code, api_workers=processes, **own) as client:
+                client.headers.update(auth)
+                measures = throughput(client, report, args.seconds, auth)
+                if processes == 1:  # the long polls' CPU figure reads one API process
+                    measures = latency(client, report, args.requests) + long_polls(client, slow, args.polls) + measures
+                columns[name] = dict(measures)
 
         rows = []
         with service(root, warm=False) as client:
@@ -311,8 +386,8 @@ def main() -> None:
 
     names = list(columns)
     print(f"| measure | {' | '.join(names)} |\n|---|{'---|' * len(names)}")
-    for i, (measure, _) in enumerate(columns[names[0]]):
-        print(f"| {measure} | {' | '.join(cell(columns[n][i][1]) for n in names)} |")
+    for measure in columns[names[0]]:
+        print(f"| {measure} | {' | '.join(cell(columns[n].get(measure, '-')) for n in names)} |")
     print("\n| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {cell(value)} |")

@@ -84,7 +84,7 @@ class _Job(_Frozen):
 
     @property
     def key(self) -> str:
-        """The job id and cache key: a hash of the whole payload."""
+        """The computation's identity and the key of its stored result: a hash of the whole payload."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 

@@ -35,13 +35,16 @@ PresetName = Literal["attribution", "leakage", "mislabeled"]
 
 
 class Method(BaseModel):
-    """Fully resolved Forward-INF settings (the engine's MirrorConfig fields that a request may set)."""
+    """Fully resolved Forward-INF settings (the engine's MirrorConfig fields that a request may set).
+    Numbers and flags are strict: `false` is not a damping, nor `1` a group flag."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     optimizer: Literal["sgd", "adam", "signsgd"] = Field("sgd", description="update rule of the mirrored step")
-    lr: Annotated[float, Field(gt=0, le=100)] = Field(1e-3, description="step size")
-    steps: Annotated[int, Field(ge=1, le=20)] = Field(1, description="mirrored steps (linear mode: the first)")
+    lr: Annotated[float, Field(strict=True, gt=0, le=100)] = Field(1e-3, description="step size")
+    steps: Annotated[int, Field(strict=True, ge=1, le=20)] = Field(
+        1, description="mirrored steps (linear mode: the first)"
+    )
     direction: Literal["ascent", "descent"] = Field("ascent", description="ascent = unlearn the test point")
     mode: Literal["finite", "linear"] = Field(
         "linear", description="finite = take the step; linear = exact first order"
@@ -52,12 +55,16 @@ class Method(BaseModel):
     score: Literal["signed", "abs", "match", "relative", "cosine"] = Field(
         "signed", description="how a loss change is scored"
     )
-    group: bool = Field(False, description="one step on the mean loss of all test points, one score row")
+    group: Annotated[bool, Field(strict=True)] = Field(
+        False, description="one step on the mean loss of all test points, one score row"
+    )
     safeguard: Literal["normalize", "none"] = Field("normalize", description="memorised test points under SGD")
     precondition: Literal["auto", "none", "diag", "hessian"] = Field(
         "auto", description="step along H^-1 g: linear scores become influence-function scores"
     )
-    damping: Annotated[float, Field(ge=0, le=1e6)] = Field(1e-2, description="added to the curvature's diagonal")
+    damping: Annotated[float, Field(strict=True, ge=0, le=1e6)] = Field(
+        1e-2, description="added to the curvature's diagonal"
+    )
 
     @model_validator(mode="after")
     def _combine(self):

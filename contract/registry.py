@@ -70,6 +70,12 @@ class ModelManifest(BaseModel):
     digest: str = ""
     path: Path = Path()
 
+    def tensor_names(self) -> tuple[str, ...]:
+        """The names in the weights file (parameters and buffers), from its header alone."""
+        path = self.path / self.weights
+        stat = path.stat()
+        return _header_names(path, stat.st_size, stat.st_mtime_ns)
+
 
 class Shard(BaseModel):
     file: str
@@ -172,6 +178,13 @@ def _parse_records(path: Path, size: int, mtime_ns: int) -> tuple[tuple[str, ...
     return ids, {r: i for i, r in enumerate(ids)}
 
 
+@lru_cache(maxsize=256)
+def _header_names(path: Path, size: int, mtime_ns: int) -> tuple[str, ...]:
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return tuple(sorted(k for k in header if k != "__metadata__"))
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -222,9 +235,10 @@ class Registry:
         if not re.match(ID, id):
             return None
         path = self.root / f"{kind}s" / id / f"{kind}.toml"
-        if not path.is_file():
+        try:
+            return _read(path, path.stat().st_mtime_ns, kind)  # one stat: parsed once per version
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        return _read(path, path.stat().st_mtime_ns, kind)
 
     def model(self, id: str) -> ModelManifest | None:
         return self._manifest("model", id)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .method import Method, MethodSettings
 
 Status = Literal["queued", "running", "finished", "failed", "canceled"]
+Number = Annotated[float, Field(strict=True)]  # a JSON number (an integer too), never a boolean or a string
 
 
 class InlineTest(BaseModel):
@@ -26,7 +27,7 @@ class InlineTest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: list[Any] = Field(min_length=1, description="one nested array (or token list) per test point")
-    targets: list[float | int] | list[list[float | int]] | None = Field(
+    targets: list[Number] | list[list[Number]] | None = Field(
         None, description="class labels, regression targets, or (causal LM) a 0/1 target-token mask per point"
     )
 
@@ -54,7 +55,7 @@ class DatasetTest(BaseModel):
 
     dataset: str
     records: list[str] | None = None
-    indices: list[Annotated[int, Field(ge=0)]] | None = None
+    indices: list[Annotated[int, Field(strict=True, ge=0)]] | None = None
 
 
 class JobCreate(BaseModel):
@@ -82,7 +83,7 @@ class AttributionCreate(JobCreate):
     )
 
     test: InlineTest | DatasetTest | TextTest
-    top_k: Annotated[int, Field(ge=1)] = 10
+    top_k: Annotated[int, Field(strict=True, ge=1)] = 10
 
 
 class Progress(BaseModel):
@@ -193,7 +194,7 @@ class LeakageCreate(JobCreate):
         }
     )
     test: InlineTest | DatasetTest | TextTest
-    calibration_records: Annotated[int, Field(ge=16, le=1024)] = Field(
+    calibration_records: Annotated[int, Field(strict=True, ge=16, le=1024)] = Field(
         128, description="training records used as queries to calibrate the decision threshold"
     )
 
@@ -219,7 +220,7 @@ class MislabeledCreate(JobCreate):
         "raises the record's loss (Forward-INF group mode, cosine score); combined: the sum of both ranks. "
         "Default by measurement (docs/benchmarks.md): combined is the most robust across models.",
     )
-    review_size: Annotated[int, Field(ge=1, le=10_000)] | None = Field(
+    review_size: Annotated[int, Field(strict=True, ge=1, le=10_000)] | None = Field(
         None, description="length of the review list; default: the expected number of wrong labels"
     )
 
@@ -239,8 +240,10 @@ class MemorizationCreate(JobCreate):
         }
     )
     records: DatasetTest = Field(description="records of the training dataset to audit (ids or indices)")
-    neighbours: Annotated[int, Field(ge=1, le=100)] = Field(10, description="other records that may explain it")
-    calibration_records: Annotated[int, Field(ge=16, le=1024)] = Field(
+    neighbours: Annotated[int, Field(strict=True, ge=1, le=100)] = Field(
+        10, description="other records that may explain it"
+    )
+    calibration_records: Annotated[int, Field(strict=True, ge=16, le=1024)] = Field(
         128, description="training records whose reliance sets the outlier threshold"
     )
 

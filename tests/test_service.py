@@ -303,6 +303,8 @@ def test_redis_outage_is_a_fast_503_and_recovers(client, redis_server):
         ({"method": {"unknown": 1}}, 422, "method.unknown"),
         ({"method": {"score": "cosine", "mode": "finite"}}, 422, "needs mode='linear'"),
         ({"method": {"precondition": "hessian", "damping": 0}}, 422, "needs damping > 0"),
+        ({"method": {"params": ["head.*"]}}, 422, "'head.*' matches no parameter of model 'digits-mlp' (net.1.bias"),
+        ({"method": {"damping": False}}, 422, "method.damping"),
         ({"method": {"precondition": "auto", "damping": 0}}, 422, "needs damping > 0"),
     ],
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import time
@@ -97,6 +98,10 @@ def test_serve_restarts_a_killed_worker_and_the_job_in_flight_finishes(big_setti
         done = wait_for(lambda: (j := api.get(url).json())["status"] == "finished" and j, timeout=60, interval=0.2)
         assert len(done["result"]["rows"]) == 16
         assert worker_pid(big_settings) != victim  # a new worker, started by serve, finished it
+        counted = re.findall(
+            r'attr_http_requests_total\{method="GET",route="/readyz",status="\d+"\} (\S+)', api.get("/metrics").text
+        )
+        assert sum(float(n) for n in counted) >= 1  # /metrics sums serve's 2 API processes (multiprocess mode)
     finally:
         serve.terminate()
         serve.wait(30)

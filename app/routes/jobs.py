@@ -16,7 +16,7 @@ from contract.schemas import JobPage, Problem
 from .. import metrics
 from ..auth import Principal, Reader
 from ..deps import JobsDep
-from ..jobs import Jobs
+from ..jobs import Jobs, links
 from ..report import render
 from ..resolve import Request as JobRequest
 from ..resolve import resolve
@@ -39,10 +39,10 @@ Format = Annotated[str | None, Query(pattern="^(json|npy)$")]
 async def create(kind: str, body: JobRequest, who: Principal, jobs: Jobs, registry, settings) -> Response:
     """Resolve (422 when it cannot run), then enqueue or join (202 + Location) or answer from the cache."""
     job = resolve(kind, body, registry, settings)
-    public, status = await jobs.submit(job, who, getattr(body, "top_k", None))
+    public, status, handle = await jobs.submit(job, who, getattr(body, "top_k", None))
     metrics.CACHE.labels("hit" if status == 200 else "miss").inc()
-    headers = {} if status == 200 else {"Location": public["links"]["self"]}
-    return JSONResponse(public, status_code=status, headers=headers)
+    headers = {} if status == 200 else {"Location": links(kind, handle)["self"]}
+    return Response(public, status_code=status, headers=headers, media_type="application/json")
 
 
 async def view(jobs: Jobs, settings, handle: str, who: Principal, top_k, wait_s: float, analysis: bool) -> Response:

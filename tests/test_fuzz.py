@@ -54,6 +54,7 @@ def test_schemathesis_finds_nothing(settings, tmp_path, capsys):
             capture_output=True,
             text=True,
             timeout=900,
+            cwd=tmp_path,  # its cache (.schemathesis/) is this run's, not the checkout's
         )
     finally:
         for proc in procs:

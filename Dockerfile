@@ -6,7 +6,7 @@
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /srv
-RUN useradd --create-home --uid 10001 service
+RUN useradd --create-home --uid 10001 service && mkdir /scores && chown service /scores  # a new `scores` volume takes this owner
 COPY pyproject.toml README.md ./
 COPY contract contract
 

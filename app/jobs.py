@@ -10,6 +10,12 @@ enqueue, views, long polls, cancel and delete, the job list.
     fi:jobs:T       tenant T's handles by creation time (GET /v1/jobs)
     fi:active:T     computations T started that may still be queued or running (its concurrency cap)
 
+A computation is one RQ job (id K) when its training set is one part (DatasetManifest.parts), else a
+fan-out: one shard job per part (id `part_id(K, first shard)`, on that part's affinity queue) and a reduce
+job (id K, on the main queue) that depends on them all and may run after a failed one (it then fails
+with the part's reason). K's meta lists its parts; their progress is summed from `fi:progress:K`; a
+cancel stops every part that runs and cancels the rest.
+
 A tenant sees only its own handles (another tenant's is a 404) and `cached: true` only for what it asked
 itself before: a first request for a result another tenant already has is a 202 whose view is finished.
 What stays observable is timing: a shared computation finishes sooner, or shows progress at once.
@@ -37,18 +43,20 @@ from redis import asyncio as aioredis
 from rq import Queue
 from rq.command import send_stop_job_command
 from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
+from rq.job import Dependency, JobStatus, Retry
 from rq.job import Job as RQJob
-from rq.job import JobStatus, Retry
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
-from contract.jobs import JOB_FUNC, Job
+from contract.jobs import JOB_FUNC, PART_FUNC, REDUCE_FUNC, Job, affinity_queue, bucket_of, part_id
 from contract.schemas import AnalysisPublic, AttributionPublic, JobSummary
+from contract.scores import block_key
 from contract.settings import Settings
 
 from .auth import Principal
 from .errors import Conflict, NotFound, TooManyRequests, Unavailable
 from .events import Events
+from .scores import Scores
 
 STATUS = {
     JobStatus.QUEUED: "queued",
@@ -138,6 +146,7 @@ class Jobs:
     def __init__(self, redis: Redis, aredis: aioredis.Redis, settings: Settings, events: Events, results: Results):
         self.redis, self.aredis, self.settings, self.events, self.results = redis, aredis, settings, events, results
         self.queue = Queue(settings.queue, connection=redis, serializer=JSONSerializer)
+        self.queues = {settings.queue: self.queue}
         self.key = settings.key
 
     def handle_of(self, tenant: str, key: str) -> str:
@@ -145,9 +154,12 @@ class Jobs:
         return mac.hexdigest()[:32]
 
     # -- submit -----------------------------------------------------------------------------------
-    async def submit(self, job: Job, who: Principal, top_k: int | None = None) -> tuple[bytes, int, str]:
+    async def submit(
+        self, job: Job, who: Principal, top_k: int | None = None, parts: list[tuple[int, int]] | None = None
+    ) -> tuple[bytes, int, str]:
         """The job's view for this tenant (JSON), its status code and its handle: 200 when the tenant asked
-        the same before and it has finished (`cached`), else 202 (new, joined, or finished for another)."""
+        the same before and it has finished (`cached`), else 202 (new, joined, or finished for another).
+        `parts`: the training set's parts (shard ranges); more than one fans the computation out."""
         key = job.key
         handle, window = self.handle_of(who.tenant, key), self.key("rate", who.key_id, str(int(time.time() // 60)))
         async with self.aredis.pipeline(transaction=False) as pipe:  # one round trip for both
@@ -157,7 +169,7 @@ class Jobs:
         known = bool(record) and not record.get("canceled")  # asked before and did not let go (else others kept it)
         result = await self.results.get(self.aredis, self.key("result", key))
         if result is None:
-            await run_in_threadpool(self._start, job, who.tenant)
+            await run_in_threadpool(self._start, job, who.tenant, parts or [(0, 1)])
         if not known:
             record = await self._hold(handle, who.tenant, job, top_k)
         if result is None:
@@ -177,36 +189,64 @@ class Jobs:
                 60 - int(time.time()) % 60,
             )
 
-    def _start(self, job: Job, tenant: str) -> None:
+    def _start(self, job: Job, tenant: str, parts: list[tuple[int, int]]) -> None:
         """Enqueue the computation unless an identical one is queued or running (then it is joined)."""
         key = job.key
         existing = self._fetch(key)
         if existing is not None and STATUS.get(existing.get_status(refresh=False)) in ACTIVE:
             return
         self._caps(tenant)
-        if existing is not None:
-            existing.delete()  # a new try of something that failed, was canceled, or whose result expired
-        retries = self.settings.job_retries
+        if existing is not None:  # a new try of something that failed, was canceled, or whose result expired
+            for part in existing.meta.get("parts", []):
+                with contextlib.suppress(NoSuchJobError):
+                    RQJob.fetch(part, connection=self.redis, serializer=JSONSerializer).delete()
+            existing.delete()
+        payload = job.model_dump(mode="json")
+        s, retries = self.settings, self.settings.job_retries
+        common = {
+            "job_timeout": s.job_timeout_s,
+            "result_ttl": s.job_record_ttl_s,
+            "failure_ttl": s.job_record_ttl_s,
+            "ttl": s.job_record_ttl_s,
+            "retry": Retry(max=retries) if retries else None,  # spent only on abandoned runs (worker/__main__.py)
+        }
         try:
-            self.queue.enqueue(
-                JOB_FUNC,
-                job.model_dump(mode="json"),
-                job_id=key,
-                unique=True,
-                job_timeout=self.settings.job_timeout_s,
-                result_ttl=self.settings.job_record_ttl_s,
-                failure_ttl=self.settings.job_record_ttl_s,
-                ttl=self.settings.job_record_ttl_s,
-                retry=Retry(max=retries) if retries else None,  # spent only on abandoned runs (worker/__main__.py)
-                meta={"kind": job.kind},
-            )
+            if len(parts) == 1:
+                self.queue.enqueue(JOB_FUNC, payload, job_id=key, unique=True, meta={"kind": job.kind}, **common)
+            elif self.redis.set(self.key("starting", key), "1", nx=True, ex=60):  # one API process fans out
+                try:
+                    ids = [part_id(key, first) for first, _ in parts]
+                    for (first, stop), id in zip(parts, ids, strict=True):
+                        bucket = bucket_of(job.dataset.digest, first, s.affinity_buckets)
+                        queue = self._queue(affinity_queue(s.queue, bucket))
+                        queue.enqueue(
+                            PART_FUNC, payload, first, stop, job_id=id, unique=True, meta={"kind": "part"}, **common
+                        )
+                    after = Dependency(jobs=ids, allow_failure=True)  # runs to report a failed part too
+                    meta = {"kind": job.kind, "parts": ids}
+                    self.redis.delete(self.key("progress", key))
+                    self.queue.enqueue(REDUCE_FUNC, payload, job_id=key, depends_on=after, meta=meta, **common)
+                finally:
+                    self.redis.delete(self.key("starting", key))
+            else:
+                return  # another API process is enqueueing it: joined
         except DuplicateJobError:  # an identical request got there first: join it
             return
         self.redis.sadd(self.key("active", tenant), key)
 
+    def _queue(self, name: str) -> Queue:
+        if name not in self.queues:
+            self.queues[name] = Queue(name, connection=self.redis, serializer=JSONSerializer)
+        return self.queues[name]
+
     def _caps(self, tenant: str) -> None:
         s = self.settings
-        if (waiting := self.queue.count) >= s.max_queued_jobs:
+        names = [s.queue] + [affinity_queue(s.queue, b) for b in range(s.affinity_buckets)]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.llen(self._queue(name).key)
+            waiting = sum(pipe.execute())
+        if waiting >= s.max_queued_jobs:
             raise Unavailable(f"the queue is full ({waiting} jobs waiting; ATTR_MAX_QUEUED_JOBS)", s.retry_after_s)
         name = self.key("active", tenant)
         started = [k.decode() for k in self.redis.smembers(name)]
@@ -292,19 +332,15 @@ class Jobs:
                     await asyncio.wait_for(ended.wait(), remaining)
                 record = await self._record(handle, who.tenant, analysis)  # a cancel may have changed it
 
-    async def finished(self, handle: str, who: Principal, analysis: bool) -> tuple[dict, bytes]:
-        """The stored result and raw scores of a finished job; 409 when it has not finished (or its
-        scores expired)."""
+    async def finished(self, handle: str, who: Principal, analysis: bool) -> tuple[dict, Scores]:
+        """The stored result of a finished job and a reader of its scores; 409 when it has not finished."""
         record = await self._record(handle, who.tenant, analysis)
         name = self.key("result", record["key"])
         result = None if record.get("canceled") else await self.results.get(self.aredis, name)
         if result is None:
             view = await self._view(handle, record, None)
             raise Conflict(f"{handle!r} is {view['status']}: no result")
-        raw = await self.aredis.get(self.key("scores", record["key"]))
-        if raw is None:
-            raise Conflict(f"{handle!r}: its scores expired; submit the request again")
-        return result, raw
+        return result, Scores(self.aredis, self.settings, record["key"], result)
 
     # -- cancel and delete --------------------------------------------------------------------------
     async def cancel(self, handle: str, who: Principal, analysis: bool) -> View | None:
@@ -324,20 +360,27 @@ class Jobs:
         async with self.aredis.pipeline(transaction=True) as pipe:
             pipe.delete(self.key("handle", handle)).srem(holders, handle).zrem(self.key("jobs", who.tenant), handle)
             await pipe.execute()
-        if status == "finished" and not await self.aredis.scard(holders):
-            await self.aredis.delete(self.key("result", key), self.key("scores", key), holders)
+        if status == "finished" and not await self.aredis.scard(holders):  # score files: the workers' cleanup
+            result = await self.results.get(self.aredis, self.key("result", key)) or {"blocks": []}
+            blocks = [block_key(self.settings, key, b["lo"]) for b in result["blocks"] if b["at"] == "redis"]
+            await self.aredis.delete(self.key("result", key), *blocks, holders)
             await self.aredis.publish(self.key("events"), f"drop:{self.key('result', key)}")  # every API's cache
         return None
 
     def _stop(self, key: str) -> None:
+        """Stop computation `key`: every part (or the one job) that runs, at its next batch; cancel what waits."""
         job = self._fetch(key)
-        status = job.get_status(refresh=False) if job is not None else None
-        with contextlib.suppress(InvalidJobOperation):  # it ended meanwhile
-            if status == JobStatus.STARTED:
-                send_stop_job_command(self.redis, key, serializer=JSONSerializer)
-            elif STATUS.get(status) == "queued":
-                job.cancel()
-                self.redis.publish(self.key("events"), key)
+        if job is None:
+            return
+        for id in [*job.meta.get("parts", []), key]:
+            part = job if id == key else self._fetch(id)
+            status = part.get_status(refresh=id != key) if part is not None else None
+            with contextlib.suppress(InvalidJobOperation):  # it ended meanwhile
+                if status == JobStatus.STARTED:
+                    send_stop_job_command(self.redis, id, serializer=JSONSerializer)
+                elif STATUS.get(status) == "queued":
+                    part.cancel()
+        self.redis.publish(self.key("events"), key)
 
     # -- the job list ---------------------------------------------------------------------------------
     async def page(self, who: Principal, limit: int, before: float | None, kind: str | None, status: str | None):
@@ -387,6 +430,9 @@ class Jobs:
             raise NotFound(f"{handle!r}: its job record expired; submit the request again")
         status = "canceled" if job is None else STATUS.get(job.get_status(refresh=False), "queued")
         meta = job.meta if job is not None else {}
+        if meta.get("parts") and status == "queued":  # a fan-out: the reduce waits while its parts run
+            meta = {**meta, "progress": self._fanout_progress(record["key"], len(meta["parts"]))}
+            status = "running" if meta["progress"]["done"] or meta["progress"]["total"] else "queued"
         kind = record["kind"]
         common = {
             "id": handle,
@@ -401,6 +447,14 @@ class Jobs:
         }
         public = AttributionPublic(**common) if kind == "attribution" else AnalysisPublic(kind=kind, **common)
         return public.model_dump(mode="json")
+
+    def _fanout_progress(self, key: str, parts: int) -> dict:
+        """The parts' progress summed (total known once every part has started; ETA of the slowest)."""
+        seen = [json.loads(v) for v in self.redis.hvals(self.key("progress", key))]
+        total = sum(p["total"] or 0 for p in seen) if len(seen) == parts and all(p["total"] for p in seen) else None
+        etas = [p["eta_s"] for p in seen if p["eta_s"] is not None]
+        eta = max(etas) if total is not None and len(etas) == parts else None
+        return {"done": sum(p["done"] for p in seen), "total": total, "unit": "batches", "eta_s": eta}
 
     def _finished(self, handle: str, result: dict, top_k: int, cached: bool = False) -> View:
         """Assembled from the stored result, which the worker wrote through the contract's schemas (the

@@ -18,6 +18,7 @@ from contract.registry import DatasetManifest, InputSpec, Registry
 
 ROWS = 20  # test points (attribution, leakage) shown in full; the JSON has all of them
 LIST = 60  # records per list (review list, audited records)
+SAMPLE = 100_000  # scores per histogram: of a larger training set, every k-th record's
 STYLE = """
 body{font:14px system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:20px} h2{font-size:16px;margin-top:28px} table{border-collapse:collapse}
@@ -179,14 +180,15 @@ def _score(e: dict) -> str:
     return f'<div class="muted">{e["score"]:.3g}</div>'
 
 
-def render(key: str, result: dict, scores: np.ndarray, registry: Registry) -> str:
+def render(key: str, result: dict, scores: np.ndarray, step: int, registry: Registry) -> str:
+    """The page; `scores`: the first ROWS rows of the score matrix, every `step`-th column (the histograms')."""
     job = JOB.validate_python(result["job"])
     dataset = registry.dataset(job.dataset.id)
     if dataset is None:
         body = f"<p class=bad>The training dataset {html.escape(job.dataset.id)} is no longer registered.</p>"
-        return _page(key, result, body)
+        return _page(key, result, body, step)
     body = SECTIONS[job.kind](result, scores, Records(dataset), Queries(job.points, registry, dataset.input))
-    return _page(key, result, body)
+    return _page(key, result, body, step)
 
 
 def _attribution(result, scores, records, queries) -> str:
@@ -284,7 +286,7 @@ SECTIONS = {
 }
 
 
-def _page(key: str, result: dict, body: str) -> str:
+def _page(key: str, result: dict, body: str, step: int) -> str:
     method, job = result["execution"]["method"], result["job"]
     summary = ", ".join(f"{k}={method[k]}" for k in ("mode", "optimizer", "lr", "precondition", "group", "score"))
     title = f"{job['kind']} {key}"
@@ -292,7 +294,8 @@ def _page(key: str, result: dict, body: str) -> str:
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
         f"<p>model <b>{html.escape(job['model']['id'])}</b>, training set <b>{html.escape(job['dataset']['id'])}</b>"
-        f" ({int(result['shape'][1])} records)<br><span class=muted>{html.escape(summary)}</span></p>{body}"
+        f" ({int(result['shape'][1])} records{f'; histograms of every {step}th' if step > 1 else ''})"
+        f"<br><span class=muted>{html.escape(summary)}</span></p>{body}"
         # marks the page once every image has loaded (report screenshots and the browser test wait on it)
         "<script>addEventListener('load',()=>{const i=[...document.images];"
         "document.body.dataset.images=i.filter(x=>x.complete&&x.naturalWidth>0).length+'/'+i.length})</script>"

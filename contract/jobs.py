@@ -1,5 +1,7 @@
 """Job payloads: a request resolved completely at the door (app/resolve.py), one typed payload per kind,
-enqueued as JSON to `JOB_FUNC` and run exactly as it is by the worker.
+enqueued as JSON and run exactly as it is by the worker: as one job (`JOB_FUNC`), or, for a training set
+of several parts (DatasetManifest.parts), as one shard job per part (`PART_FUNC`, id `part_id`) and a
+reduce job (`REDUCE_FUNC`, id `key`) that RQ runs once every part has ended.
 
 The payload *is* the request's identity: `job.key` (the RQ job id and the cache key of its result) hashes
 all of it: the resolved method, every digest the result depends on (model, training set, the records used
@@ -31,14 +33,22 @@ __all__ = [
     "ModelRef",
     "Points",
     "RecordPoints",
+    "PART_FUNC",
+    "REDUCE_FUNC",
+    "affinity_queue",
+    "bucket_of",
     "artifact_id",
+    "part_id",
 ]
 
 # Bump on any change that alters scores, base losses, curvature or an analysis' answer: cached results,
 # stored base losses and curvature made by another version are then never reused (tests/test_contract.py
 # fails when the engine's code changes and this does not).
-ENGINE_VERSION = "2026.12.1"
-JOB_FUNC = "worker.jobs.run"  # the worker's RQ entry point, by dotted path (the API never imports it)
+ENGINE_VERSION = "2026.12.2"
+# the worker's RQ entry points, by dotted path (the API never imports them)
+JOB_FUNC = "worker.jobs.run"  # a whole request in one job
+PART_FUNC = "worker.jobs.run_part"  # one part of the training set: its score block and per-part summary
+REDUCE_FUNC = "worker.jobs.reduce"  # merges the parts' summaries into the result
 Dtype = Literal["float32", "float64"]
 
 
@@ -139,3 +149,19 @@ def artifact_id(*parts: str | int) -> str:
     """Identity of a stored intermediate (base losses, curvature) made from `parts` (digests, shard,
     dtype, settings) by this ENGINE_VERSION."""
     return hashlib.sha256(json.dumps([ENGINE_VERSION, *parts]).encode()).hexdigest()[:32]
+
+
+def part_id(key: str, first_shard: int) -> str:
+    """The RQ job id of the shard job of computation `key` whose part starts at shard `first_shard`."""
+    return f"{key}-p{first_shard}"
+
+
+def affinity_queue(queue: str, bucket: int) -> str:
+    """The name of affinity queue `bucket` (shard jobs) beside the main `queue` (whole jobs, reduces)."""
+    return f"{queue}.{bucket}"
+
+
+def bucket_of(dataset_digest: str, first_shard: int, buckets: int) -> int:
+    """The affinity bucket of a part: the same shard of the same dataset always lands in the same one,
+    consecutive parts in different ones (so they spread over the workers)."""
+    return (int(dataset_digest[:8], 16) + first_shard) % buckets

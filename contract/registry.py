@@ -7,7 +7,9 @@
 Every file's sha256 is recorded in its manifest and verified before it is read; a model's or dataset's
 digest (the hash of its manifest, which holds the file digests) is part of every job's identity, so a
 changed checkpoint or test set never serves a stale result. A file is hashed once per version (path,
-size, mtime): the API's request path re-reads records, it never re-hashes a shard. Torch-free: the API
+size, mtime): the API's request path re-reads records, it never re-hashes a shard. Rows are read from a
+shard's file by offset (its header says where each array lies), so a record, a batch or a whole shard costs
+only its own bytes: a worker streams a shard larger than its memory batch by batch. Torch-free: the API
 reads manifests and records (numpy) through this module; the worker loads tensors (worker/warm.py).
 The command line (`python -m worker.registry`) lives with the worker, which can build the demo models.
 """
@@ -17,18 +19,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import shutil
 import tomllib
+from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import tomli_w
 from pydantic import BaseModel, Field, ValidationError
-from safetensors import safe_open
-from safetensors.numpy import load_file as load_numpy
 
 from .method import MethodDefaults
 
@@ -67,14 +69,14 @@ class ModelManifest(BaseModel):
     sha256: str
     input: InputSpec
     method: MethodDefaults = Field(default_factory=MethodDefaults, description="the model's default method settings")
+    batch_size: int | None = Field(None, ge=1, description="training records per forward batch (else ATTR_BATCH_SIZE)")
     digest: str = ""
     path: Path = Path()
 
     def tensor_names(self) -> tuple[str, ...]:
         """The names in the weights file (parameters and buffers), from its header alone."""
         path = self.path / self.weights
-        stat = path.stat()
-        return _header_names(path, stat.st_size, stat.st_mtime_ns)
+        return tuple(sorted(k for k in _header(path, *_version(path))[1] if k != "__metadata__"))
 
 
 class Shard(BaseModel):
@@ -106,58 +108,92 @@ class DatasetManifest(BaseModel):
         """(shards + 1,) the global index of each shard's first record, then the size."""
         return np.cumsum([0] + [s.size for s in self.shards])
 
-    def read(self, indices: list[int]) -> dict[str, np.ndarray]:
+    def parts(self, records: int) -> list[tuple[int, int]]:
+        """Consecutive shards [first, stop) grouped into parts of at most `records` records (a larger shard
+        is a part of its own): what one shard job sweeps."""
+        out, first, count = [], 0, 0
+        for n, shard in enumerate(self.shards):
+            if n > first and count + shard.size > records:
+                out.append((first, n))
+                first, count = n, 0
+            count += shard.size
+        return [*out, (first, len(self.shards))]
+
+    def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """Records by global index as numpy arrays ("inputs"[, "targets"]), reading only those rows of
-        each shard (verified files; the API renders reports from these). Indices must be in range."""
+        each shard (verified files; reports and test points given by reference). Indices must be in range."""
         bounds = self.bounds
         indices = np.asarray(indices, dtype=np.int64)
         shard_of = np.searchsorted(bounds, indices, side="right") - 1
         out: dict[str, np.ndarray] = {}
         for n in np.unique(shard_of):
             mask = shard_of == n
-            for key, rows in self._rows(int(n), (indices[mask] - bounds[n]).tolist()).items():
+            for key, rows in self._arrays(int(n), indices[mask] - bounds[n]).items():
                 out.setdefault(key, np.empty((len(indices), *rows.shape[1:]), rows.dtype))[mask] = rows
         return out
 
-    def _rows(self, n: int, rows: list[int]) -> dict[str, np.ndarray]:
-        shard = self.shards[n]
-        path = verify(self.path / shard.file, shard.sha256)
-        if path.suffix == ".npy":
-            data = {"inputs": np.load(path, mmap_mode="r", allow_pickle=False)[rows]}
-            if shard.targets:
-                targets = verify(self.path / shard.targets, shard.targets_sha256 or "")
-                data["targets"] = np.load(targets, mmap_mode="r", allow_pickle=False)[rows]
-            return data
-        with safe_open(path, framework="numpy") as f:
-            names = [k for k in ("inputs", "targets") if k in f.keys()]
-            return {k: np.stack([f.get_slice(k)[i : i + 1][0] for i in rows]) for k in names}
+    def rows(
+        self, n: int, lo: int = 0, hi: int | None = None, keys: tuple[str, ...] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Rows [lo, hi) of shard n ("inputs"[, "targets"], or only `keys`), digest-checked, as numpy
+        arrays (no pickle)."""
+        size = self.shards[n].size
+        hi = size if hi is None else min(hi, size)
+        return self._arrays(n, np.arange(lo, hi), keys)
+
+    def batches(self, n: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Shard n in batches of `batch_size` rows, each read on its own (memory: one batch)."""
+        for lo in range(0, self.shards[n].size, batch_size):
+            yield self.rows(n, lo, lo + batch_size)
 
     def load_shard(self, n: int) -> dict[str, np.ndarray]:
-        """Shard n's "inputs" (and "targets"), digest-checked, as numpy arrays (no pickle)."""
+        return self.rows(n)
+
+    def shard_bytes(self, n: int) -> int:
+        """Bytes of shard n's arrays once in memory (from the file headers)."""
+        return sum(layout.dtype.itemsize * math.prod(layout.shape) for _, layout in self._files(n).values())
+
+    def _arrays(self, n: int, rows: np.ndarray, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        files = self._files(n)
+        return {key: _read_rows(file, layout, rows) for key, (file, layout) in files.items() if key in (keys or files)}
+
+    def _files(self, n: int) -> dict[str, tuple[Path, Layout]]:
+        """Where shard n's "inputs" (and "targets") lie: verified files and their arrays' layouts."""
         shard = self.shards[n]
         path = verify(self.path / shard.file, shard.sha256)
         if path.suffix == ".npy":
-            data = {"inputs": np.load(path, allow_pickle=False)}
+            files = {"inputs": (path, "array")}
             if shard.targets:
-                targets = verify(self.path / shard.targets, shard.targets_sha256 or "")
-                data["targets"] = np.load(targets, allow_pickle=False)
+                files["targets"] = (verify(self.path / shard.targets, shard.targets_sha256 or ""), "array")
         else:
-            data = {k: v for k, v in load_numpy(path).items() if k in ("inputs", "targets")}
-        if "inputs" not in data or len(data["inputs"]) != shard.size:
-            raise RegistryError(f"dataset {self.id!r} shard {n}: expected 'inputs' with {shard.size} examples")
-        return data
+            files = {"inputs": (path, "inputs"), "targets": (path, "targets")}
+        out = {}
+        for key, (file, name) in files.items():
+            layout = _layout(file, *_version(file)).get(name)
+            if layout is None:
+                continue
+            if layout.shape[0] != shard.size:
+                raise RegistryError(
+                    f"dataset {self.id!r} shard {n}: {key} has {layout.shape[0]} rows, not {shard.size}"
+                )
+            out[key] = (file, layout)
+        if "inputs" not in out:
+            raise RegistryError(f"dataset {self.id!r} shard {n}: no 'inputs' array")
+        return out
 
-    def record_ids(self) -> tuple[str, ...]:
-        """Record ids in order: the records file (digest-checked, parsed once per version), else '<id>:<index>'."""
+    def record_ids(self) -> Sequence[str]:
+        """Record ids in order: the records file (digest-checked, parsed once per version), else
+        '<id>:<index>' (computed when asked, never held: a training set may have 10^9 records)."""
         return self._records()[0]
 
-    def positions(self) -> dict[str, int]:
+    def positions(self) -> Mapping[str, int]:
         """Record id -> global index (the one mapping from ids to indices)."""
         return self._records()[1]
 
-    def _records(self) -> tuple[tuple[str, ...], dict[str, int]]:
+    def _records(self) -> tuple[Sequence[str], Mapping[str, int]]:
         if self.records is None:
-            return _default_records(self.id, self.size)
+            ids = Numbered(self.id, self.size)
+            return ids, ids.positions
         path = verify(self.path / self.records, self.records_sha256 or "")
         stat = path.stat()
         ids, positions = _parse_records(path, stat.st_size, stat.st_mtime_ns)
@@ -166,23 +202,113 @@ class DatasetManifest(BaseModel):
         return ids, positions
 
 
-@lru_cache(maxsize=64)
-def _default_records(id: str, size: int) -> tuple[tuple[str, ...], dict[str, int]]:
-    ids = tuple(f"{id}:{i}" for i in range(size))
-    return ids, {r: i for i, r in enumerate(ids)}
+class Numbered(Sequence[str]):
+    """The default record ids '<dataset id>:<index>', as a sequence that holds none of them."""
+
+    def __init__(self, dataset: str, size: int):
+        self.prefix, self.size = f"{dataset}:", size
+        self.positions = _NumberedPositions(self)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.size))]
+        if not -self.size <= i < self.size:
+            raise IndexError(i)
+        return f"{self.prefix}{i % self.size}"
+
+
+class _NumberedPositions(Mapping[str, int]):
+    def __init__(self, ids: Numbered):
+        self.ids = ids
+
+    def __getitem__(self, record: str) -> int:
+        number = record.removeprefix(self.ids.prefix)
+        if number == record or not number.isdigit() or str(int(number)) != number or int(number) >= self.ids.size:
+            raise KeyError(record)
+        return int(number)
+
+    def __iter__(self) -> Iterator[str]:
+        return (self.ids[i] for i in range(self.ids.size))
+
+    def __len__(self) -> int:
+        return self.ids.size
+
+
+# -- reading rows of .safetensors and .npy files by offset ---------------------------------------------
+SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+                      "U8": "u1", "BOOL": "?"}  # fmt: skip
+
+
+class Layout(NamedTuple):
+    offset: int  # of the array's first byte in the file
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+def _version(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@lru_cache(maxsize=1024)
+def _header(path: Path, size: int, mtime_ns: int) -> tuple[int, dict[str, Any]]:
+    """A .safetensors file's JSON header (names, dtypes, shapes, offsets) and its length, read alone."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if length > min(size, 100 << 20):
+            raise RegistryError(f"{path.name}: not a safetensors file")
+        return length, json.loads(f.read(length))
+
+
+@lru_cache(maxsize=1024)
+def _layout(path: Path, size: int, mtime_ns: int) -> dict[str, Layout]:
+    """Where each array of a .safetensors file lies ({"array": ...} for a .npy file), from its header."""
+    if path.suffix == ".npy":
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in readers:
+                raise RegistryError(f"{path.name}: unsupported .npy version {version}")
+            shape, fortran, dtype = readers[version](f)
+            if fortran or dtype.hasobject or not shape:
+                raise RegistryError(f"{path.name}: needs a C-ordered array of numbers with a first dimension")
+            return {"array": Layout(f.tell(), dtype, tuple(shape))}
+    length, header = _header(path, size, mtime_ns)
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in SAFETENSORS_DTYPES or not entry["shape"]:
+            raise RegistryError(f"{path.name}: {name!r} is {entry['dtype']} {entry['shape']}: not readable as rows")
+        dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
+        out[name] = Layout(8 + length + entry["data_offsets"][0], dtype, tuple(entry["shape"]))
+    return out
+
+
+def _read_rows(path: Path, layout: Layout, rows: np.ndarray) -> np.ndarray:
+    """Rows of one array, each run of consecutive rows read with one call, straight into the result."""
+    out = np.empty((len(rows), *layout.shape[1:]), layout.dtype)
+    row_bytes = layout.dtype.itemsize * math.prod(layout.shape[1:])
+    if not len(rows):
+        return out
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    with open(path, "rb", buffering=0) as f:
+        for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(rows)], strict=True):
+            f.seek(layout.offset + int(rows[start]) * row_bytes)
+            want = (stop - start) * row_bytes
+            if f.readinto(view[start * row_bytes : stop * row_bytes]) != want:
+                raise RegistryError(f"{path.name}: shorter than its header says")
+    return out
 
 
 @lru_cache(maxsize=64)
 def _parse_records(path: Path, size: int, mtime_ns: int) -> tuple[tuple[str, ...], dict[str, int]]:
     ids = tuple(json.loads(path.read_text()))
     return ids, {r: i for i, r in enumerate(ids)}
-
-
-@lru_cache(maxsize=256)
-def _header_names(path: Path, size: int, mtime_ns: int) -> tuple[str, ...]:
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return tuple(sorted(k for k in header if k != "__metadata__"))
 
 
 def sha256_file(path: Path) -> str:
@@ -344,11 +470,9 @@ class Registry:
 
 
 def _count(path: Path) -> int:
-    """Examples in a shard, read from the safetensors header (JSON) without loading tensors."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    return header["inputs"]["shape"][0]
+    """Examples in a shard, from its header alone."""
+    layout = _layout(path, *_version(path))
+    return layout["array" if path.suffix == ".npy" else "inputs"].shape[0]
 
 
 def _toml(data: dict) -> str:

@@ -120,6 +120,17 @@ class AttributionResult(BaseModel):
     timing: Timing = Timing()
 
 
+class ScoresPage(BaseModel):
+    """A window of a result's float32 score matrix (rows: test points; columns: training records)."""
+
+    id: str
+    shape: list[int] = Field(min_length=2, max_length=2, description="the whole matrix's shape")
+    rows: list[int] = Field(min_length=2, max_length=2, description="this window's rows [from, to)")
+    columns: list[int] = Field(min_length=2, max_length=2, description="this window's columns [from, to)")
+    scores: list[list[float]]
+    next: str | None = Field(None, description="the URL of the next page of columns; null on the last")
+
+
 class CurvatureInfo(BaseModel):
     kind: Literal["hessian", "diag"]
     damping: float

@@ -62,12 +62,40 @@ class Settings(BaseSettings):
     job_record_ttl_s: int = 24 * 3600
     result_cache_bytes: int = Field(32 << 20, description="finished results each API process keeps parsed")
 
+    # scale-out: one request over many workers (docs/scaling.md)
+    part_records: int = Field(
+        250_000,
+        description="training records per shard job: a larger training set is swept by one RQ job per group of "
+        "whole shards of at most this many records (a larger shard is a job of its own) plus a reduce job",
+    )
+    affinity_buckets: int = Field(16, description="shard-job queues; a dataset's shard always goes to the same one")
+    worker_queues: str = Field(
+        "",
+        description="the affinity queues a worker takes first, as bucket numbers ('0,4' or '0-3'); empty: an even "
+        "share among the live workers, claimed at start",
+    )
+    steal_after_s: float = Field(
+        1.0, description="an idle worker waits this long on its own queues before taking others' work"
+    )
+    score_dir: Path = Field(
+        Path("var/scores"),
+        description="score blocks and curvature too large for Redis: a directory all processes share",
+    )
+    score_redis_max_bytes: int = Field(4 << 20, description="larger score blocks and curvature go to score_dir")
+    scores_page_values: int = Field(
+        1_000_000, description="most scores in one JSON answer of /scores (it pages past it)"
+    )
+
     # worker
     device: str = Field("auto", description='"auto" (cuda if available, else cpu), "cpu", "cuda:0", ...')
+    torch_threads: int = Field(0, description="a worker's torch threads (0: torch's default, every core)")
+    stacking: Literal["auto", "vmap", "loop"] = Field(
+        "auto", description="how several test points meet a batch (engine: MirrorConfig.stacking); auto measures"
+    )
     dtype: Literal["float32", "float64"] = Field(
         "float32", description="compute dtype of new requests (resolved by the API, part of each job's identity)"
     )
-    batch_size: int = 1024
+    batch_size: int = Field(1024, description="training records per forward batch (a model's manifest may set its own)")
     warm_bytes: int = Field(2 << 30, description="budget of the worker's warm cache (models, shards, losses)")
     warm_on_start: bool = True
     progress_interval_s: float = 0.25

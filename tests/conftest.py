@@ -111,12 +111,13 @@ def registry_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def settings(redis_url, registry_dir):
+def settings(redis_url, registry_dir, tmp_path):
     from contract.settings import Settings
 
     return Settings(
         redis_url=redis_url,
         registry_dir=registry_dir,
+        score_dir=tmp_path / "scores",
         heartbeat_ttl_s=3,
         maintenance_interval_s=1,
         progress_interval_s=0.0,
@@ -149,6 +150,7 @@ def subprocess_env(settings, **extra) -> dict:
         **os.environ,
         "REDIS_URL": settings.redis_url,
         "ATTR_REGISTRY_DIR": str(settings.registry_dir),
+        "ATTR_SCORE_DIR": str(settings.score_dir),
         "PYTHONPATH": str(ROOT),
         **{k: str(v) for k, v in extra.items()},
     }
@@ -178,15 +180,15 @@ def big_settings(settings, registry_dir, tmp_path):
     return settings.model_copy(update={"registry_dir": root})
 
 
-def start_worker(settings, name):
-    env = subprocess_env(
-        settings,
-        ATTR_BATCH_SIZE=32,
-        ATTR_HEARTBEAT_TTL_S=2,
-        ATTR_MAINTENANCE_INTERVAL_S=1,
-        ATTR_WARM_ON_START="false",
-        ATTR_PROGRESS_INTERVAL_S=0.1,
-    )
+def start_worker(settings, name, **extra):
+    defaults = {
+        "ATTR_BATCH_SIZE": 32,
+        "ATTR_HEARTBEAT_TTL_S": 2,
+        "ATTR_MAINTENANCE_INTERVAL_S": 1,
+        "ATTR_WARM_ON_START": "false",
+        "ATTR_PROGRESS_INTERVAL_S": 0.1,
+    }
+    env = subprocess_env(settings, **{**defaults, **extra})
     return subprocess.Popen(
         [PYTHON, "-m", "worker", "--name", name],
         cwd=ROOT,

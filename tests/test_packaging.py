@@ -23,6 +23,9 @@ def test_compose_file_names_files_and_targets_that_exist():
         assert compose["services"][name]["restart"] == "unless-stopped", name
         assert compose["services"][name]["healthcheck"]["test"], name
     assert "container_name" not in compose["services"]["worker"]  # `docker compose up --scale worker=N`
+    api, worker = compose["services"]["api"], compose["services"]["worker"]  # one score store, shared
+    assert api["environment"]["ATTR_SCORE_DIR"] == worker["environment"]["ATTR_SCORE_DIR"] == "/scores"
+    assert "scores:/scores:ro" in api["volumes"] and "scores:/scores" in worker["volumes"]
     gpu = compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"]
     for path in re.findall(r"^COPY (\S+)", dockerfile, flags=re.M):

@@ -100,7 +100,7 @@ def test_tenants_share_a_computation_but_not_its_handles(settings, keys, worker)
         assert api.delete(f"/v1/attributions/{b_id}", headers=key["b"]).status_code == 204
     redis = redis_lib.Redis.from_url(settings.redis_url)
     assert not list(redis.scan_iter(settings.key("result", "*"))) and not list(
-        redis.scan_iter(settings.key("scores", "*"))
+        redis.scan_iter(settings.key("block", "*"))
     )
 
 

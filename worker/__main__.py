@@ -3,6 +3,12 @@
 RQ's default worker forks per job, which breaks CUDA and throws warm state away, so this is a
 `SimpleWorker` that runs jobs in-process with models, shards and base losses kept warm.
 
+Which work it takes first: shard jobs go to affinity queues (contract/jobs.py: `bucket_of`), and each
+worker owns a share of them: ATTR_WORKER_QUEUES, or else an even share among the live workers by a slot
+it claims in Redis (`fi:slot:<i>`, held while it lives). An idle worker waits on the main queue and its
+own affinity queues; after ATTR_STEAL_AFTER_S without such work it takes any other queue's, so a busy
+owner never starves a job and a shard's jobs keep landing where the shard is warm.
+
 How a job ends, in RQ's own states:
 - it returns: FINISHED (the result and scores are in Redis under its id);
 - it raises (input the model cannot take, a registry entry that changed, a timeout, a bug): FAILED, with
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import socket
 import sys
@@ -35,6 +42,7 @@ from rq.exceptions import AbandonedJobError
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
+from contract.jobs import affinity_queue
 from contract.method import MethodSettings, resolve_method
 from contract.registry import Registry, RegistryError
 from contract.settings import Settings
@@ -45,6 +53,18 @@ from .store import Store
 from .warm import Warm, resolve_device
 
 log = logging.getLogger("worker")
+MAX_SLOTS = 256  # workers past this many own no affinity queue and take work by stealing only
+
+
+def owned_buckets(spec: str, buckets: int) -> set[int]:
+    """ATTR_WORKER_QUEUES ('0,4' or '0-3,8') as a set of affinity buckets."""
+    owned = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, _, hi = part.partition("-")
+        owned.update(range(int(lo), int(hi or lo) + 1))
+    if not owned or not all(0 <= b < buckets for b in owned):
+        raise ValueError(f"ATTR_WORKER_QUEUES={spec!r}: bucket numbers in 0..{buckets - 1}, e.g. '0,4' or '0-3'")
+    return owned
 
 
 def rss_bytes() -> int:
@@ -66,8 +86,13 @@ class WarmWorker(SimpleWorker):
         backoff = ExponentialWithJitterBackoff(base=0.1, cap=2.0)
         redis = Redis.from_url(settings.redis_url, retry=RedisRetry(backoff, settings.worker_redis_retries))
         name = name or f"{socket.gethostname()}-{os.getpid()}"
+        names = [settings.queue] + [affinity_queue(settings.queue, b) for b in range(settings.affinity_buckets)]
+        self.fixed = (
+            owned_buckets(settings.worker_queues, settings.affinity_buckets) if settings.worker_queues else None
+        )
+        self.slot, self.live = 0, 1  # claimed by the heartbeat when `fixed` is None
         super().__init__(
-            [Queue(settings.queue, connection=redis, serializer=JSONSerializer)],
+            [Queue(n, connection=redis, serializer=JSONSerializer) for n in names],
             name=name,
             connection=redis,
             serializer=JSONSerializer,
@@ -81,6 +106,66 @@ class WarmWorker(SimpleWorker):
         self.context = jobs.Context(settings, Registry(settings.registry_dir), store, warm)
         jobs.bind(self.context)
         self._alive = threading.Event()
+
+    # -- which queue first (module docstring) ----------------------------------------------------------
+    def affinity(self) -> tuple[list[Queue], list[Queue]]:
+        """(the main queue and this worker's own affinity queues, every other affinity queue): the others
+        in an order that starts after this worker's slot, so idle workers steal from different queues."""
+        main, buckets = self.queues[0], self.queues[1:]
+        if self.fixed is not None:
+            own = self.fixed
+        else:
+            own = {b for b in range(len(buckets)) if b % self.live == self.slot % self.live}
+        mine = [main] + [q for b, q in enumerate(buckets) if b in own]
+        start = (self.slot * len(buckets)) // max(self.live, 1)
+        others = [q for b, q in enumerate(buckets[start:] + buckets[:start]) if q not in mine]
+        return mine, others
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        """RQ's dequeue with affinity: wait up to steal_after_s on the main queue and this worker's own
+        affinity queues, then take the first job of any other queue; repeat until a job comes (or, in
+        burst mode, one pass over all of them)."""
+        if timeout is None:  # burst: one non-blocking pass, own queues first
+            mine, others = self.affinity()
+            self._ordered_queues = mine + others
+            return super().dequeue_job_and_maintain_ttl(None, max_idle_time)
+        wait = max(1, math.ceil(self.settings.steal_after_s))
+        idle = 0
+        while max_idle_time is None or idle < max_idle_time:
+            mine, others = self.affinity()
+            self._ordered_queues = mine
+            result = super().dequeue_job_and_maintain_ttl(wait, max_idle_time=wait)
+            if result is None and others:
+                self._ordered_queues = others
+                result = super().dequeue_job_and_maintain_ttl(None)
+            if result is not None:
+                return result
+            idle += wait
+        return None
+
+    def claim_slot(self) -> None:
+        """Hold the lowest free slot among the live workers (renewed by the heartbeat) and learn how many
+        there are: this worker then owns the affinity buckets b with b % live == slot."""
+        names = [self.settings.key("slot", str(i)) for i in range(MAX_SLOTS)]
+        holders = [h.decode() if h else None for h in self.connection.mget(names)]
+        ttl = self.settings.ready_ttl_s
+        if self.name in holders:
+            self.slot = holders.index(self.name)
+            self.connection.expire(names[self.slot], ttl)
+        else:
+            for i, holder in enumerate(holders):
+                if holder is None and self.connection.set(names[i], self.name, nx=True, ex=ttl):
+                    self.slot, holders[i] = i, self.name
+                    break
+        self.live = max((i + 1 for i, h in enumerate(holders) if h), default=1)
+
+    def run_maintenance_tasks(self):
+        """RQ's (requeue abandoned jobs, clean registries), then remove score files no result needs."""
+        super().run_maintenance_tasks()
+        try:
+            self.context.store.sweep_files()
+        except OSError:
+            log.warning("score directory cleanup failed", exc_info=True)
 
     # -- job heartbeats ------------------------------------------------------------------------------
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
@@ -159,6 +244,8 @@ class WarmWorker(SimpleWorker):
             pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
             pipe.expire(key, self.settings.ready_ttl_s)
             pipe.execute()
+        if self.fixed is None:
+            self.claim_slot()
 
     def start_heartbeat(self) -> None:
         """After the warm-up: /readyz counts a worker only once it is warm, and stops within ready_ttl_s
@@ -175,25 +262,29 @@ class WarmWorker(SimpleWorker):
         threading.Thread(target=loop, daemon=True, name="worker-heartbeat").start()
 
     def warm_up(self) -> None:
-        """Prepare every registered model on the datasets it trained on, within the budget: load model
-        and shards, compute (or fetch) base losses and the default preset's curvature, and take one
-        mirrored step (torch.func's first call costs ~2 s), so the first request finds all of it warm."""
+        """Prepare every registered model on the datasets it trained on that one job sweeps whole (larger
+        ones warm up through their shard jobs), within the budget: load model and shards, compute (or
+        fetch) base losses and the default preset's curvature, and take one mirrored step (torch.func's
+        first call costs ~2 s), so the first request finds all of it warm."""
         ctx = self.context
         for m in ctx.registry.models():
             for d in ctx.registry.datasets():
-                if m.id not in d.trained:
+                if m.id not in d.trained or len(d.parts(self.settings.part_records)) > 1:
                     continue
                 try:
-                    shards = [ctx.warm.shard(d, n) for n in range(len(d.shards))]
                     method = resolve_method("attribution", MethodSettings(), m.method)
-                    fi, *_ = jobs.prepared(ctx, m, d, shards, method, self.settings.dtype)
-                    fi.mirror({k: v[:1] for k, v in shards[0].items()})
+                    fi = jobs.engine(ctx, m, d, method, self.settings.dtype)
+                    for n in range(len(d.shards)):
+                        jobs.prepare_shard(ctx, fi, m, d, n, self.settings.dtype)
+                    fi.mirror(ctx.warm.examples(d, [0]))
                 except (RegistryError, AttributionInputError, OSError) as exc:
                     log.error("warm-up skipped %s on %s: %s", m.id, d.id, exc)
 
     def teardown(self):
         self._alive.set()
         self.connection.delete(self.settings.key("worker", self.name))
+        if self.fixed is None and self.connection.get(self.settings.key("slot", str(self.slot))) == self.name.encode():
+            self.connection.delete(self.settings.key("slot", str(self.slot)))
         super().teardown()
 
 
@@ -207,15 +298,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings()
+    if settings.torch_threads:  # e.g. one thread per worker, N workers on an N-core host
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     if args.healthcheck:  # a container's health check: its worker's readiness heartbeat is alive
         mine = Redis.from_url(settings.redis_url).scan_iter(match=settings.key("worker", f"{socket.gethostname()}-*"))
         sys.exit(0 if next(mine, None) is not None else 1)
     worker = WarmWorker(settings, name=args.name)
     log.info(
-        "worker %s on %s, queue %s, registry %s",
+        "worker %s on %s, queues %s (+%d affinity), registry %s",
         worker.name,
         worker.context.warm.device,
         settings.queue,
+        settings.affinity_buckets,
         settings.registry_dir,
     )
     if settings.warm_on_start:

@@ -1,30 +1,51 @@
-"""RQ entry point: validate the payload, run the engine on warm state, store the result.
+"""RQ entry points: run a resolved payload on warm state, as one job or fanned out over the training set.
 
-`run(payload)` is enqueued by the API as `contract.jobs.JOB_FUNC` with a JSON payload, one typed form per
-kind (contract/jobs.py), resolved completely at the door: this module runs it exactly as it is and records
-what the engine made of it (the result's `execution`). Whatever it raises ends the job as RQ's FAILED with
-the exception's message (worker/__main__.py), never retried; a cancel stops it as STOPPED at the next
-batch; only a worker that dies mid-job leaves it to be retried by another.
+    run(payload)                    the whole training set in this job: one part, then its reduction
+    run_part(payload, first, stop)  shards [first, stop) of the training set: the mirrored step, the sweep,
+                                    the part's score block (score store) and its summary (the RQ return value)
+    reduce(payload)                 RQ runs it once every part has ended (a dependency that allows failure):
+                                    the parts' summaries merged into the result, or a part's failure reported
+
+Payloads are enqueued by the API (contract/jobs.py), resolved completely at the door; this module runs
+them exactly and records what the engine made of them (the result's `execution`). Each part computes the
+mirrored step itself: it is deterministic (the curvature is one stored estimate for the whole fleet) and
+costs milliseconds against the sweep's seconds (docs/scaling.md). Whatever a job raises ends it as RQ's
+FAILED with the exception's message (worker/__main__.py), never retried; a cancel stops it as STOPPED at
+the next batch; only a worker that dies mid-job leaves it to be retried by another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from rq import get_current_job
 from rq.job import Job as RQJob
+from rq.job import JobStatus
 
-from contract.jobs import ENGINE_VERSION, JOB, AttributionJob, DatasetRef, InlinePoints, Job, ModelRef, RecordPoints
+from contract.jobs import (
+    ENGINE_VERSION,
+    JOB,
+    AttributionJob,
+    DatasetRef,
+    InlinePoints,
+    Job,
+    ModelRef,
+    RecordPoints,
+    part_id,
+)
 from contract.method import Method
-from contract.registry import Registry, RegistryError
+from contract.registry import DatasetManifest, ModelManifest, Registry, RegistryError
 from contract.schemas import Execution, RowAttribution
+from contract.scores import Block
 from contract.settings import Settings
 
 from .analyses import ANALYSES, Evidence
-from .forward_inf import AttributionInputError, MirrorConfig
+from .forward_inf import AttributionInputError, ForwardInf, MirrorConfig
 from .store import Store
 from .warm import Warm
 
@@ -54,10 +75,11 @@ def bind(context: Context) -> None:
 
 
 class Reporter:
-    """Progress into job meta (rate-limited), and the stop check on every batch (in memory)."""
+    """Progress (rate-limited) into the job's meta, or for a part into the fan-out's progress hash, and
+    the stop check on every batch (in memory)."""
 
-    def __init__(self, job: RQJob | None, context: Context):
-        self.job, self.context = job, context
+    def __init__(self, job: RQJob | None, context: Context, part: tuple[str, int] | None = None):
+        self.job, self.context, self.part = job, context, part
         self.started, self.last = time.time(), 0.0  # the first tick reports
         self.timing = {"load_s": 0.0, "mirror_s": 0.0, "sweep_s": 0.0, "store_s": 0.0}
         self.progress = {"done": 0, "total": None, "unit": "batches", "eta_s": None}
@@ -72,28 +94,260 @@ class Reporter:
         self.progress.update(done=done, total=total)
         if total and done:
             self.progress["eta_s"] = round((now - self.started) / done * (total - done), 3)
-        if self.job is not None:
+        if self.part is not None:
+            self.context.store.progress(*self.part, done, total, self.progress["eta_s"])
+        elif self.job is not None:
             self.job.meta.update(progress=self.progress, timing=self.timing)
             self.job.save_meta()
 
 
+# -- RQ entry points --------------------------------------------------------------------------------
 def run(payload: dict) -> dict:
+    job, rq_job, ctx = _begin(payload, lambda key: key)
+    with _counted(ctx):
+        data = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+        summary = sweep_part(job, ctx, Reporter(rq_job, ctx), 0, len(data.shards))
+        return finish(job, ctx, [summary])
+
+
+def run_part(payload: dict, first: int, stop: int) -> dict:
+    job, rq_job, ctx = _begin(payload, lambda key: part_id(key, first))
+    with _counted(ctx):
+        return sweep_part(job, ctx, Reporter(rq_job, ctx, (job.key, first)), first, stop)
+
+
+def reduce(payload: dict) -> dict:
+    job, rq_job, ctx = _begin(payload, lambda key: key)
+    parts = rq_job.fetch_dependencies() if rq_job is not None else []
+    summaries = []
+    for n, part in enumerate(sorted(parts, key=lambda p: int(p.id.rpartition("-p")[2]))):
+        status = part.get_status(refresh=False)
+        if status != JobStatus.FINISHED:
+            reason = part.meta.get("error") or f"it ended {status}"
+            raise AttributionInputError(f"part {n + 1} of {len(parts)} of the training set failed: {reason}")
+        summaries.append(part.return_value())
+    with _counted(ctx):
+        return finish(job, ctx, summaries)
+
+
+def _begin(payload: dict, expected_id) -> tuple[Job, RQJob | None, Context]:
     if _context is None:
-        raise RuntimeError(f"{__name__}.run runs inside `python -m worker` (no worker context bound)")
+        raise RuntimeError(f"{__name__} runs inside `python -m worker` (no worker context bound)")
     job = JOB.validate_python(payload)
     if job.engine_version != ENGINE_VERSION:
         raise AttributionInputError(
             f"the request was resolved for engine {job.engine_version}; this worker runs {ENGINE_VERSION}: submit it again"
         )
     rq_job = get_current_job()
-    if rq_job is not None and rq_job.id != job.key:
+    if rq_job is not None and rq_job.id != expected_id(job.key):
         raise AttributionInputError("the payload's identity differs from its job id (API and worker versions differ)")
+    return job, rq_job, _context
+
+
+@contextlib.contextmanager
+def _counted(ctx: Context):
     started = time.time()
     try:
-        return execute(job, _context, Reporter(rq_job, _context))
+        yield
     finally:
-        _context.stats["jobs"] += 1
-        _context.stats["job_seconds"] += time.time() - started
+        ctx.stats["jobs"] += 1
+        ctx.stats["job_seconds"] += time.time() - started
+
+
+# -- one part: the mirrored step and the sweep over shards [first, stop) ------------------------------------
+def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int) -> dict:
+    """Score block of shards [first, stop) into the score store; returns the part's summary (JSON)."""
+    reporter(0, None)  # a job told to stop before its first batch stops here
+    t = time.perf_counter()
+    model_m = _current(ctx.registry.model(job.model.id), job.model, "model")
+    data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+    test = _test_points(job.points, ctx, model_m, job.dtype)
+    calibration = calibration_records(job, data_m)
+    if len(calibration):  # training records as extra queries, for the analyses' thresholds
+        extra = ctx.warm.examples(data_m, calibration.tolist())
+        test = {k: _concat(v, extra[k].to(v)) for k, v in test.items()}
+    fi = engine(ctx, model_m, data_m, job.method, job.dtype)
+    reporter.timing["load_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    mirror = fi.mirror(test)
+    reporter.timing["mirror_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    config = fi.config
+    passes = -(-mirror.test_loss.shape[0] // config.max_param_sets)
+    per_shard = [passes * -(-s.size // config.batch_size) for s in data_m.shards[first:stop]]
+    total, parts = sum(per_shard), []
+    for i, n in enumerate(range(first, stop)):
+        before = sum(per_shard[:i])
+        prepare_shard(ctx, fi, model_m, data_m, n, job.dtype)
+        parts.append(fi.sweep(mirror, lambda done, _t, before=before: reporter(before + done, total)))
+    scores = torch.cat(parts, dim=1).float()  # (rows, width)
+    reporter.timing["sweep_s"] = time.perf_counter() - t
+    if not torch.isfinite(scores).all():
+        bad = int((~torch.isfinite(scores)).sum())
+        raise AttributionInputError(
+            f"{bad} of {scores.numel()} scores are not finite (the step overflowed the model): use a smaller "
+            "method.lr or fewer method.steps, or mode='linear'"
+        )
+
+    t = time.perf_counter()
+    lo = int(data_m.bounds[first])
+    block = ctx.store.put_block(job.key, lo, scores.numpy())
+    summary = {
+        "block": block.model_dump(),
+        "rows": scores.shape[0],
+        "execution": execution(fi, job.method),
+        "test_loss": mirror.test_loss.tolist(),
+        "self_score": mirror.self_score.tolist(),
+        "memorized": mirror.memorized.tolist(),
+        "batches": total,
+    }
+    if isinstance(job, AttributionJob):  # each row's best and worst of this part, by global index
+        k = min(ctx.settings.max_top_k, scores.shape[1])
+        high, low = scores.topk(k, dim=1), scores.topk(k, dim=1, largest=False)
+        summary["top"] = {
+            "high": [high.values.tolist(), (high.indices + lo).tolist()],
+            "low": [low.values.tolist(), (low.indices + lo).tolist()],
+        }
+    reporter.timing["store_s"] = time.perf_counter() - t
+    summary["timing"] = reporter.timing
+    reporter(total, total, force=True)
+    return summary
+
+
+# -- the reduction: parts' summaries -> the result --------------------------------------------------------
+def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
+    """Merge the parts (in training-set order) into the result and store it."""
+    summaries = sorted(summaries, key=lambda s: s["block"]["lo"])
+    first = summaries[0]
+    data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+    blocks = [Block(**s["block"]) for s in summaries]
+    batches = sum(s["batches"] for s in summaries)
+    timing = {name: sum(s["timing"][name] for s in summaries) for name in first["timing"]}  # compute seconds
+    rows = first["rows"]
+    result = {
+        "job": job.model_dump(mode="json"),
+        "execution": first["execution"],
+        "progress": {"done": batches, "total": batches, "unit": "batches", "eta_s": 0.0},
+        "blocks": [b.model_dump() for b in blocks],
+        "block_rows": rows,
+        "shape": [rows, data_m.size],
+        "timing": timing,
+    }
+    record_ids = ctx.warm.record_ids(data_m)
+    if isinstance(job, AttributionJob):
+        result["rows"] = _top(summaries, first, record_ids, ctx.settings.max_top_k)
+    else:
+        t = time.perf_counter()
+        calibration = calibration_records(job, data_m)
+        scores = torch.from_numpy(np.concatenate([ctx.store.get_block(job.key, b, rows) for b in blocks], axis=1))
+        model_m = _current(ctx.registry.model(job.model.id), job.model, "model")
+        labels = None
+        if model_m.task == "classification":
+            shards = range(len(data_m.shards))
+            labels = torch.from_numpy(np.concatenate([data_m.rows(n, keys=("targets",))["targets"] for n in shards]))
+        base = torch.cat([_stored_base(ctx, model_m, data_m, n, job.dtype) for n in range(len(data_m.shards))])
+        points = job.points
+        evidence = Evidence(
+            scores=scores,
+            own=torch.tensor(first["self_score"]),
+            own_loss=torch.tensor(first["test_loss"]),
+            base=base,
+            record_ids=record_ids,
+            n=rows - len(calibration),
+            calibration=calibration,
+            labels=labels,
+            records=torch.tensor(points.indices) if isinstance(points, RecordPoints) else None,
+        )
+        result["analysis"] = ANALYSES[job.kind](evidence, job)
+        result["shape"] = [evidence.n, data_m.size]  # the calibration rows are the analysis' own business
+        timing["store_s"] += time.perf_counter() - t
+    ctx.store.put_result(job.key, result)
+    return {"key": job.key, "shape": result["shape"], "parts": len(summaries)}
+
+
+def _stored_base(ctx: Context, model_m: ModelManifest, data_m: DatasetManifest, n: int, dtype: str) -> torch.Tensor:
+    raw = ctx.store.get_base(model_m.digest, data_m.digest, n, dtype)
+    if raw is None:
+        raise RegistryError(f"the base losses of shard {n} of {data_m.id!r} expired before the reduce")
+    return torch.frombuffer(bytearray(raw), dtype=getattr(torch, dtype)).float()
+
+
+def _top(summaries: list[dict], first: dict, record_ids, k: int) -> list[dict]:
+    """Each row's top-k proponents and opponents over the whole training set, from every part's own."""
+
+    def merged(side: str, largest: bool):
+        values = torch.cat([torch.tensor(s["top"][side][0]) for s in summaries], dim=1)
+        indices = torch.cat([torch.tensor(s["top"][side][1]) for s in summaries], dim=1)
+        best = values.topk(min(k, values.shape[1]), dim=1, largest=largest)
+        return best.values, indices.gather(1, best.indices)
+
+    (hv, hi), (lv, li) = merged("high", True), merged("low", False)
+
+    def entries(values, indices):
+        return [
+            {"record_id": record_ids[i], "index": i, "score": v}
+            for v, i in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
+
+    return [  # through the contract's schema once here, so the API can serve it as stored
+        RowAttribution(
+            row=j,
+            test_loss=first["test_loss"][j],
+            memorized=first["memorized"][j],
+            proponents=entries(hv[j], hi[j]),
+            opponents=entries(lv[j], li[j]),
+        ).model_dump(mode="json")
+        for j in range(len(first["test_loss"]))
+    ]
+
+
+# -- shared by parts, the reduce and the warm-up --------------------------------------------------------
+def engine(ctx: Context, model_m: ModelManifest, data_m: DatasetManifest, method: Method, dtype: str) -> ForwardInf:
+    """The warm engine for these settings, planned on a spread sample of the training set, with its
+    curvature (one estimate per model, dataset and settings across the fleet)."""
+    config = MirrorConfig(
+        **method.model_dump(),
+        device=str(ctx.warm.device),
+        dtype=dtype,
+        batch_size=model_m.batch_size or ctx.settings.batch_size,
+        stacking=ctx.settings.stacking,
+    )
+    fi = ctx.warm.engine(model_m, data_m, config)
+    if fi.precondition == "auto" or (fi.precondition != "none" and fi.curvature is None):
+        sample = ctx.warm.sample(data_m, config.curvature_samples)
+        fi.plan(sample)
+        if fi.precondition != "none" and fi.curvature is None:  # shared by engines that differ elsewhere
+            fi.curvature = ctx.warm.curvature(model_m, data_m, fi, lambda: fi.estimate_curvature(sample))
+    return fi
+
+
+def prepare_shard(ctx: Context, fi: ForwardInf, model_m: ModelManifest, data_m: DatasetManifest, n: int, dtype: str):
+    """Bind shard n (warm tensors, or streamed) to the engine with its base losses and, for
+    score="cosine", its gradient norms: each computed once across the fleet and kept."""
+    shard = ctx.warm.shard(data_m, n, fi.config.batch_size)
+    norms = None
+    if fi.config.score == "cosine":
+        norms = ctx.warm.norms(model_m, data_m, n, dtype, lambda: fi.last_layer_norms(shard))
+    base = ctx.warm.base(model_m, data_m, n, dtype, lambda: fi.prepare(shard, norms=norms).base)
+    fi.prepare(shard, base=base, norms=norms)
+
+
+def execution(fi: ForwardInf, method: Method) -> dict:
+    """What ran: the job's method with precondition and params as the engine resolved them, and the rest
+    of the engine's own account (contract.schemas.Execution)."""
+    ran = fi.execution()
+    resolved = method.model_copy(update={"precondition": ran.pop("precondition"), "params": tuple(ran["parameters"])})
+    return Execution(method=resolved, engine_version=ENGINE_VERSION, **ran).model_dump(mode="json")
+
+
+def calibration_records(job: Job, data_m: DatasetManifest) -> torch.Tensor:
+    """Training records that leakage and memorization add as queries, to calibrate their thresholds."""
+    if job.kind not in ("leakage", "memorization"):
+        return torch.empty(0, dtype=torch.int64)
+    count = min(job.calibration_records, data_m.size)
+    return torch.linspace(0, data_m.size - 1, count).round().long().unique()
 
 
 def _current(manifest, ref: ModelRef | DatasetRef, what: str):
@@ -105,120 +359,17 @@ def _current(manifest, ref: ModelRef | DatasetRef, what: str):
     return manifest
 
 
-def execute(job: Job, ctx: Context, reporter: Reporter) -> dict:
-    reporter(0, None)  # a job told to stop before its first batch stops here
-    t = time.perf_counter()
-    model_m = _current(ctx.registry.model(job.model.id), job.model, "model")
-    data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
-    shards = [ctx.warm.shard(data_m, n) for n in range(len(data_m.shards))]
-    test, records = _test_points(job.points, ctx, model_m, job.dtype)
-    n = len(test["inputs"])
-    calibration = torch.empty(0, dtype=torch.int64)
-    if job.kind in ("leakage", "memorization"):  # training records as extra queries, for the thresholds
-        count = min(job.calibration_records, data_m.size)
-        calibration = torch.linspace(0, data_m.size - 1, count).round().long().unique()
-        extra = ctx.warm.examples(data_m, calibration.tolist())
-        test = {k: _concat(v, extra[k].to(v)) for k, v in test.items()}
-    fi, bases, norms = prepared(ctx, model_m, data_m, shards, job.method, job.dtype)
-    reporter.timing["load_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    config = fi.config
-    mirror = fi.mirror(test)
-    reporter.timing["mirror_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    rows = mirror.test_loss.shape[0]
-    passes = -(-rows // config.max_param_sets)
-    per_shard = [passes * -(-len(s["inputs"]) // config.batch_size) for s in shards]
-    total, parts = sum(per_shard), []
-    for i, (shard, base, norm) in enumerate(zip(shards, bases, norms, strict=True)):
-        before = sum(per_shard[:i])
-        fi.prepare(shard, base=base, norms=norm)
-        parts.append(fi.sweep(mirror, lambda done, _t, before=before: reporter(before + done, total)))
-    scores = torch.cat(parts, dim=1).float()  # (rows, N)
-    reporter.timing["sweep_s"] = time.perf_counter() - t
-    if not torch.isfinite(scores).all():
-        bad = int((~torch.isfinite(scores)).sum())
-        raise AttributionInputError(
-            f"{bad} of {scores.numel()} scores are not finite (the step overflowed the model): use a smaller "
-            "method.lr or fewer method.steps, or mode='linear'"
-        )
-
-    t = time.perf_counter()
-    result = {
-        "job": job.model_dump(mode="json"),
-        "execution": execution(fi, job.method),
-        "progress": {"done": total, "total": total, "unit": "batches", "eta_s": 0.0},
-    }
-    record_ids = ctx.warm.record_ids(data_m)
-    if isinstance(job, AttributionJob):
-        result["rows"] = _top(scores, mirror, record_ids, ctx.settings.max_top_k)
-    else:
-        labels = torch.cat([s["targets"] for s in shards]).cpu() if model_m.task == "classification" else None
-        evidence = Evidence(
-            scores=scores.cpu(),
-            own=mirror.self_score.cpu(),
-            own_loss=mirror.test_loss.cpu(),
-            base=torch.cat(bases).cpu(),
-            record_ids=record_ids,
-            n=n if not config.group else 1,
-            calibration=calibration,
-            labels=labels,
-            records=records,
-        )
-        result["analysis"] = ANALYSES[job.kind](evidence, job)
-        scores = scores[: evidence.n]  # the calibration rows are the analysis' own business
-    reporter.timing["store_s"] = time.perf_counter() - t  # the summary; the write itself follows
-    ctx.store.put_result(job.key, scores.numpy(), {**result, "timing": reporter.timing})
-    reporter(total, total, force=True)
-    return {"key": job.key, "shape": list(scores.shape)}
-
-
-def execution(fi, method: Method) -> dict:
-    """What ran: the job's method with precondition and params as the engine resolved them, and the rest
-    of the engine's own account (contract.schemas.Execution)."""
-    ran = fi.execution()
-    resolved = method.model_copy(update={"precondition": ran.pop("precondition"), "params": tuple(ran["parameters"])})
-    return Execution(method=resolved, engine_version=ENGINE_VERSION, **ran).model_dump(mode="json")
-
-
-def prepared(ctx: Context, model_m, data_m, shards, method: Method, dtype: str):
-    """The warm engine for these settings, with its curvature (once per model, dataset and settings)
-    and each shard's base losses (warm, from Redis, or computed) and, for score="cosine", gradient norms."""
-    config = MirrorConfig(
-        **method.model_dump(), device=str(ctx.warm.device), dtype=dtype, batch_size=ctx.settings.batch_size
-    )
-    fi = ctx.warm.engine(model_m, data_m, config).plan(shards)
-    if fi.precondition != "none" and fi.curvature is None:  # shared by engines that differ elsewhere
-        fi.curvature = ctx.warm.curvature(model_m, data_m, fi, lambda: fi.estimate_curvature(shards))
-    norms = [  # score="cosine": per-shard gradient norms, warm like the base losses
-        ctx.warm.norms(model_m, data_m, n, dtype, lambda s=s: fi.last_layer_norms(s))
-        if fi.config.score == "cosine"
-        else None
-        for n, s in enumerate(shards)
-    ]
-    bases = [
-        ctx.warm.base(model_m, data_m, n, dtype, lambda s=s, v=v: fi.prepare(s, norms=v).base)
-        for n, (s, v) in enumerate(zip(shards, norms, strict=True))
-    ]
-    return fi, bases, norms
-
-
-def _test_points(
-    points: InlinePoints | RecordPoints, ctx: Context, model_m, dtype: str
-) -> tuple[dict, torch.Tensor | None]:
-    """The test points as a batch, and their indices when they are records of a registered dataset."""
+def _test_points(points: InlinePoints | RecordPoints, ctx: Context, model_m, dtype: str) -> dict:
+    """The test points as a batch: records read from their dataset, or the inline data as tensors."""
     if isinstance(points, RecordPoints):
         d = _current(ctx.registry.dataset(points.dataset.id), points.dataset, "dataset")
-        batch = ctx.warm.examples(d, points.indices)
-        return {k: v for k, v in batch.items() if k in ("inputs", "targets")}, torch.tensor(points.indices)
+        return ctx.warm.examples(d, points.indices)
     floating = getattr(torch, dtype)
     batch = {"inputs": torch.tensor(points.inputs, dtype=torch.int64 if model_m.input.dtype == "int64" else floating)}
     if points.targets is not None:
         classification = model_m.task in ("classification", "causal-lm")
         batch["targets"] = torch.tensor(points.targets, dtype=torch.int64 if classification else floating)
-    return batch, None
+    return batch
 
 
 def _concat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -228,25 +379,3 @@ def _concat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         width = max(a.shape[1], b.shape[1])
         a, b = (torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in (a, b))
     return torch.cat([a, b])
-
-
-def _top(scores: torch.Tensor, mirror, record_ids: list[str], k: int) -> list[dict]:
-    k = min(k, scores.shape[1])
-    high, low = scores.topk(k, dim=1), scores.topk(k, dim=1, largest=False)
-
-    def entries(values, indices):
-        return [
-            {"record_id": record_ids[i], "index": i, "score": v}
-            for v, i in zip(values.tolist(), indices.tolist(), strict=True)
-        ]
-
-    return [  # through the contract's schema once here, so the API can serve it as stored
-        RowAttribution(
-            row=j,
-            test_loss=float(mirror.test_loss[j]),
-            memorized=bool(mirror.memorized[j]),
-            proponents=entries(high.values[j], high.indices[j]),
-            opponents=entries(low.values[j], low.indices[j]),
-        ).model_dump(mode="json")
-        for j in range(scores.shape[0])
-    ]

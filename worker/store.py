@@ -1,15 +1,27 @@
-"""What the worker writes to Redis: scores (raw little-endian float32, TTL), the result summary (JSON,
-TTL), base losses (raw bytes of the job's dtype, TTL, keyed by `artifact_id`: model, dataset, shard, dtype
-and engine version), and the job-end event that wakes the API's long polls (app/events.py)."""
+"""What the worker writes outside its own memory: score blocks (Redis or a shared directory, by size:
+contract/scores.py), the result summary (JSON, TTL), base losses (raw bytes of the job's dtype, keyed by
+`artifact_id`: model, dataset, shard, dtype and engine version), curvature estimates (safetensors bytes,
+Redis or the directory, by size), a fan-out's per-part progress, and the job-end event that wakes the API's
+long polls (app/events.py). Nothing here is pickled.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
 
 import numpy as np
 from redis import Redis
+from redis.exceptions import LockError, RedisError
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 
 from contract.jobs import artifact_id
+from contract.scores import Block, blob_key, blob_path, block_key, block_path, place
 from contract.settings import Settings
 
 
@@ -17,15 +29,37 @@ class Store:
     def __init__(self, redis: Redis, settings: Settings):
         self.redis, self.settings = redis, settings
 
-    def put_result(self, key: str, scores: np.ndarray, result: dict) -> None:
+    # -- scores and results ------------------------------------------------------------------------
+    def put_block(self, key: str, lo: int, scores: np.ndarray) -> Block:
+        """Columns [lo, lo + width) of result `key`: in Redis when small, else an .npy file (written
+        aside, then renamed, so a reader never sees half of it)."""
+        data = np.ascontiguousarray(scores, dtype="<f4")
+        block = Block(lo=lo, hi=lo + data.shape[1], at=place(self.settings, data.nbytes))
+        if block.at == "redis":
+            self.redis.set(block_key(self.settings, key, lo), data.tobytes(), ex=self.settings.score_ttl_s)
+        else:
+            path = block_path(self.settings, key, lo)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.partial")
+            with open(partial, "wb") as f:
+                np.save(f, data, allow_pickle=False)
+            partial.replace(path)
+        return block
+
+    def get_block(self, key: str, block: Block, rows: int) -> np.ndarray:
+        """(rows, hi - lo) float32 scores of one block (the reduce job of an analysis reads them all)."""
+        if block.at == "redis":
+            raw = self.redis.get(block_key(self.settings, key, block.lo))
+            if raw is None:
+                raise LookupError(f"score block {block.lo} of {key} expired before the reduce")
+            return np.frombuffer(raw, dtype="<f4").reshape(rows, block.hi - block.lo)
+        return np.load(block_path(self.settings, key, block.lo), mmap_mode="r", allow_pickle=False)
+
+    def put_result(self, key: str, result: dict) -> None:
+        """The result summary (its blocks written before): visible at once with all its scores."""
         ttl = self.settings.score_ttl_s
-        with self.redis.pipeline() as pipe:  # scores first: a visible result always has its scores
-            pipe.set(self.settings.key("scores", key), scores.astype("<f4").tobytes(), ex=ttl)
-            pipe.set(
-                self.settings.key("result", key),
-                json.dumps({**result, "shape": list(scores.shape)}, allow_nan=False),
-                ex=ttl,
-            )
+        with self.redis.pipeline() as pipe:
+            pipe.set(self.settings.key("result", key), json.dumps(result, allow_nan=False), ex=ttl)
             pipe.publish(self.settings.key("events"), key)
             pipe.execute()
 
@@ -33,6 +67,36 @@ class Store:
         """Wake the long polls waiting on job `key` (after RQ has stored how it ended)."""
         self.redis.publish(self.settings.key("events"), key)
 
+    def progress(self, key: str, part: int, done: int, total: int | None, eta_s: float | None) -> None:
+        """One part's progress in the fan-out's hash (the API sums the parts)."""
+        name = self.settings.key("progress", key)
+        value = json.dumps({"done": done, "total": total, "eta_s": eta_s})
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(name, str(part), value).expire(name, self.settings.job_record_ttl_s).execute()
+
+    def sweep_files(self) -> int:
+        """Remove score files whose result is gone (expired, deleted, or never finished) and that are older
+        than a job's time limit (so a running fan-out's blocks stay); curvature files past their TTL."""
+        root, removed = self.settings.score_dir, 0
+        if not root.is_dir():
+            return 0
+        now = time.time()
+        for entry in root.iterdir():
+            try:
+                age = now - entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if entry.name == "blobs":
+                for blob in entry.iterdir():
+                    if now - blob.stat().st_mtime > self.settings.base_loss_ttl_s:
+                        blob.unlink(missing_ok=True)
+                        removed += 1
+            elif age > self.settings.job_timeout_s and not self.redis.exists(self.settings.key("result", entry.name)):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        return removed
+
+    # -- artifacts computed once across the fleet ---------------------------------------------------
     def _base_key(self, model_digest: str, dataset_digest: str, shard: int, dtype: str) -> str:
         return self.settings.key("base", artifact_id("base", model_digest, dataset_digest, shard, dtype))
 
@@ -43,3 +107,56 @@ class Store:
         self.redis.set(
             self._base_key(model_digest, dataset_digest, shard, dtype), raw, ex=self.settings.base_loss_ttl_s
         )
+
+    def get_blob(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, str]] | None:
+        """A stored artifact (arrays and string metadata), from Redis or the directory."""
+        raw = self.redis.get(blob_key(self.settings, name))
+        if raw is None:
+            path = blob_path(self.settings, name)
+            if not path.is_file():
+                return None
+            raw = path.read_bytes()
+        length = int.from_bytes(raw[:8], "little")
+        meta = json.loads(raw[8 : 8 + length]).get("__metadata__", {})
+        return load_safetensors(raw), meta
+
+    def has_blob(self, name: str) -> bool:
+        return bool(self.redis.exists(blob_key(self.settings, name))) or blob_path(self.settings, name).is_file()
+
+    def put_blob(self, name: str, arrays: dict[str, np.ndarray], meta: dict[str, str]) -> None:
+        # C order first: safetensors writes an array's memory as it lies, so a column-major one (a Cholesky
+        # factor from torch) would come back transposed
+        raw = save_safetensors({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=meta)
+        if place(self.settings, len(raw)) == "redis":
+            self.redis.set(blob_key(self.settings, name), raw, ex=self.settings.base_loss_ttl_s)
+            return
+        path = blob_path(self.settings, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_bytes(raw)
+        partial.replace(path)
+
+    def once(self, name: str, compute: Callable[[], None], done: Callable[[], bool]) -> None:
+        """Run `compute` on one worker of the fleet at a time until `done()`: a worker that finds another
+        computing the same artifact waits for it. The lock (redis-py's; not thread-local, since a second
+        thread renews it) lives heartbeat_ttl_s and its holder renews it every third of that, so a holder
+        that dies frees it about when its job is found abandoned."""
+        ttl = self.settings.heartbeat_ttl_s
+        lock = self.redis.lock(self.settings.key("lock", name), timeout=ttl, sleep=0.1, thread_local=False)
+        with lock:
+            if done():
+                return
+            computing = threading.Event()
+
+            def renew():
+                while not computing.wait(ttl / 3):
+                    try:
+                        lock.extend(ttl, replace_ttl=True)
+                    except (LockError, RedisError):  # lost: the job is abandoned or Redis is away; RQ decides
+                        return
+
+            threading.Thread(target=renew, daemon=True, name="lock-renewal").start()
+            try:
+                compute()
+            finally:
+                computing.set()

@@ -1,19 +1,22 @@
-"""The worker's warm state: models, training-set shards and base losses, in an LRU under a byte budget.
+"""The worker's warm state: models, training-set shards, base losses and curvature, in an LRU under a
+byte budget that nothing exceeds: a shard over 1/SHARD_SHARE of the budget is never held but streamed
+from its file batch by batch (`Stream`), and no single item larger than the budget is kept.
 
 Everything a job's dtype changes is kept per dtype (each job carries its own: contract/jobs.py). Base
-losses are looked up warm, then in Redis (so a restarted worker does not recompute them), and only then
-computed. Counters say what was loaded or computed; the worker publishes them in its heartbeat (tests
-and /metrics read them).
+losses and curvature are computed once across the fleet: looked up warm, then in the store (Redis, or
+the shared score directory for a large curvature), and only then computed, by one worker at a time
+(`Store.once`). Counters say what was loaded or computed; the worker publishes them in its heartbeat
+(tests and /metrics read them).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -23,6 +26,8 @@ from contract.registry import DatasetManifest, ModelManifest, RegistryError, ver
 from .forward_inf import AttributionInputError, ForwardInf, MirrorConfig, Task, build, make_task
 from .forward_inf.curvature import Curvature
 from .store import Store
+
+SHARD_SHARE = 4  # a shard is held warm only when it takes at most 1/SHARD_SHARE of the budget
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,8 +69,11 @@ class Warm:
             return self.items[key][0]
         value = load()
         size = nbytes(value)
+        if size > self.budget:  # used once and let go: holding it would break the budget
+            self.counters["too_large"] += 1
+            return value
         self.items[key] = (value, size)
-        while self.bytes > self.budget and len(self.items) > 1:  # evict least recently used, keep the newest
+        while self.bytes > self.budget:  # evict the least recently used
             self.items.popitem(last=False)
             self.counters["evictions"] += 1
         return value
@@ -100,42 +108,64 @@ class Warm:
 
     def curvature(self, m: ModelManifest, d: DatasetManifest, fi: ForwardInf, estimate: Callable[[], Curvature]):
         """The damped curvature for this model, training set and what it depends on (perturbed
-        parameters, kind, damping, samples, dtype): one estimate serves every preset that uses it."""
+        parameters, kind, damping, samples, dtype): one estimate serves every preset that uses it, on
+        every worker of the fleet (stored, and computed by one worker at a time)."""
         c, params = fi.config, list(fi.fm.theta)  # as resolved by fi.plan()
-        key = (
-            "curvature",
-            artifact_id(m.digest, d.digest, fi.precondition, *params, c.damping, c.curvature_samples, c.dtype),
+        name = "curvature-" + artifact_id(
+            m.digest, d.digest, fi.precondition, *params, c.damping, c.curvature_samples, c.dtype
         )
 
-        def load():
-            self.counters["curvature_estimates"] += 1
-            return estimate()
+        def stored() -> Curvature:  # the factor, not the raw estimate: no worker factors it again
+            arrays, meta = self.store.get_blob(name)
+            factor, empty = torch.from_numpy(arrays["factor"]).to(self.device), torch.empty(0)
+            samples, clipped = int(meta["samples"]), int(meta["clipped"])
+            names, damping = json.loads(meta["names"]), float(meta["damping"])
+            return Curvature(meta["kind"], names, empty, damping, samples, factor=factor, clipped=clipped)
 
-        return self._get(key, load)
+        computed: list[Curvature] = []
+
+        def compute() -> None:
+            self.counters["curvature_estimates"] += 1
+            c = estimate()
+            meta = {"kind": c.kind, "names": json.dumps(c.names), "damping": repr(c.damping)}
+            meta.update(samples=str(c.samples), clipped=str(c.clipped))
+            self.store.put_blob(name, {"factor": c.factor.cpu().numpy()}, meta)
+            computed.append(c)
+
+        def load() -> Curvature:
+            self.store.once(name, compute, lambda: self.store.has_blob(name))
+            return computed[0] if computed else stored()
+
+        return self._get(("curvature", name), load)
 
     # -- data ----------------------------------------------------------------------------------------
-    def shard(self, d: DatasetManifest, n: int) -> dict[str, torch.Tensor]:
+    def shard(self, d: DatasetManifest, n: int, batch_size: int):
+        """Shard n: held warm as tensors when it takes at most 1/SHARD_SHARE of the budget, else a
+        `Stream` that reads it from its file batch by batch."""
+        if d.shard_bytes(n) * SHARD_SHARE > self.budget:
+            self.counters["shard_streams"] += 1
+            return Stream(d, n, batch_size)
         return self._get(("shard", d.digest, n), lambda: self._load_shard(d, n))
 
     def _load_shard(self, d: DatasetManifest, n: int) -> dict[str, torch.Tensor]:
         self.counters["shard_loads"] += 1
-        arrays = d.load_shard(n)
-        return {k: torch.tensor(v, device=self.device) for k, v in arrays.items()}  # copies: arrays may be read-only
+        return {k: torch.from_numpy(v).to(self.device) for k, v in d.rows(n).items()}
 
-    def record_ids(self, d: DatasetManifest) -> list[str]:
-        return self._get(("records", d.digest), d.record_ids)
+    def record_ids(self, d: DatasetManifest) -> Sequence[str]:
+        return d.record_ids()  # default ids are made when asked; a records file is parsed once per version
 
     def examples(self, d: DatasetManifest, indices: list[int]) -> dict[str, torch.Tensor]:
-        """Records of a dataset by global index (for test points given by reference)."""
-        bounds = d.bounds
-        parts: dict[str, list[torch.Tensor]] = {}
-        for i in indices:
-            if not 0 <= i < bounds[-1]:
-                raise AttributionInputError(f"record index {i} is out of range for {d.id!r}")
-            n = int(np.searchsorted(bounds, i, side="right") - 1)
-            for k, v in self.shard(d, n).items():
-                parts.setdefault(k, []).append(v[i - bounds[n]])
-        return {k: torch.stack(v) for k, v in parts.items()}
+        """Records of a dataset by global index (test points given by reference), read alone."""
+        bad = [i for i in indices if not 0 <= i < d.size]
+        if bad:
+            raise AttributionInputError(f"record index {bad[0]} is out of range for {d.id!r}")
+        return {k: torch.from_numpy(v).to(self.device) for k, v in d.read(indices).items()}
+
+    def sample(self, d: DatasetManifest, limit: int) -> dict[str, torch.Tensor]:
+        """Up to `limit` records spread evenly over the set, every stride-th (the records the engine's
+        curvature estimate takes from a whole training set), read alone."""
+        stride = max(1, d.size // limit)
+        return self._get(("sample", d.digest, limit), lambda: self.examples(d, list(range(0, d.size, stride))[:limit]))
 
     # -- base losses ---------------------------------------------------------------------------------
     def norms(self, m: ModelManifest, d: DatasetManifest, n: int, dtype: str, compute: Callable[[], torch.Tensor]):
@@ -145,18 +175,46 @@ class Warm:
     def base(
         self, m: ModelManifest, d: DatasetManifest, n: int, dtype: str, compute: Callable[[], torch.Tensor]
     ) -> torch.Tensor:
-        """L(theta; z_i) for shard n: warm, else from Redis, else computed (and stored in both)."""
-        key = ("base", artifact_id(m.digest, d.digest, n, dtype))
+        """L(theta; z_i) for shard n: warm, else from Redis, else computed (by one worker of the fleet at
+        a time) and stored."""
+        name = artifact_id(m.digest, d.digest, n, dtype)
         torch_dtype = getattr(torch, dtype)
 
-        def load():
+        def stored() -> torch.Tensor | None:
             raw = self.store.get_base(m.digest, d.digest, n, dtype)
             if raw is not None and len(raw) == d.shards[n].size * torch_dtype.itemsize:
-                self.counters["base_from_redis"] += 1
                 return torch.frombuffer(bytearray(raw), dtype=torch_dtype).to(self.device)
+            return None
+
+        def compute_and_store() -> None:
             self.counters["base_computes"] += 1
-            value = compute().detach()
-            self.store.put_base(m.digest, d.digest, n, dtype, value.cpu().numpy().tobytes())
+            self.store.put_base(m.digest, d.digest, n, dtype, compute().detach().cpu().numpy().tobytes())
+
+        def load() -> torch.Tensor:
+            if (value := stored()) is None:
+                self.store.once(f"base-{name}", compute_and_store, lambda: stored() is not None)
+                value = stored()
+            else:
+                self.counters["base_from_redis"] += 1
             return value
 
-        return self._get(key, load)
+        return self._get(("base", name), load)
+
+
+class Stream:
+    """Shard n of a dataset as a re-iterable of batches, each read from its file when reached (the
+    engine's data protocol, worker/forward_inf/data.py): sweeping it holds one batch, whatever its size."""
+
+    def __init__(self, d: DatasetManifest, n: int, batch_size: int):
+        self.d, self.n, self.batch_size = d, n, batch_size
+
+    def __iter__(self):
+        for arrays in self.d.batches(self.n, self.batch_size):
+            yield {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+    def size(self) -> int:
+        return self.d.shards[self.n].size
+
+    def num_batches(self, batch_size: int) -> int:
+        full, rest = divmod(self.size(), self.batch_size)
+        return full * -(-self.batch_size // batch_size) + -(-rest // batch_size)

@@ -12,7 +12,7 @@ from ..auth import Reader, Submitter
 from ..deps import JobsDep, RegistryDep, SettingsDep
 from . import jobs as shared
 from .attributions import REPORT, SCORES
-from .jobs import CREATE, READ, Format, JobId, WaitS
+from .jobs import CREATE, READ, Format, JobId, WaitS, Window
 
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
 CREATED = {
@@ -58,10 +58,18 @@ async def get_analysis(
 
 
 @router.get("/{analysis_id}/scores", operation_id="get_analysis_scores", responses=SCORES)
-async def get_analysis_scores(analysis_id: JobId, who: Reader, jobs: JobsDep, request: Request, format: Format = None):
+async def get_analysis_scores(
+    analysis_id: JobId,
+    who: Reader,
+    jobs: JobsDep,
+    request: Request,
+    format: Format = None,
+    rows: Window = None,
+    columns: Window = None,
+):
     """The engine's raw float32 score matrix behind the answer (rows: test points, reference group or
-    audited records; columns: training records)."""
-    return await shared.scores(jobs, analysis_id, who, True, request, format)
+    audited records; columns: training records), or a window of it, as for attributions."""
+    return await shared.scores(jobs, analysis_id, who, True, request, format, rows, columns)
 
 
 @router.get("/{analysis_id}/report", operation_id="get_analysis_report", response_class=HTMLResponse, responses=REPORT)

@@ -5,15 +5,18 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse
 
-from contract.schemas import AttributionCreate, AttributionPublic
+from contract.schemas import AttributionCreate, AttributionPublic, ScoresPage
 
 from ..auth import Reader, Submitter
 from ..deps import JobsDep, RegistryDep, SettingsDep
 from . import jobs as shared
-from .jobs import CREATE, READ, RESULT, Format, JobId, TopK, WaitS
+from .jobs import CREATE, READ, RESULT, Format, JobId, TopK, WaitS, Window
 
 router = APIRouter(prefix="/v1/attributions", tags=["attributions"])
-SCORES = {200: {"content": {"application/json": {}, "application/x-npy": {}}}, **RESULT}
+SCORES = {
+    200: {"model": ScoresPage, "content": {"application/json": {}, "application/x-npy": {}}},
+    **RESULT,
+}
 REPORT = {200: {"content": {"text/html": {}}}, **RESULT}
 CREATED = {200: {"model": AttributionPublic, "description": "this tenant asked the same before: the result"}}
 
@@ -44,9 +47,18 @@ async def get_attribution(
 
 
 @router.get("/{attribution_id}/scores", operation_id="get_attribution_scores", responses=SCORES)
-async def get_scores(attribution_id: JobId, who: Reader, jobs: JobsDep, request: Request, format: Format = None):
-    """The full (n_test, n_train) float32 score matrix: JSON, or .npy with `Accept: application/x-npy`."""
-    return await shared.scores(jobs, attribution_id, who, False, request, format)
+async def get_scores(
+    attribution_id: JobId,
+    who: Reader,
+    jobs: JobsDep,
+    request: Request,
+    format: Format = None,
+    rows: Window = None,
+    columns: Window = None,
+):
+    """The (n_test, n_train) float32 score matrix, or a window of it (`rows`, `columns`): .npy with
+    `Accept: application/x-npy` (streamed), else JSON in pages (`next`)."""
+    return await shared.scores(jobs, attribution_id, who, False, request, format, rows, columns)
 
 
 @router.get(

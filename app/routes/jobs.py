@@ -4,11 +4,12 @@ create / view / scores / report / cancel, and a tenant's job list (GET /v1/jobs)
 from __future__ import annotations
 
 import io
+import math
 from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Path, Query, Request, Response
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from contract.schemas import JobPage, Problem
@@ -16,8 +17,9 @@ from contract.schemas import JobPage, Problem
 from .. import metrics
 from ..auth import Principal, Reader
 from ..deps import JobsDep
+from ..errors import InvalidInput
 from ..jobs import Jobs, links
-from ..report import render
+from ..report import ROWS, SAMPLE, render
 from ..resolve import Request as JobRequest
 from ..resolve import resolve
 
@@ -34,12 +36,17 @@ JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="a job
 TopK = Annotated[int | None, Query(ge=1, le=1000, description="default: the creating request's")]
 WaitS = Annotated[float, Query(ge=0, le=3600, description="wait up to this long (capped by ATTR_MAX_WAIT_S)")]
 Format = Annotated[str | None, Query(pattern="^(json|npy)$")]
+Window = Annotated[
+    str | None,
+    Query(pattern=r"^\d{0,12}:\d{0,12}$", description="a:b, the half-open range [a, b); a or b may be left out"),
+]
 
 
 async def create(kind: str, body: JobRequest, who: Principal, jobs: Jobs, registry, settings) -> Response:
     """Resolve (422 when it cannot run), then enqueue or join (202 + Location) or answer from the cache."""
     job = resolve(kind, body, registry, settings)
-    public, status, handle = await jobs.submit(job, who, getattr(body, "top_k", None))
+    parts = registry.dataset(job.dataset.id).parts(settings.part_records)  # one job, or a fan-out over parts
+    public, status, handle = await jobs.submit(job, who, getattr(body, "top_k", None), parts)
     metrics.CACHE.labels("hit" if status == 200 else "miss").inc()
     headers = {} if status == 200 else {"Location": links(kind, handle)["self"]}
     return Response(public, status_code=status, headers=headers, media_type="application/json")
@@ -50,22 +57,58 @@ async def view(jobs: Jobs, settings, handle: str, who: Principal, top_k, wait_s:
     return Response(body, media_type="application/json")
 
 
-async def scores(jobs: Jobs, handle: str, who: Principal, analysis: bool, request: Request, format) -> Response:
-    result, raw = await jobs.finished(handle, who, analysis)
-    matrix = np.frombuffer(raw, dtype="<f4").reshape(result["shape"])
+async def scores(
+    jobs: Jobs,
+    handle: str,
+    who: Principal,
+    analysis: bool,
+    request: Request,
+    format,
+    rows: str | None,
+    columns: str | None,
+) -> Response:
+    """A window of the score matrix (default: all of it): .npy streamed row by row, or JSON in pages of at
+    most ATTR_SCORES_PAGE_VALUES scores, each with the `next` page's URL."""
+    result, store = await jobs.finished(handle, who, analysis)
+    r0, r1 = _window(rows, store.rows, "rows")
+    c0, c1 = _window(columns, store.columns, "columns")
     if format == "npy" or (format is None and "application/x-npy" in request.headers.get("accept", "")):
-        buf = io.BytesIO()
-        np.save(buf, matrix, allow_pickle=False)
-        return Response(buf.getvalue(), media_type="application/x-npy")
-    return JSONResponse(
-        await run_in_threadpool(lambda: {"id": handle, "shape": list(matrix.shape), "scores": matrix.tolist()})
-    )
+        return StreamingResponse(
+            _npy(store, r0, r1, c0, c1, jobs.settings.scores_page_values), media_type="application/x-npy"
+        )
+    width = max(1, jobs.settings.scores_page_values // (r1 - r0))
+    end = min(c1, c0 + width)
+    matrix = await store.window(r0, r1, c0, end)
+    page = {"id": handle, "shape": [store.rows, store.columns], "rows": [r0, r1], "columns": [c0, end]}
+    page["next"] = str(request.url.include_query_params(columns=f"{end}:{c1}", rows=f"{r0}:{r1}")) if end < c1 else None
+    return JSONResponse(await run_in_threadpool(lambda: {**page, "scores": matrix.tolist()}))
+
+
+def _window(text: str | None, size: int, what: str) -> tuple[int, int]:
+    lo, _, hi = (text or ":").partition(":")
+    lo, hi = int(lo or 0), min(size, int(hi) if hi else size)
+    if not lo < hi:
+        raise InvalidInput(f"{what}={text!r}: an empty window of {size} {what}", [{"loc": ["query", what]}])
+    return lo, hi
+
+
+async def _npy(store, r0: int, r1: int, c0: int, c1: int, chunk: int):
+    """A .npy file of the window, one row (in column chunks) at a time."""
+    header = np.lib.format.header_data_from_array_1_0(np.empty((0, 0), "<f4"))
+    header["shape"] = (r1 - r0, c1 - c0)
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    yield buf.getvalue()
+    for r in range(r0, r1):
+        for lo in range(c0, c1, chunk):
+            yield (await store.window(r, r + 1, lo, min(c1, lo + chunk))).tobytes()
 
 
 async def report(jobs: Jobs, handle: str, who: Principal, analysis: bool, registry) -> HTMLResponse:
-    result, raw = await jobs.finished(handle, who, analysis)
-    matrix = np.frombuffer(raw, dtype="<f4").reshape(result["shape"])
-    return HTMLResponse(await run_in_threadpool(render, handle, result, matrix, registry))
+    result, store = await jobs.finished(handle, who, analysis)
+    step = math.ceil(store.columns / SAMPLE)  # histograms of every step-th record's score
+    sample = await store.window(0, min(store.rows, ROWS), 0, store.columns, step)
+    return HTMLResponse(await run_in_threadpool(render, handle, result, sample, step, registry))
 
 
 async def cancel(jobs: Jobs, handle: str, who: Principal, analysis: bool) -> Response:

@@ -45,16 +45,21 @@ def unflatten(flat: torch.Tensor, like: Params, names: list[str]) -> Params:  # 
 @dataclass
 class Curvature:
     """A damped curvature estimate over the selected parameters (in `names` order), from `samples`
-    training points. `clipped`: negative eigenvalues set to 0 before damping (a non-convex model)."""
+    training points. `clipped`: negative eigenvalues set to 0 before damping (a non-convex model).
+    `factor` (the Cholesky factor of the damped Hessian, or the damped diagonal) is computed from `raw`;
+    one saved before may be given instead (with its `clipped`), and `raw` left empty."""
 
     kind: str
     names: list[str]
     raw: torch.Tensor  # (P, P) Hessian or (P,) Fisher diagonal, undamped
     damping: float
     samples: int = 0
+    factor: torch.Tensor | None = None
+    clipped: int = 0
 
     def __post_init__(self):
-        self.clipped = 0
+        if self.factor is not None:
+            return
         if self.kind == "hessian":
             eye = torch.eye(self.raw.shape[0], dtype=self.raw.dtype, device=self.raw.device)
             factor, info = torch.linalg.cholesky_ex(self.raw + self.damping * eye)

@@ -6,7 +6,8 @@ Accepted forms (for training and test sets alike):
   - a dict with "inputs" (and optionally "targets");
   - any re-iterable (list, DataLoader, ...) of batches in one of the forms above; a training set larger
     than memory is swept batch by batch this way. A one-shot iterator is refused: the training set is
-    read more than once (base losses, then each query).
+    read more than once (base losses, then each query). A re-iterable that knows its length without
+    being read says so with `size()` (examples) and `num_batches(batch_size)`, for progress and planning.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class Examples:
             return -(-self._whole["inputs"].shape[0] // self.batch_size)
         if isinstance(self._source, (list, tuple)):
             return sum(-(-as_batch(b)["inputs"].shape[0] // self.batch_size) for b in self._source)
+        if hasattr(self._source, "num_batches"):
+            return self._source.num_batches(self.batch_size)
         return None
 
     def size(self) -> int | None:
@@ -90,4 +93,6 @@ class Examples:
             return self._whole["inputs"].shape[0]
         if isinstance(self._source, (list, tuple)):
             return sum(as_batch(b)["inputs"].shape[0] for b in self._source)
+        if hasattr(self._source, "size"):
+            return self._source.size()
         return None

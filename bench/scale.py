@@ -1,0 +1,280 @@
+"""Scaling over the training set's size and over workers, through the real registry, HTTP and RQ.
+
+    python -m bench.scale [--sizes 1e5,1e6,1e7] [--quick] [--out bench/out/scale.json]
+
+Synthetic data on disk (64-d Gaussian inputs, labels from a random linear teacher) registered in shards of
+`--shard` records; an MLP 64-64-10 and a CNN (two 3x3 convolutions, width 16, on the inputs as 1x8x8
+images) trained on 100k of them for a few seconds. For each size, a fresh redis-server, the API and
+workers (each `ATTR_TORCH_THREADS=1`, a warm budget of `--warm-mb`), then one request per setting:
+  - wall time from POST to the finished result (long polls), training records scored per second;
+  - peak RSS of each worker process (VmHWM) and Redis' peak memory;
+  - per training record, the request's time over plain `no_grad` inference (forward + loss) of the same
+    model on the same records, read the same way, on one thread in this process: what Forward-INF adds.
+Settings: `finite` (the paper's: one Adam step, the perturbed losses read by forward passes) and the
+service's default (the attribution preset: exact first-order scores along a curvature-preconditioned
+step, forward-mode), at k = 1 and 16 test points. Then throughput with 1 and 2 workers on the same work
+(a multi-part training set; each worker one thread), measured in the same run.
+Results print as markdown tables and go to `--out` as JSON; docs/scaling.md quotes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import redis
+import torch
+from safetensors.torch import load_file, save_file
+
+from bench.service import free_port
+from contract.registry import Registry
+from worker.forward_inf import Classification, build
+
+ROOT = Path(__file__).resolve().parents[1]
+DIM, CLASSES = 64, 10
+MODELS = {
+    "mlp": ("builtin:mlp", {"in_features": DIM, "out_features": CLASSES, "hidden": [64]}, [DIM]),
+    "cnn": ("builtin:cnn", {"in_channels": 1, "num_classes": CLASSES, "width": 16, "image_size": 8}, [1, 8, 8]),
+}
+METHODS = {"finite": {"mode": "finite", "optimizer": "adam", "precondition": "none"}, "default": {}}
+
+
+def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, DIM, generator=g)
+    teacher = torch.randn(DIM, CLASSES, generator=torch.Generator().manual_seed(0))
+    return x, (x @ teacher).argmax(1)
+
+
+def train(name: str) -> torch.nn.Module:
+    arch, params, shape = MODELS[name]
+    model = build(arch, params)
+    x, y = synthetic(100_000, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for lo in range(0, len(x), 256):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[lo : lo + 256].reshape(-1, *shape)), y[lo : lo + 256]).backward()
+        opt.step()
+    return model.eval()
+
+
+def build_registry(root: Path, sizes: list[int], shard: int, tmp: Path) -> None:
+    registry = Registry(root)
+    for name, (arch, params, shape) in MODELS.items():
+        save_file(train(name).state_dict(), tmp / f"{name}.safetensors")
+        spec = {"shape": shape, "num_classes": CLASSES}
+        registry.add_model(f"synth-{name}", "classification", arch, tmp / f"{name}.safetensors", spec, params)
+    x, y = synthetic(1000, seed=2)
+    for name, (_, _, shape) in MODELS.items():
+        save_file({"inputs": x.reshape(-1, *shape).contiguous(), "targets": y}, tmp / "test.safetensors")
+        registry.add_dataset(f"synth-test-{name}", [tmp / "test.safetensors"], {"shape": shape, "num_classes": CLASSES})
+    for n in sizes:
+        for name in ("mlp", "cnn") if n == 10**6 else ("mlp",):
+            shape = MODELS[name][2]
+            files = []
+            for s, lo in enumerate(range(0, n, shard)):
+                x, y = synthetic(min(shard, n - lo), seed=1000 + s)
+                files.append(tmp / f"{name}-{n}-{s}.safetensors")
+                save_file({"inputs": x.reshape(-1, *shape).contiguous(), "targets": y}, files[-1])
+            spec = {"shape": shape, "num_classes": CLASSES}
+            registry.add_dataset(f"synth-{name}-{n}", files, spec, trained=[f"synth-{name}"])
+            for f in files:
+                f.unlink()
+
+
+@contextlib.contextmanager
+def service(root: Path, workers: int, env_extra: dict[str, str]):
+    """A fresh redis-server, the API and `workers` worker processes (one torch thread each)."""
+    redis_port, api_port = free_port(), free_port()
+    binary = subprocess.run(
+        [str(ROOT / "scripts" / "redis")], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    env = {
+        **os.environ,
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "ATTR_REGISTRY_DIR": str(root),
+        "ATTR_SCORE_DIR": str(root.parent / "scores"),
+        "ATTR_WARM_ON_START": "false",
+        "ATTR_TORCH_THREADS": "1",
+        "ATTR_MAX_TEST_POINTS": "256",
+        "PYTHONPATH": str(ROOT),
+        **env_extra,
+    }
+    procs = [
+        subprocess.Popen(
+            [binary, "--port", str(redis_port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+        )
+    ]
+    try:
+        client = redis.Redis(port=redis_port)
+        for _ in range(100):
+            with contextlib.suppress(redis.ConnectionError):
+                client.ping()
+                break
+            time.sleep(0.05)
+        api = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(api_port)]
+        procs.append(subprocess.Popen([*api, "--log-level", "warning"], cwd=ROOT, env=env))
+        pool = [
+            subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+            for _ in range(workers)
+        ]
+        procs += pool
+        http = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=60)
+        for _ in range(600):
+            with contextlib.suppress(httpx.TransportError):
+                if http.get("/readyz").status_code == 200 and len(list(client.scan_iter("fi:worker:*"))) == workers:
+                    break
+            time.sleep(0.1)
+        time.sleep(2)  # every worker has seen the others (its share of the affinity queues)
+        yield http, client, pool
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def run(http: httpx.Client, body: dict) -> float:
+    start = time.perf_counter()
+    job = http.post("/v1/attributions", json=body).json()
+    while job["status"] in ("queued", "running"):
+        job = http.get(job["links"]["self"], params={"wait_s": 30}).json()
+    assert job["status"] == "finished", job
+    return time.perf_counter() - start
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def inference_s(root: Path, model_name: str, dataset: str, batch: int) -> float:
+    """no_grad forward + loss over every record, read from the registry in batches, on one thread."""
+    registry = Registry(root)
+    m, d = registry.model(f"synth-{model_name}"), registry.dataset(dataset)
+    model = build(m.architecture, m.params)
+    model.load_state_dict(load_file(m.path / m.weights))
+    model.eval()
+    task, threads = Classification(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for n in range(len(d.shards)):
+                for arrays in d.batches(n, batch):
+                    out = model(torch.from_numpy(arrays["inputs"]))
+                    task.criterion(out, {"targets": torch.from_numpy(arrays["targets"])})
+        return time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1e5,1e6,1e7")
+    parser.add_argument("--quick", action="store_true", help="sizes 1e5 and 1e6 only")
+    parser.add_argument("--shard", type=int, default=250_000, help="records per shard (and per shard job)")
+    parser.add_argument("--warm-mb", type=int, default=512, help="each worker's warm budget")
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "scale.json")
+    args = parser.parse_args()
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    sizes = [s for s in sizes if s <= 10**6] if args.quick else sizes
+    env = {
+        "ATTR_WARM_BYTES": str(args.warm_mb << 20),
+        "ATTR_BATCH_SIZE": str(args.batch),
+        "ATTR_PART_RECORDS": str(args.shard),
+    }
+    rows, scaling, started = [], {}, time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=ROOT / "var" if (ROOT / "var").is_dir() else None) as tmp:
+        root, tmp = Path(tmp) / "registry", Path(tmp)
+        t = time.perf_counter()
+        build_registry(root, sizes, args.shard, tmp)
+        print(f"registry built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        offset = 0
+        for n in sizes:
+            for name in ("mlp", "cnn") if n == 10**6 else ("mlp",):
+                dataset = f"synth-{name}-{n}"
+                base = inference_s(root, name, dataset, args.batch)
+                with service(root, 1, env) as (http, client, pool):
+                    for method, settings in METHODS.items():
+                        for k in (1, 16):
+                            body = {
+                                "model": f"synth-{name}",
+                                "dataset": dataset,
+                                "test": {"dataset": f"synth-test-{name}", "indices": list(range(offset, offset + k))},
+                                "method": settings,
+                                "top_k": 10,
+                            }
+                            offset += k
+                            first = run(http, body)  # pays base losses (and the default's curvature) once
+                            body["test"]["indices"] = list(range(offset, offset + k))
+                            offset += k
+                            wall = run(http, body)
+                            rows.append(
+                                {
+                                    "model": name,
+                                    "records": n,
+                                    "parts": -(-n // args.shard),
+                                    "method": method,
+                                    "k": k,
+                                    "first_s": round(first, 2),
+                                    "wall_s": round(wall, 2),
+                                    "records_per_s": round(n / wall),
+                                    "over_inference": round(wall / base, 2),
+                                    "inference_s": round(base, 2),
+                                    "worker_peak_rss_mb": round(peak_rss_mb(pool[0].pid)),
+                                    "redis_peak_mb": round(client.info("memory")["used_memory_peak"] / 2**20, 1),
+                                }
+                            )
+                            print(json.dumps(rows[-1]), file=sys.stderr)
+        # 1 vs 2 workers on the same multi-part work (each worker one thread): the largest size up to 1e6
+        n = max(s for s in sizes if s <= 10**6)
+        for workers in (1, 2):
+            with service(root, workers, env) as (http, _, _):
+                body = {
+                    "model": "synth-mlp",
+                    "dataset": f"synth-mlp-{n}",
+                    "test": {"dataset": "synth-test-mlp", "indices": list(range(900, 916))},
+                    "method": METHODS["finite"],
+                }
+                run(http, body)  # base losses, warm shards
+                body["test"]["indices"] = list(range(916 + 16 * workers, 932 + 16 * workers))
+                scaling[workers] = run(http, body)
+    result = {
+        "rows": rows,
+        "workers": {str(w): round(s, 2) for w, s in scaling.items()},
+        "speedup": round(scaling[1] / scaling[2], 2),
+    }
+    result["machine"] = (
+        f"torch {torch.__version__}, {os.cpu_count()} cores; bench {time.perf_counter() - started:.0f} s"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"\n{result['machine']}\n")
+    print(
+        "| model | records | parts | method | k | first s | wall s | records/s | x inference | worker peak RSS MB | Redis peak MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['records']:,} | {r['parts']} | {r['method']} | {r['k']} | {r['first_s']} | {r['wall_s']} | "
+            f"{r['records_per_s']:,} | {r['over_inference']} | {r['worker_peak_rss_mb']} | {r['redis_peak_mb']} |"
+        )
+    print(
+        f"\n1 worker {scaling[1]:.2f} s, 2 workers {scaling[2]:.2f} s on {n:,} records (k=16, finite): {result['speedup']}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -76,6 +76,15 @@ View = dict  # a job's public view, JSON-ready: the AttributionPublic or Analysi
 LARGE = 1 << 16  # stored results larger than this are parsed in a thread, not on the event loop
 
 
+def queued(redis: Redis, settings: Settings) -> int:
+    """Jobs waiting in the main queue and every affinity queue."""
+    names = [settings.queue] + [affinity_queue(settings.queue, b) for b in range(settings.affinity_buckets)]
+    with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.llen(Queue(name, connection=redis).key)
+        return sum(pipe.execute())
+
+
 def links(kind: str, handle: str) -> dict[str, str]:
     base = f"/v1/{'attributions' if kind == 'attribution' else 'analyses'}/{handle}"
     return {"self": base, "scores": f"{base}/scores", "report": f"{base}/report"}
@@ -211,8 +220,9 @@ class Jobs:
             "retry": Retry(max=retries) if retries else None,  # spent only on abandoned runs (worker/__main__.py)
         }
         try:
-            if len(parts) == 1:
-                self.queue.enqueue(JOB_FUNC, payload, job_id=key, unique=True, meta={"kind": job.kind}, **common)
+            if len(parts) == 1:  # on the affinity queue of the training set's first part, like a shard job
+                queue = self._queue(affinity_queue(s.queue, bucket_of(job.dataset.digest, 0, s.affinity_buckets)))
+                queue.enqueue(JOB_FUNC, payload, job_id=key, unique=True, meta={"kind": job.kind}, **common)
             elif self.redis.set(self.key("starting", key), "1", nx=True, ex=60):  # one API process fans out
                 try:
                     ids = [part_id(key, first) for first, _ in parts]
@@ -241,12 +251,7 @@ class Jobs:
 
     def _caps(self, tenant: str) -> None:
         s = self.settings
-        names = [s.queue] + [affinity_queue(s.queue, b) for b in range(s.affinity_buckets)]
-        with self.redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.llen(self._queue(name).key)
-            waiting = sum(pipe.execute())
-        if waiting >= s.max_queued_jobs:
+        if (waiting := queued(self.redis, s)) >= s.max_queued_jobs:
             raise Unavailable(f"the queue is full ({waiting} jobs waiting; ATTR_MAX_QUEUED_JOBS)", s.retry_after_s)
         name = self.key("active", tenant)
         started = [k.decode() for k in self.redis.smembers(name)]

@@ -12,9 +12,10 @@ import os
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from redis import Redis
-from rq import Queue
 
 from contract.settings import Settings
+
+from .jobs import queued
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("attr_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=REGISTRY)
@@ -45,10 +46,10 @@ def live_workers(redis: Redis, settings: Settings) -> list[dict[str, str]]:
 
 
 def render(redis: Redis, settings: Settings) -> tuple[bytes, str]:
-    depth = Queue(settings.queue, connection=redis).count
+    depth = queued(redis, settings)
     workers = live_workers(redis, settings)
     families = [
-        GaugeMetricFamily("attr_queue_depth", "jobs waiting in the queue", value=depth),
+        GaugeMetricFamily("attr_queue_depth", "jobs waiting in the queues", value=depth),
         GaugeMetricFamily("attr_workers", "workers with a live heartbeat", value=len(workers)),
     ]
     for field, (name, help) in WORKER_FIELDS.items():

@@ -159,21 +159,23 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def inference_s(root: Path, model_name: str, dataset: str, batch: int) -> float:
-    """no_grad forward + loss over every record, read from the registry in batches, on one thread."""
+    """no_grad forward + loss over every record (read into memory first, untimed), on one thread: the
+    least a pass over the training set can cost."""
     registry = Registry(root)
     m, d = registry.model(f"synth-{model_name}"), registry.dataset(dataset)
     model = build(m.architecture, m.params)
     model.load_state_dict(load_file(m.path / m.weights))
     model.eval()
+    data = [{k: torch.from_numpy(v) for k, v in d.rows(n).items()} for n in range(len(d.shards))]
     task, threads = Classification(), torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         start = time.perf_counter()
         with torch.no_grad():
-            for n in range(len(d.shards)):
-                for arrays in d.batches(n, batch):
-                    out = model(torch.from_numpy(arrays["inputs"]))
-                    task.criterion(out, {"targets": torch.from_numpy(arrays["targets"])})
+            for shard in data:
+                for lo in range(0, len(shard["inputs"]), batch):
+                    out = model(shard["inputs"][lo : lo + batch])
+                    task.criterion(out, {"targets": shard["targets"][lo : lo + batch]})
         return time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)

@@ -145,6 +145,17 @@ def worker(settings):
     yield w
 
 
+def queued_jobs(settings) -> list[str]:
+    """Ids of the jobs waiting in the main queue and every affinity queue."""
+    from rq import Queue
+
+    from contract.jobs import affinity_queue
+
+    redis = redis_lib.Redis.from_url(settings.redis_url)
+    names = [settings.queue] + [affinity_queue(settings.queue, b) for b in range(settings.affinity_buckets)]
+    return [id for name in names for id in Queue(name, connection=redis).job_ids]
+
+
 def subprocess_env(settings, **extra) -> dict:
     env = {
         **os.environ,

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import redis as redis_lib
 import torch
-from rq import Queue
 
 from contract.jobs import JOB_FUNC
 from contract.registry import Registry
 from contract.schemas import AttributionPublic
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import PYTHON, ROOT, queued_jobs
 
 TEST = {"dataset": "digits-test", "indices": [0, 1, 2]}
 
@@ -26,10 +25,6 @@ FAST = {"precondition": "none"}  # where a test is about the service, not the cu
 def post(client, **changes):
     body = {"model": "digits-mlp", "dataset": "digits-train", "test": TEST, "top_k": 5, "method": FAST, **changes}
     return client.post("/v1/attributions", json=body)
-
-
-def queue(settings) -> Queue:
-    return Queue(settings.queue, connection=redis_lib.Redis.from_url(settings.redis_url))
 
 
 def worker_stats(worker) -> dict:
@@ -88,7 +83,7 @@ def test_full_loop_matches_the_engine_and_caches(client, settings, worker, regis
     again = post(client, method={})
     assert again.status_code == 200 and again.json()["cached"] is True
     assert again.json()["id"] == job["id"]
-    assert queue(settings).count == 0  # the cache hit enqueued nothing
+    assert len(queued_jobs(settings)) == 0  # the cache hit enqueued nothing
 
     scores = client.get(f"/v1/attributions/{job['id']}/scores").json()
     assert scores["shape"] == [3, 1437]
@@ -133,10 +128,10 @@ def test_identical_requests_share_one_job(client, settings):
     first, second = post(client), post(client)
     assert first.status_code == second.status_code == 202
     assert first.json()["id"] == second.json()["id"]
-    assert queue(settings).count == 1
+    assert len(queued_jobs(settings)) == 1
     different = post(client, top_k=3, method={"mode": "finite", "optimizer": "adam", "lr": 0.01})
     assert different.json()["id"] != first.json()["id"]
-    assert queue(settings).count == 2
+    assert len(queued_jobs(settings)) == 2
 
 
 def test_inline_test_points(client, worker):
@@ -183,7 +178,7 @@ def test_cancel_a_queued_job(client, settings):
     canceled = client.delete(f"/v1/attributions/{job['id']}")
     assert canceled.status_code == 202
     assert client.get(f"/v1/attributions/{job['id']}").json()["status"] == "canceled"
-    assert queue(settings).count == 0
+    assert len(queued_jobs(settings)) == 0
     assert post(client).status_code == 202  # a new try is accepted
 
 
@@ -388,7 +383,7 @@ def test_chunked_body_over_the_limit_is_refused(client, settings):
 def test_job_payload_is_json_and_names_the_function(client, settings):
     post(client)
     raw = redis_lib.Redis.from_url(settings.redis_url)
-    job_id = queue(settings).job_ids[0]
+    [job_id] = queued_jobs(settings)
     data = json.loads(zlib.decompress(raw.hget(f"rq:job:{job_id}", "data")))  # JSON, never a pickle
     assert data[0] == JOB_FUNC and data[2][0]["model"]["id"] == "digits-mlp"
     assert raw.hget(f"rq:job:{job_id}", "description").decode().startswith(JOB_FUNC)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import redis as redis_lib
 from fastapi.testclient import TestClient
-from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from app.keys import main as keys_main
 from contract.schemas import AttributionPublic, JobPage
+from tests.conftest import queued_jobs
 
 TEST = {"dataset": "digits-test", "indices": [0, 1]}
 BODY = {"model": "digits-mlp", "dataset": "digits-train", "test": TEST, "method": {"precondition": "none"}}
@@ -70,7 +70,7 @@ def test_tenants_share_a_computation_but_not_its_handles(settings, keys, worker)
         a = api.post("/v1/attributions", json=BODY, headers=key["a"])
         b = api.post("/v1/attributions", json=BODY, headers=key["b"])
         assert a.status_code == b.status_code == 202 and a.json()["id"] != b.json()["id"]
-        assert Queue(settings.queue, connection=redis_lib.Redis.from_url(settings.redis_url)).count == 1  # one job
+        assert len(queued_jobs(settings)) == 1  # one job
         a_id, b_id = a.json()["id"], b.json()["id"]
         for method, path_ in (("GET", ""), ("GET", "/scores"), ("GET", "/report"), ("DELETE", "")):
             stranger = api.request(method, f"/v1/attributions/{a_id}{path_}", headers=key["b"])

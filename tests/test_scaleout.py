@@ -133,7 +133,11 @@ def test_a_fanned_out_request_equals_one_job_exactly(fleet):
             again = api.post("/v1/attributions", json={**body, "test": {"dataset": "digits-test", "indices": indices}})
             assert finish(api, again)["status"] == "finished"
         assert loads() == before and sum(before) >= 3, (before, loads())
-        assert all(stats(settings, n).get("jobs", 0) >= 3 for n in names)  # both workers had parts
+        counts = [stats(settings, n) for n in names]
+        assert all(c.get("jobs", 0) >= 3 for c in counts)  # both workers had parts
+        # computed once for the fleet, not once per worker: the curvature, and each shard's base losses
+        assert sum(c.get("curvature_estimates", 0) for c in counts) == 1
+        assert sum(c.get("base_computes", 0) for c in counts) == 3
 
         # a deleted result's score files are removed by the workers' maintenance (once past a job's time limit)
         files = settings.score_dir / reduce.id

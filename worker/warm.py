@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from contract.jobs import artifact_id
 from contract.registry import DatasetManifest, ModelManifest, RegistryError, verify
 
-from .forward_inf import AttributionInputError, ForwardInf, MirrorConfig, Task, build, make_task
+from .forward_inf import AttributionInputError, ForwardInf, Mirror, MirrorConfig, Task, build, make_task
 from .forward_inf.curvature import Curvature
 from .store import Store
 
@@ -47,6 +47,8 @@ def nbytes(value: Any) -> int:
         return nbytes(value.raw) + nbytes(value.factor)
     if isinstance(value, ForwardInf):
         return nbytes(value.model)  # its scratch copy of the model, once made
+    if isinstance(value, Mirror):
+        return nbytes(value.first) + nbytes(value.total)
     if isinstance(value, dict | tuple | list):
         return sum(nbytes(v) for v in (value.values() if isinstance(value, dict) else value))
     return 0
@@ -137,6 +139,11 @@ class Warm:
             return computed[0] if computed else stored()
 
         return self._get(("curvature", name), load)
+
+    def mirror(self, key: str, take: Callable[[], Mirror]) -> Mirror:
+        """The mirrored step of request `key` (deterministic: every part of a fan-out computes the same),
+        taken once on this worker and kept for its other parts."""
+        return self._get(("mirror", key), take)
 
     # -- data ----------------------------------------------------------------------------------------
     def shard(self, d: DatasetManifest, n: int, batch_size: int):

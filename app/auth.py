@@ -24,7 +24,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from .errors import Forbidden, Unauthorized
+from contract.problems import Forbidden, Unauthorized
 
 SCOPES = ("read", "submit", "admin")
 PREFIX = "fi"

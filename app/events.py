@@ -6,7 +6,8 @@ failed, stopped); the API does when it cancels a queued job. Each API process ke
 restarting) waits simply run to their deadline; on every (re)connect all waiters are woken to read
 again, so an end published meanwhile is never missed for longer than the outage. `drop:<name>` tells
 every API process to forget a deleted result it keeps parsed (app/jobs.py: Results); after an outage
-each process forgets them all.
+each process forgets them all. Listeners (`listen`: the webhooks) hear each job's end too, and None after
+every (re)connect.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
@@ -30,6 +31,11 @@ class Events:
         self.channel = settings.key("events")
         self._waiting: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task | None = None
+        self._listeners: list[Callable[[str | None], None]] = []
+
+    def listen(self, callback: Callable[[str | None], None]) -> None:
+        """`callback(key)` on the event loop when job `key` ends; `callback(None)` after each (re)connect."""
+        self._listeners.append(callback)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._listen())
@@ -68,6 +74,8 @@ class Events:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(self.channel)
                     self._wake(list(self._waiting))  # whatever ended while we were not listening is read again
+                    for callback in self._listeners:
+                        callback(None)
                     if self.results is not None:  # and what was deleted meanwhile is forgotten
                         for name in list(self.results.items):
                             self.results.drop(name)
@@ -80,6 +88,8 @@ class Events:
                             self.results.drop(data.removeprefix("drop:"))
                         else:
                             self._wake([data])
+                            for callback in self._listeners:
+                                callback(data)
             except (RedisError, OSError) as exc:
                 log.warning("job events: subscription lost (%s); reconnecting in %.1f s", type(exc).__name__, delay)
                 await asyncio.sleep(delay)

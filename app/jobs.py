@@ -33,9 +33,10 @@ import contextlib
 import hashlib
 import hmac
 import json
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 from redis import Redis
@@ -49,14 +50,15 @@ from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
 from contract.jobs import JOB_FUNC, PART_FUNC, REDUCE_FUNC, Job, affinity_queue, bucket_of, part_id
+from contract.problems import Conflict, NotFound, TooManyRequests, Unavailable
 from contract.schemas import AnalysisPublic, AttributionPublic, JobSummary
 from contract.scores import block_key
 from contract.settings import Settings
 
 from .auth import Principal
-from .errors import Conflict, NotFound, TooManyRequests, Unavailable
 from .events import Events
 from .scores import Scores
+from .webhooks import Webhooks
 
 STATUS = {
     JobStatus.QUEUED: "queued",
@@ -157,6 +159,8 @@ class Jobs:
         self.queue = Queue(settings.queue, connection=redis, serializer=JSONSerializer)
         self.queues = {settings.queue: self.queue}
         self.key = settings.key
+        self.webhooks = Webhooks(self)
+        events.listen(self.webhooks.ended)
 
     def handle_of(self, tenant: str, key: str) -> str:
         mac = hmac.new(self.settings.secret.encode(), f"{tenant}\0{key}".encode(), hashlib.sha256)
@@ -324,17 +328,36 @@ class Jobs:
     async def wait(self, handle: str, who: Principal, top_k: int | None, wait_s: float, analysis: bool) -> bytes:
         """The view (as JSON) once the job has ended or `wait_s` has passed: a long poll that holds no
         thread and polls nothing (the job's end, published by its worker, wakes it)."""
-        deadline = time.monotonic() + wait_s
+        views = [view async for _, view in self.follow(handle, who, analysis, top_k, time.monotonic() + wait_s)]
+        return views[-1]
+
+    async def follow(
+        self,
+        handle: str,
+        who: Principal,
+        analysis: bool,
+        top_k: int | None = None,
+        deadline: float = math.inf,
+        every: float | None = None,
+    ) -> AsyncIterator[tuple[str, bytes]]:
+        """The job's view (JSON) as ("progress", view) each time it changes, read when the job ends and,
+        with `every`, every so many seconds; ("keepalive", b"") after ATTR_EVENTS_KEEPALIVE_S without a
+        change; last ("end", view) once it has ended, or ("timeout", view) at `deadline` (monotonic)."""
         record = await self._record(handle, who.tenant, analysis)
+        last, said = None, time.monotonic()
         with self.events.watch(record["key"]) as ended:
             while True:
                 ended.clear()  # before the read: an end published during it still wakes the wait below
                 status, body = await self._look(handle, record, top_k)
-                remaining = deadline - time.monotonic()
-                if status not in ACTIVE or remaining <= 0:
-                    return body
+                now = time.monotonic()
+                if status not in ACTIVE or now >= deadline:
+                    yield ("end" if status not in ACTIVE else "timeout"), body
+                    return
+                if body != last or now - said >= self.settings.events_keepalive_s:
+                    yield ("progress", body) if body != last else ("keepalive", b"")
+                    last, said = body, now
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ended.wait(), remaining)
+                    await asyncio.wait_for(ended.wait(), min(deadline - now, every or math.inf))
                 record = await self._record(handle, who.tenant, analysis)  # a cancel may have changed it
 
     async def finished(self, handle: str, who: Principal, analysis: bool) -> tuple[dict, Scores]:

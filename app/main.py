@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from redis import Redis
 from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
@@ -23,12 +24,12 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 from starlette.exceptions import HTTPException
 
+from contract.problems import InvalidInput, PayloadTooLarge, ServiceError, Unavailable
 from contract.registry import Registry, RegistryError
 from contract.settings import PLACEHOLDER_SECRET, Settings
 
 from . import metrics
 from .auth import SECURITY_SCHEME, KeyStore
-from .errors import InvalidInput, PayloadTooLarge, ServiceError, Unavailable
 from .events import Events
 from .jobs import Jobs, Results
 from .routes import analyses, attributions, health, jobs, models
@@ -117,10 +118,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.set_threshold(50_000, 50, 100)
         yield
         await app.state.events.stop()
+        await app.state.jobs.webhooks.stop()
         await app.state.aredis.aclose()
         app.state.redis.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with the package's own assets: no CDN, works offline
         title="Training-data attribution service",
         version="1.0.0",
         lifespan=lifespan,

@@ -28,6 +28,7 @@ from contract.jobs import (
     RecordPoints,
 )
 from contract.method import MethodConflict, resolve_method
+from contract.problems import InvalidInput, NotFound, PayloadTooLarge
 from contract.registry import DatasetManifest, ModelManifest, Registry
 from contract.schemas import (
     AttributionCreate,
@@ -39,8 +40,6 @@ from contract.schemas import (
     TextTest,
 )
 from contract.settings import Settings
-
-from .errors import InvalidInput, NotFound, PayloadTooLarge
 
 Request = AttributionCreate | LeakageCreate | MislabeledCreate | MemorizationCreate
 

@@ -8,10 +8,9 @@ import numpy as np
 from redis import asyncio as aioredis
 from starlette.concurrency import run_in_threadpool
 
+from contract.problems import Conflict
 from contract.scores import Block, block_key, block_path
 from contract.settings import Settings
-
-from .errors import Conflict
 
 F4 = np.dtype("<f4")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -36,6 +37,8 @@ __all__ = [
     "PART_FUNC",
     "REDUCE_FUNC",
     "affinity_queue",
+    "digest",
+    "echo",
     "bucket_of",
     "artifact_id",
     "part_id",
@@ -44,12 +47,17 @@ __all__ = [
 # Bump on any change that alters scores, base losses, curvature or an analysis' answer: cached results,
 # stored base losses and curvature made by another version are then never reused (tests/test_contract.py
 # fails when the engine's code changes and this does not).
-ENGINE_VERSION = "2026.12.2"
+ENGINE_VERSION = "2026.12.3"
 # the worker's RQ entry points, by dotted path (the API never imports them)
 JOB_FUNC = "worker.jobs.run"  # a whole request in one job
 PART_FUNC = "worker.jobs.run_part"  # one part of the training set: its score block and per-part summary
 REDUCE_FUNC = "worker.jobs.reduce"  # merges the parts' summaries into the result
 Dtype = Literal["float32", "float64"]
+
+
+def digest(value: Any) -> str:
+    """sha256 of a JSON value's canonical form (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class _Frozen(BaseModel):
@@ -85,6 +93,15 @@ class InlinePoints(_Frozen):
 Points = Annotated[RecordPoints | InlinePoints, Field(discriminator="source")]
 
 
+def echo(points: RecordPoints | InlinePoints, record_ids: Sequence[str]) -> list[dict]:
+    """Which test point each result row is (the TestPoint schema): a record of a dataset (`record_ids`:
+    that dataset's), or an inline point by the digest of its canonical input and target."""
+    if isinstance(points, RecordPoints):
+        return [{"dataset": points.dataset.id, "index": i, "record_id": record_ids[i]} for i in points.indices]
+    targets = points.targets or [None] * len(points.inputs)
+    return [{"digest": digest([x, y])} for x, y in zip(points.inputs, targets, strict=True)]
+
+
 class _Job(_Frozen):
     engine_version: str = ENGINE_VERSION
     model: ModelRef
@@ -95,8 +112,7 @@ class _Job(_Frozen):
     @property
     def key(self) -> str:
         """The computation's identity and the key of its stored result: a hash of the whole payload."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+        return digest(self.model_dump(mode="json"))[:32]
 
 
 class AttributionJob(_Job):

@@ -58,6 +58,17 @@ class DatasetTest(BaseModel):
     indices: list[Annotated[int, Field(strict=True, ge=0)]] | None = None
 
 
+class Webhook(BaseModel):
+    """Where to POST the job's final view (as GET returns it) once it ends: finished, failed or canceled.
+    Signed (X-Attribution-Signature: contract/webhooks.py), retried on failure; not part of the request's
+    identity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(pattern=r"^https?://[^\s/?#]+", max_length=2048, description="on a host ATTR_WEBHOOK_HOSTS allows")
+    secret: str = Field(min_length=16, max_length=256, description="the key of the signature's HMAC-SHA256")
+
+
 class JobCreate(BaseModel):
     """What every request names: a registered model, the training set it was trained on, and settings."""
 
@@ -66,6 +77,7 @@ class JobCreate(BaseModel):
     model: str = Field(description="registered model id")
     dataset: str = Field(description="registered training dataset id")
     method: MethodSettings = Field(default_factory=MethodSettings)
+    webhook: Webhook | None = Field(None, description="optional: be called when the job ends, instead of polling")
 
 
 class AttributionCreate(JobCreate):
@@ -106,8 +118,18 @@ class Influence(BaseModel):
     score: float
 
 
+class TestPoint(BaseModel):
+    """Which test point a result row is: a record of a registered dataset, or inline data by digest."""
+
+    dataset: str | None = Field(None, description="the registered dataset the point is a record of")
+    index: int | None = None
+    record_id: str | None = None
+    digest: str | None = Field(None, description="an inline point: sha256 of [input, target] as canonical JSON")
+
+
 class RowAttribution(BaseModel):
     row: int
+    test: TestPoint
     test_loss: float
     memorized: bool = Field(description="loss below the memorised-point threshold (see the engine docs)")
     proponents: list[Influence] = Field(description="highest scores: training points that support the prediction")
@@ -267,6 +289,7 @@ class Match(BaseModel):
 
 class LeakageRow(BaseModel):
     row: int
+    test: TestPoint
     leaked: bool
     best: Match
     evidence: list[Match] = Field(description="the 5 closest training records")

@@ -47,6 +47,17 @@ class Settings(BaseSettings):
     max_memorization_records: int = 64
     max_reference_records: int = Field(4096, description="clean reference set of a mislabeled analysis")
     max_wait_s: float = Field(30.0, description="longest long poll (GET ...?wait_s=) the API holds open")
+    events_interval_s: float = Field(0.5, gt=0, description="how often a job's event stream reads its progress")
+    events_keepalive_s: float = Field(
+        15.0, gt=0, description="an event stream's comment line after this long unchanged"
+    )
+
+    # webhooks (a request's `webhook`: its final view POSTed, signed, once it ends)
+    webhook_hosts: list[str] = Field(
+        ["127.0.0.1", "localhost"], description='hosts a webhook may call ("*": any); JSON list in the env var'
+    )
+    webhook_attempts: int = Field(6, ge=1, description="tries per delivery, 1 s apart doubling (1, 2, 4, 8, 16 s)")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="one try's limit")
 
     # jobs and caches
     job_timeout_s: int = 3600

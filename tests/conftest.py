@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import redis as redis_lib
 import torch
@@ -245,3 +246,30 @@ def submit(api):
 def running_mid_job(api, url):
     job = api.get(url).json()
     return job if job["status"] == "running" and 0 < job["progress"]["done"] < (job["progress"]["total"] or 0) else None
+
+
+@pytest.fixture
+def live(big_settings):
+    """The service as users run it: uvicorn and a `python -m worker` process on `big_settings` (its
+    digits-big training set runs for seconds, with progress). Yields the base URL."""
+    port = free_port()
+    env = subprocess_env(big_settings, ATTR_WARM_ON_START="false", ATTR_EVENTS_INTERVAL_S=0.1)
+    uvicorn = [PYTHON, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port), "--log-level", "error"]
+    procs = [subprocess.Popen(uvicorn, cwd=ROOT, env=env)]
+    procs.append(start_worker(big_settings, f"live-{port}"))  # batches of 32: a job runs for seconds
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: ready(base), timeout=60, interval=0.1)
+        yield base
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
+
+
+def ready(base: str) -> bool:
+    """The service at `base` answers /readyz with 200 (an API, Redis and a worker)."""
+    try:
+        return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,9 +168,11 @@ def chromium() -> str:
     return found
 
 
-def browse(page, tmp_path, *args: str) -> subprocess.CompletedProcess:
+def browse(page: Path | str, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """Chromium headless on a file or a URL."""
+    url = page.as_uri() if isinstance(page, Path) else page
     return subprocess.run(
-        [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args, page.as_uri()],
+        [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args, url],
         capture_output=True,
         text=True,
         timeout=120,

@@ -13,10 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import PYTHON, ROOT, free_port, subprocess_env, wait_for
+from tests.conftest import PYTHON, ROOT, free_port, ready, subprocess_env, wait_for
 
 pytestmark = pytest.mark.slow
 CHECKS = (
@@ -46,7 +45,7 @@ def test_schemathesis_finds_nothing(settings, tmp_path, capsys):
     procs.append(subprocess.Popen([PYTHON, "-m", "worker"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL))
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _ready(base), timeout=60, interval=0.1)
+        wait_for(lambda: ready(base), timeout=60, interval=0.1)
         st = Path(sys.executable).parent / "schemathesis"
         run = subprocess.run(
             [str(st), "run", f"{base}/openapi.json", "--checks", CHECKS, "--max-examples", "30", "--seed", "1"]
@@ -63,10 +62,3 @@ def test_schemathesis_finds_nothing(settings, tmp_path, capsys):
     summary = run.stdout[run.stdout.rfind("SUMMARY") :]
     print(summary)
     assert run.returncode == 0, run.stdout[-20000:]
-
-
-def _ready(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False

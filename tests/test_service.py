@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import subprocess
 import time
 import zlib
@@ -236,12 +237,14 @@ def test_openapi_operation_ids_are_stable(client):
         "get_attribution_scores",
         "cancel_attribution",
         "get_attribution_report",
+        "follow_attribution",
         "create_leakage_analysis",
         "create_mislabeled_analysis",
         "create_memorization_analysis",
         "get_analysis",
         "get_analysis_scores",
         "get_analysis_report",
+        "follow_analysis",
         "cancel_analysis",
         "list_models",
         "get_model",
@@ -252,7 +255,24 @@ def test_openapi_operation_ids_are_stable(client):
         "readiness",
         "metrics",
     }
-    assert client.get("/docs").status_code == 200
+    docs, redoc = client.get("/docs"), client.get("/redoc")
+    assert docs.status_code == redoc.status_code == 200
+    for page in (docs.text, redoc.text):  # every asset from this service (the browser test renders them offline)
+        assert "https://" not in page and "http://" not in page
+        assert all(client.get(src).status_code == 200 for src in re.findall(r'(?:src|href)="(/[^"]+)"', page))
+
+
+def test_every_success_answer_has_a_typed_schema(client):
+    """Generated clients need a schema for every 2xx body: a model, or a string for text and binary."""
+    spec = client.get("/openapi.json").json()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            for status, answer in operation["responses"].items():
+                if status.startswith("2") and status != "204":
+                    assert answer.get("content"), (method, path, status)
+                    for media, content in answer["content"].items():
+                        schema = content.get("schema") or {}
+                        assert "$ref" in schema or schema.get("type") or schema.get("anyOf"), (method, path, media)
 
 
 def test_the_api_process_never_imports_torch():

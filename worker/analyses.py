@@ -29,7 +29,8 @@ class Evidence:
     """scores: (rows, N) signed scores; own: (rows,) each row's response to its own step (the score an
     exact duplicate gets); own_loss: (rows,) its loss; base: (N,) training losses; rows past `n` are
     calibration queries: the training records `calibration`. `records` are the training indices of
-    the first n rows when they are training records (memorization)."""
+    the first n rows when they are training records (memorization); `tests` what the first n rows are
+    (contract.jobs.echo: leakage's rows say it)."""
 
     scores: torch.Tensor
     own: torch.Tensor
@@ -40,6 +41,7 @@ class Evidence:
     calibration: torch.Tensor
     labels: torch.Tensor | None = None
     records: torch.Tensor | None = None
+    tests: list[dict] | None = None
 
 
 def distance(scores: torch.Tensor, own: torch.Tensor, base: torch.Tensor, own_loss: torch.Tensor) -> torch.Tensor:
@@ -80,7 +82,8 @@ def leakage(e: Evidence, job: LeakageJob) -> dict:
             {"record_id": e.record_ids[i], "index": i, "distance": d}
             for d, i in zip(near.values[j].tolist(), near.indices[j].tolist(), strict=True)
         ]
-        out.append({"row": j, "leaked": matches[0]["distance"] <= threshold, "best": matches[0], "evidence": matches})
+        flagged = matches[0]["distance"] <= threshold
+        out.append({"row": j, "test": e.tests[j], "leaked": flagged, "best": matches[0], "evidence": matches})
     leaked = sum(r["leaked"] for r in out)
     summary = (
         f"{leaked} of {e.n} test points are likely present in the training set (best match within {threshold:.2g}; "

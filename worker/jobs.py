@@ -34,8 +34,10 @@ from contract.jobs import (
     DatasetRef,
     InlinePoints,
     Job,
+    LeakageJob,
     ModelRef,
     RecordPoints,
+    echo,
     part_id,
 )
 from contract.method import Method
@@ -236,8 +238,9 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
         "timing": timing,
     }
     record_ids = ctx.warm.record_ids(data_m)
+    tests = _echo(ctx, job.points) if isinstance(job, AttributionJob | LeakageJob) else []
     if isinstance(job, AttributionJob):
-        result["rows"] = _top(summaries, first, record_ids, ctx.settings.max_top_k)
+        result["rows"] = _top(summaries, first, record_ids, tests, ctx.settings.max_top_k)
     else:
         t = time.perf_counter()
         calibration = calibration_records(job, data_m)
@@ -248,7 +251,6 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
             shards = range(len(data_m.shards))
             labels = torch.from_numpy(np.concatenate([data_m.rows(n, keys=("targets",))["targets"] for n in shards]))
         base = torch.cat([_stored_base(ctx, model_m, data_m, n, job.dtype) for n in range(len(data_m.shards))])
-        points = job.points
         evidence = Evidence(
             scores=scores,
             own=torch.tensor(first["self_score"]),
@@ -258,13 +260,23 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
             n=rows - len(calibration),
             calibration=calibration,
             labels=labels,
-            records=torch.tensor(points.indices) if isinstance(points, RecordPoints) else None,
+            records=torch.tensor(job.points.indices) if isinstance(job.points, RecordPoints) else None,
+            tests=tests,
         )
         result["analysis"] = ANALYSES[job.kind](evidence, job)
         result["shape"] = [evidence.n, data_m.size]  # the calibration rows are the analysis' own business
         timing["store_s"] += time.perf_counter() - t
     ctx.store.put_result(job.key, result)
     return {"key": job.key, "shape": result["shape"], "parts": len(summaries)}
+
+
+def _echo(ctx: Context, points: RecordPoints | InlinePoints) -> list[dict]:
+    """Each test point's echo in the result (contract.jobs.echo), with its dataset's record ids."""
+    if not isinstance(points, RecordPoints):
+        return echo(points, [])
+    return echo(
+        points, ctx.warm.record_ids(_current(ctx.registry.dataset(points.dataset.id), points.dataset, "dataset"))
+    )
 
 
 def _stored_base(ctx: Context, model_m: ModelManifest, data_m: DatasetManifest, n: int, dtype: str) -> torch.Tensor:
@@ -274,7 +286,7 @@ def _stored_base(ctx: Context, model_m: ModelManifest, data_m: DatasetManifest, 
     return torch.frombuffer(bytearray(raw), dtype=getattr(torch, dtype)).float()
 
 
-def _top(summaries: list[dict], first: dict, record_ids, k: int) -> list[dict]:
+def _top(summaries: list[dict], first: dict, record_ids, tests: list[dict], k: int) -> list[dict]:
     """Each row's top-k proponents and opponents over the whole training set, from every part's own."""
 
     def merged(side: str, largest: bool):
@@ -294,6 +306,7 @@ def _top(summaries: list[dict], first: dict, record_ids, k: int) -> list[dict]:
     return [  # through the contract's schema once here, so the API can serve it as stored
         RowAttribution(
             row=j,
+            test=tests[j],
             test_loss=first["test_loss"][j],
             memorized=first["memorized"][j],
             proponents=entries(hv[j], hi[j]),

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 
 from contract.schemas import AnalysisPublic, LeakageCreate, MemorizationCreate, MislabeledCreate
 
@@ -55,6 +55,14 @@ async def get_analysis(
 ) -> Response:
     """Status, progress and, when finished, the analysis' answer (with `wait_s`: a long poll)."""
     return await shared.view(jobs, settings, analysis_id, who, None, wait_s, analysis=True)
+
+
+@router.get(
+    "/{analysis_id}/events", operation_id="follow_analysis", response_class=StreamingResponse, responses=shared.EVENTS
+)
+async def follow_analysis(analysis_id: JobId, who: Reader, jobs: JobsDep) -> StreamingResponse:
+    """The job's status and progress as Server-Sent Events, until it ends: no polling needed."""
+    return await shared.events(jobs, analysis_id, who, True)
 
 
 @router.get("/{analysis_id}/scores", operation_id="get_analysis_scores", responses=SCORES)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 
 from contract.schemas import AttributionCreate, AttributionPublic, ScoresPage
 
@@ -14,7 +14,10 @@ from .jobs import CREATE, READ, RESULT, Format, JobId, TopK, WaitS, Window
 
 router = APIRouter(prefix="/v1/attributions", tags=["attributions"])
 SCORES = {
-    200: {"model": ScoresPage, "content": {"application/json": {}, "application/x-npy": {}}},
+    200: {
+        "model": ScoresPage,
+        "content": {"application/json": {}, "application/x-npy": {"schema": {"type": "string", "format": "binary"}}},
+    },
     **RESULT,
 }
 REPORT = {200: {"content": {"text/html": {}}}, **RESULT}
@@ -44,6 +47,17 @@ async def get_attribution(
     """Status, progress, timing and, when finished, the top-k proponents and opponents per test point.
     With `wait_s`, a long poll: the answer comes when the job ends or the wait is over."""
     return await shared.view(jobs, settings, attribution_id, who, top_k, wait_s, analysis=False)
+
+
+@router.get(
+    "/{attribution_id}/events",
+    operation_id="follow_attribution",
+    response_class=StreamingResponse,
+    responses=shared.EVENTS,
+)
+async def follow_attribution(attribution_id: JobId, who: Reader, jobs: JobsDep) -> StreamingResponse:
+    """The job's status and progress as Server-Sent Events, until it ends: no polling needed."""
+    return await shared.events(jobs, attribution_id, who, False)
 
 
 @router.get("/{attribution_id}/scores", operation_id="get_attribution_scores", responses=SCORES)

@@ -20,7 +20,7 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", operation_id="readiness", responses={503: {"model": Health}})
+@router.get("/readyz", operation_id="readiness", response_model=Health, responses={503: {"model": Health}})
 def readyz(redis: RedisDep, settings: SettingsDep) -> Response:
     """Ready: Redis answers and at least one worker has a live heartbeat."""
     try:
@@ -35,7 +35,10 @@ def readyz(redis: RedisDep, settings: SettingsDep) -> Response:
 
 
 @router.get(
-    "/metrics", operation_id="metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}}
+    "/metrics",
+    operation_id="metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
 def prometheus(redis: RedisDep, settings: SettingsDep) -> Response:
     body, content_type = metrics.render(redis, settings)

@@ -12,16 +12,17 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from contract.problems import InvalidInput
 from contract.schemas import JobPage, Problem
 
 from .. import metrics
 from ..auth import Principal, Reader
 from ..deps import JobsDep
-from ..errors import InvalidInput
 from ..jobs import Jobs, links
 from ..report import ROWS, SAMPLE, render
 from ..resolve import Request as JobRequest
 from ..resolve import resolve
+from ..webhooks import check
 
 
 def problems(*codes: int) -> dict:
@@ -45,8 +46,12 @@ Window = Annotated[
 async def create(kind: str, body: JobRequest, who: Principal, jobs: Jobs, registry, settings) -> Response:
     """Resolve (422 when it cannot run), then enqueue or join (202 + Location) or answer from the cache."""
     job = resolve(kind, body, registry, settings)
+    if body.webhook is not None:
+        check(body.webhook, settings)
     parts = registry.dataset(job.dataset.id).parts(settings.part_records)  # one job, or a fan-out over parts
     public, status, handle = await jobs.submit(job, who, getattr(body, "top_k", None), parts)
+    if body.webhook is not None:
+        await jobs.webhooks.register(handle, job.key, body.webhook)
     metrics.CACHE.labels("hit" if status == 200 else "miss").inc()
     headers = {} if status == 200 else {"Location": links(kind, handle)["self"]}
     return Response(public, status_code=status, headers=headers, media_type="application/json")
@@ -55,6 +60,62 @@ async def create(kind: str, body: JobRequest, who: Principal, jobs: Jobs, regist
 async def view(jobs: Jobs, settings, handle: str, who: Principal, top_k, wait_s: float, analysis: bool) -> Response:
     body = await jobs.wait(handle, who, top_k, min(wait_s, settings.max_wait_s), analysis)
     return Response(body, media_type="application/json")
+
+
+EVENTS = {
+    200: {
+        "description": "Server-Sent Events: `progress` each time the job's view changes, then one `end` (its final "
+        "view: finished, failed or canceled); comment lines keep an idle stream open",
+        "content": {
+            "text/event-stream": {
+                "schema": {  # one event (OpenAPI 3.2 calls this itemSchema)
+                    "type": "object",
+                    "required": ["event", "data"],
+                    "properties": {
+                        "event": {"type": "string", "enum": ["progress", "end"]},
+                        "id": {"type": "string", "description": "the event's number in this stream"},
+                        "data": {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "description": "the job's view as JSON, as GET returns it",
+                        },
+                    },
+                }
+            }
+        },
+    },
+    **READ,
+}
+
+
+async def events(jobs: Jobs, handle: str, who: Principal, analysis: bool) -> StreamingResponse:
+    """The job's events until it ends (404 at once for an unknown id, before the stream starts)."""
+    stream = jobs.follow(handle, who, analysis, every=jobs.settings.events_interval_s)
+    first = await anext(stream)  # raises NotFound here, as a problem+json answer
+
+    async def sse():
+        number = 0
+        async for event, body in _chain(first, stream):
+            number += 1
+            yield (
+                b": keepalive\n\n"
+                if event == "keepalive"
+                else b"id: %d\nevent: %s\ndata: %s\n\n"
+                % (
+                    number,
+                    event.encode(),
+                    body,
+                )
+            )
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
+    return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
+
+
+async def _chain(first, rest):
+    yield first
+    async for item in rest:
+        yield item
 
 
 async def scores(

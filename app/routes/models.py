@@ -6,12 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
+from contract.problems import NotFound
 from contract.registry import ID
 from contract.schemas import DatasetPublic, ModelPublic
 
 from ..auth import Reader
 from ..deps import RegistryDep
-from ..errors import NotFound
 from .jobs import READ, problems
 
 EntryId = Annotated[str, Path(pattern=ID, description="a registered id")]

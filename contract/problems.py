@@ -1,4 +1,5 @@
-"""The service's errors, rendered as application/problem+json by one handler (app.main).
+"""The service's problems (RFC 9457 application/problem+json), one class per status: raised by the API
+(rendered by one handler, app.main) and by the client when such an answer arrives (attribution_client).
 
     ServiceError (500)
     ├── BadRequest (400)          a body that is not JSON at all
@@ -11,11 +12,25 @@
     ├── TooManyRequests (429)     a key's rate limit or a tenant's concurrent-job cap (Retry-After)
     └── Unavailable (503)         Redis unreachable, the queue full (Retry-After), a broken registry entry
 
-Messages are precise and safe to show: never a traceback, never a server path. Foreign exceptions are
-translated to these in one place (app.main.translate).
+Messages are precise and safe to show: never a traceback, never a server path.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+
+__all__ = [
+    "BadRequest",
+    "Conflict",
+    "Forbidden",
+    "InvalidInput",
+    "NotFound",
+    "PayloadTooLarge",
+    "ServiceError",
+    "TooManyRequests",
+    "Unauthorized",
+    "Unavailable",
+]
 
 
 class ServiceError(Exception):
@@ -25,6 +40,22 @@ class ServiceError(Exception):
     def __init__(self, detail: str, errors: list[dict] | None = None, headers: dict[str, str] | None = None):
         super().__init__(detail)
         self.detail, self.errors, self.headers = detail, errors, headers or {}
+
+    @property
+    def retry_after_s(self) -> int | None:
+        value = self.headers.get("Retry-After") or self.headers.get("retry-after")
+        return int(value) if value and value.isdigit() else None
+
+    @classmethod
+    def from_problem(cls, body: Mapping, headers: Mapping[str, str] | None = None) -> ServiceError:
+        """The exception of a problem+json answer (its status's class; ServiceError for any other)."""
+        status = int(body.get("status") or 500)
+        kind = next((c for c in cls.__subclasses__() if c.status == status), ServiceError)
+        error = Exception.__new__(kind)
+        ServiceError.__init__(error, str(body.get("detail", "")), body.get("errors"), dict(headers or {}))
+        if kind is ServiceError:
+            error.status, error.title = status, str(body.get("title", "Error"))
+        return error
 
 
 class BadRequest(ServiceError):

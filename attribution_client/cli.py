@@ -1,0 +1,310 @@
+"""`attribution` (or `python -m attribution_client`): the service from a terminal or a script.
+
+    attribution attribute digits-mlp digits-train --test-dataset digits-test --indices 0,1 --top-k 5
+    attribution attribute digits-mlp digits-train --inputs points.npy --targets labels.npy
+    attribution leakage | mislabeled | memorization ...
+    attribution jobs list | show ID | cancel ID
+    attribution models list | show ID        attribution datasets list
+    attribution report ID --open
+
+The service and key come from --url / --key or ATTR_URL / ATTR_API_KEY. Submitting commands follow the
+job to its end with a progress bar (or `--no-wait`). `--json` prints the job's view as JSON (for scripts).
+
+Exit codes: 0 the job finished (or the command did what it says); 1 the job failed; 2 usage errors
+(typer's); 3 the job was canceled; 4 the service refused the request (4xx problem: its detail is shown);
+5 the service is unavailable (5xx, or not reachable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import webbrowser
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from contract.problems import ServiceError
+
+from .client import Client
+
+EXIT = {"finished": 0, "failed": 1, "canceled": 3}
+REFUSED, UNAVAILABLE = 4, 5
+app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False)
+jobs_app = typer.Typer(help="this tenant's jobs", no_args_is_help=True)
+models_app = typer.Typer(help="registered models", no_args_is_help=True)
+datasets_app = typer.Typer(help="registered datasets", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(models_app, name="models")
+app.add_typer(datasets_app, name="datasets")
+out, err = Console(), Console(stderr=True)
+
+Url = Annotated[str, typer.Option(envvar="ATTR_URL", help="the service's base URL")]
+Key = Annotated[str | None, typer.Option(envvar="ATTR_API_KEY", help="an API key (python -m app.keys create)")]
+AsJson = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
+Wait = Annotated[bool, typer.Option("--wait/--no-wait", help="follow the job to its end")]
+Method = Annotated[str | None, typer.Option(help='method settings as JSON, e.g. \'{"preset": "leakage"}\'')]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+@contextlib.contextmanager
+def _service(url: str, key: str | None) -> Iterator[Client]:
+    """A client; a problem answer or an unreachable service ends the command with its exit code."""
+    try:
+        with Client(url, key) as client:
+            yield client
+    except ServiceError as exc:
+        err.print(f"[red]{exc.status} {exc.title}[/red]: {exc.detail}")
+        raise typer.Exit(REFUSED if exc.status < 500 else UNAVAILABLE) from None
+    except httpx.TransportError as exc:
+        err.print(f"[red]cannot reach the service[/red]: {exc}")
+        raise typer.Exit(UNAVAILABLE) from None
+
+
+def _points(dataset: str | None, indices: str | None, records: str | None, inputs: Path | None, targets: Path | None,
+            texts: Path | None) -> dict:  # fmt: skip
+    """Test points from the options: records of a dataset, arrays from .npy/.json/.jsonl files, or text."""
+    if dataset:
+        if indices:
+            return {"dataset": dataset, "indices": [int(i) for i in indices.split(",")]}
+        return {"dataset": dataset, "records": (records or "").split(",")}
+    if texts:  # JSONL of {"prompt": ..., "completion": ...}
+        return {"texts": [json.loads(line) for line in texts.read_text().splitlines() if line.strip()]}
+    if inputs:
+        point = {"inputs": _array(inputs)}
+        if targets:
+            point["targets"] = _array(targets)
+        return point
+    raise typer.BadParameter("give --test-dataset (with --indices or --records), --inputs, or --texts")
+
+
+def _array(path: Path) -> list:
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False).tolist()
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix in (".png", ".jpg", ".jpeg"):  # one grayscale image in [0, 1]; Pillow if installed
+        from PIL import Image
+
+        return [(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255).tolist()]
+    return json.loads(path.read_text())
+
+
+def _follow(client: Client, view, wait: bool, as_json: bool):
+    """Follow the job (a progress bar on stderr), print it, exit with its status's code."""
+    if wait and view.status not in ("finished", "failed", "canceled"):
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeRemainingColumn(), console=err, transient=True) as bar:  # fmt: skip
+            task = bar.add_task(view.id[:12], total=None)
+
+            def show(v):
+                bar.update(
+                    task, completed=v.progress.done, total=v.progress.total, description=f"{v.id[:12]} {v.status}"
+                )
+
+            view = client.wait(view, progress=show)
+    if as_json:
+        out.print_json(view.model_dump_json())
+    else:
+        _show(view)
+    raise typer.Exit(EXIT.get(view.status, 0))
+
+
+def _show(view) -> None:
+    out.print(f"[bold]{view.id}[/bold] {view.status}  model {view.model}, training set {view.dataset}")
+    if view.error:
+        out.print(f"[red]{view.error}[/red]")
+    result = view.result
+    if result is None:
+        return
+    if getattr(result, "rows", None) is not None and hasattr(result, "shape"):  # an attribution
+        for row in result.rows:
+            table = Table(title=f"test point {row.row} (loss {row.test_loss:.3g})")
+            for name in ("proponent", "score", "opponent", "score "):
+                table.add_column(name)
+            for p, o in zip(row.proponents, row.opponents, strict=False):
+                table.add_row(p.record_id, f"{p.score:.3g}", o.record_id, f"{o.score:.3g}")
+            out.print(table)
+    else:
+        out.print(result.summary)
+
+
+def _submit(url, key, wait, as_json, operation: str, *args, **kwargs):
+    with _service(url, key) as client:
+        view = getattr(client, operation)(*args, **kwargs)
+        _follow(client, view, wait, as_json)
+
+
+@app.command()
+def attribute(
+    model: str,
+    dataset: str,
+    test_dataset: Annotated[str | None, typer.Option(help="test points: records of this dataset")] = None,
+    indices: Annotated[str | None, typer.Option(help="their indices, e.g. 0,1,2")] = None,
+    records: Annotated[str | None, typer.Option(help="or their record ids, comma-separated")] = None,
+    inputs: Annotated[Path | None, typer.Option(help="or inline inputs: .npy, .json, .jsonl or an image")] = None,
+    targets: Annotated[Path | None, typer.Option(help="their targets (.npy, .json, .jsonl)")] = None,
+    texts: Annotated[Path | None, typer.Option(help="or text: JSONL of {prompt, completion}")] = None,
+    top_k: int = 10,
+    method: Method = None,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    wait: Wait = True,
+    as_json: AsJson = False,
+):
+    """Which training records made the model predict this? Top proponents and opponents per test point."""
+    test = _points(test_dataset, indices, records, inputs, targets, texts)
+    _submit(url, key, wait, as_json, "attribute", model, dataset, test, top_k, json.loads(method or "{}"))
+
+
+@app.command()
+def leakage(
+    model: str,
+    dataset: str,
+    test_dataset: Annotated[str | None, typer.Option()] = None,
+    indices: Annotated[str | None, typer.Option()] = None,
+    records: Annotated[str | None, typer.Option()] = None,
+    inputs: Annotated[Path | None, typer.Option()] = None,
+    targets: Annotated[Path | None, typer.Option()] = None,
+    method: Method = None,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    wait: Wait = True,
+    as_json: AsJson = False,
+):
+    """Which test points are in the training set (calibrated; the closest records as evidence)?"""
+    test = _points(test_dataset, indices, records, inputs, targets, None)
+    _submit(url, key, wait, as_json, "leakage", model, dataset, test, json.loads(method or "{}"))
+
+
+@app.command()
+def mislabeled(
+    model: str,
+    dataset: str,
+    reference_dataset: Annotated[str, typer.Option(help="clean, vetted records")],
+    indices: Annotated[str | None, typer.Option()] = None,
+    records: Annotated[str | None, typer.Option()] = None,
+    method: Method = None,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    wait: Wait = True,
+    as_json: AsJson = False,
+):
+    """Which training labels are likely wrong (a review list with its expected precision)?"""
+    reference = _points(reference_dataset, indices, records, None, None, None)
+    _submit(url, key, wait, as_json, "mislabeled", model, dataset, reference, json.loads(method or "{}"))
+
+
+@app.command()
+def memorization(
+    model: str,
+    dataset: str,
+    indices: Annotated[str | None, typer.Option(help="training records to audit, by index")] = None,
+    records: Annotated[str | None, typer.Option(help="or by record id")] = None,
+    method: Method = None,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    wait: Wait = True,
+    as_json: AsJson = False,
+):
+    """How much does the model rely on these training records themselves (and their copies)?"""
+    audited = _points(dataset, indices, records, None, None, None)
+    _submit(url, key, wait, as_json, "memorization", model, dataset, audited, json.loads(method or "{}"))
+
+
+@jobs_app.command("list")
+def jobs_list(
+    kind: str | None = None, status: str | None = None, limit: int = 20, url: Url = DEFAULT_URL, key: Key = None,
+    as_json: AsJson = False,
+):  # fmt: skip
+    """This tenant's jobs, newest first."""
+    with _service(url, key) as client:
+        items = [j for _, j in zip(range(limit), client.jobs(kind, status, min(limit, 200)), strict=False)]
+    if as_json:
+        out.print_json(json.dumps([j.model_dump(mode="json") for j in items]))
+        return
+    table = Table("id", "kind", "status", "model", "dataset", "created")
+    for j in items:
+        table.add_row(j.id, j.kind, j.status, j.model, j.dataset, j.created.isoformat(timespec="seconds"))
+    out.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, kind: str = "attribution", url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False):
+    """One job: status, progress and, once finished, its result (--kind for an analysis)."""
+    with _service(url, key) as client:
+        view = client.job(job_id, kind)
+    out.print_json(view.model_dump_json()) if as_json else _show(view)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, kind: str = "attribution", url: Url = DEFAULT_URL, key: Key = None):
+    """Cancel a queued or running job; delete an ended one."""
+    with _service(url, key) as client:
+        view = client.cancel(job_id, kind)
+    out.print(f"{job_id} {'deleted' if view is None else view.status}")
+
+
+@models_app.command("list")
+def models_list(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False):
+    with _service(url, key) as client:
+        models = client.models()
+    if as_json:
+        out.print_json(json.dumps([m.model_dump(mode="json") for m in models]))
+        return
+    table = Table("id", "task", "architecture", "description")
+    for m in models:
+        table.add_row(m.id, m.task, m.architecture, m.description)
+    out.print(table)
+
+
+@models_app.command("show")
+def models_show(model_id: str, url: Url = DEFAULT_URL, key: Key = None):
+    with _service(url, key) as client:
+        out.print_json(client.model(model_id).model_dump_json())
+
+
+@datasets_app.command("list")
+def datasets_list(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False):
+    with _service(url, key) as client:
+        datasets = client.datasets()
+    if as_json:
+        out.print_json(json.dumps([d.model_dump(mode="json") for d in datasets]))
+        return
+    table = Table("id", "records", "shards", "trained", "description")
+    for d in datasets:
+        table.add_row(d.id, f"{d.size:,}", str(d.shards), ", ".join(d.trained), d.description)
+    out.print(table)
+
+
+@app.command()
+def report(
+    job_id: str,
+    kind: str = "attribution",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write the HTML here")] = None,
+    open_: Annotated[bool, typer.Option("--open", help="open it in a browser")] = False,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+):
+    """A finished job's HTML report (self-contained: no network needed to view it)."""
+    with _service(url, key) as client:
+        page = client.report(job_id, kind)
+    path = output or Path(tempfile.gettempdir()) / f"attribution-report-{job_id}.html"
+    path.write_text(page)
+    out.print(str(path))
+    if open_:
+        webbrowser.open(path.resolve().as_uri())
+
+
+def main() -> None:  # the console script
+    app(prog_name=os.path.basename(sys.argv[0]) if sys.argv[0].endswith("attribution") else "attribution")

@@ -1,0 +1,252 @@
+"""`Client` (sync) and `AsyncClient` over httpx, typed with the service's own schemas (contract.schemas):
+a request is checked before it is sent, an answer parsed into the model the API built it from, and a
+problem+json answer raised as the ServiceError subclass of its status (contract/problems.py).
+
+Each operation is defined once (`_Operations`: which request, how to read the answer); the sync client
+runs it, the async one awaits it. Following a job (`wait`) reads the job's Server-Sent Events.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from contract.problems import ServiceError
+from contract.schemas import (
+    AnalysisPublic,
+    AttributionCreate,
+    AttributionPublic,
+    DatasetPublic,
+    JobPage,
+    JobPublic,
+    JobSummary,
+    LeakageCreate,
+    MemorizationCreate,
+    MislabeledCreate,
+    ModelPublic,
+    ScoresPage,
+)
+
+__all__ = ["AsyncClient", "Client"]
+ENDED = ("finished", "failed", "canceled")
+Progress = Callable[[JobPublic], None]
+
+
+@dataclass
+class Call:
+    """One HTTP exchange: the request, and how its answer becomes a value."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], Any]
+    json: dict | None = None
+    params: dict = field(default_factory=dict)
+    headers: dict = field(default_factory=dict)
+
+
+def _view(response: httpx.Response) -> JobPublic:
+    data = response.json()
+    return (AnalysisPublic if "kind" in data else AttributionPublic).model_validate(data)
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.status_code >= 400:
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"status": response.status_code, "detail": response.text[:500]}
+        raise ServiceError.from_problem(body, response.headers)
+    return response
+
+
+def _path(job: JobPublic | str, kind: str | None = None) -> str:
+    if isinstance(job, str):
+        return f"/v1/{'analyses' if kind not in (None, 'attribution') else 'attributions'}/{job}"
+    return job.links["self"]
+
+
+class _EventStream:
+    """Server-Sent Events, line by line: `feed(line)` returns the job view an event carries, if complete."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress, self.event, self.data = progress, "message", []
+
+    def feed(self, line: str) -> tuple[str, JobPublic] | None:
+        if line.startswith("event:"):
+            self.event = line[6:].strip()
+        elif line.startswith("data:"):
+            self.data.append(line[5:].lstrip())
+        elif not line and self.data:
+            data, event = "\n".join(self.data), self.event
+            self.event, self.data = "message", []
+            view = _view(httpx.Response(200, content=data.encode()))
+            if self.progress is not None:
+                self.progress(view)
+            return event, view
+        return None
+
+
+class _Operations:
+    """The service's operations, each a Call; `_run` (sync or async) performs it."""
+
+    def _run(self, call: Call):  # pragma: no cover - defined by each client
+        raise NotImplementedError
+
+    def attribute(self, model: str, dataset: str, test: dict, top_k: int = 10, method: dict | None = None, **options):
+        """Submit an attribution: the job's view (202: queued, running or already finished). `options`:
+        the request's other fields, e.g. webhook={"url": ..., "secret": ...}."""
+        body = AttributionCreate(model=model, dataset=dataset, test=test, top_k=top_k, method=method or {}, **options)
+        return self._run(Call("POST", "/v1/attributions", _view, body.model_dump(exclude_none=True)))
+
+    def leakage(self, model: str, dataset: str, test: dict, method: dict | None = None, **options):
+        body = LeakageCreate(model=model, dataset=dataset, test=test, method=method or {}, **options)
+        return self._run(Call("POST", "/v1/analyses/leakage", _view, body.model_dump(exclude_none=True)))
+
+    def mislabeled(self, model: str, dataset: str, reference: dict, method: dict | None = None, **options):
+        body = MislabeledCreate(model=model, dataset=dataset, reference=reference, method=method or {}, **options)
+        return self._run(Call("POST", "/v1/analyses/mislabeled", _view, body.model_dump(exclude_none=True)))
+
+    def memorization(self, model: str, dataset: str, records: dict, method: dict | None = None, **options):
+        body = MemorizationCreate(model=model, dataset=dataset, records=records, method=method or {}, **options)
+        return self._run(Call("POST", "/v1/analyses/memorization", _view, body.model_dump(exclude_none=True)))
+
+    def job(self, job: JobPublic | str, kind: str | None = None, top_k: int | None = None, wait_s: float = 0):
+        """A job's view (with `wait_s`, a long poll: the answer comes when it ends or the wait is over)."""
+        params = {k: v for k, v in {"top_k": top_k, "wait_s": wait_s or None}.items() if v is not None}
+        return self._run(Call("GET", _path(job, kind), _view, params=params))
+
+    def cancel(self, job: JobPublic | str, kind: str | None = None):
+        """Cancel a queued or running job (its view), or delete an ended one (None)."""
+        return self._run(Call("DELETE", _path(job, kind), lambda r: None if r.status_code == 204 else _view(r)))
+
+    def scores(
+        self, job: JobPublic | str, kind: str | None = None, rows: str | None = None, columns: str | None = None
+    ):
+        """The score matrix (or a window: rows="a:b", columns="c:d") as a float32 numpy array."""
+        params = {k: v for k, v in {"format": "npy", "rows": rows, "columns": columns}.items() if v}
+        parse = lambda r: np.load(io.BytesIO(r.content), allow_pickle=False)  # noqa: E731
+        return self._run(Call("GET", f"{_path(job, kind)}/scores", parse, params=params))
+
+    def scores_page(
+        self, job: JobPublic | str, kind: str | None = None, rows: str | None = None, columns: str | None = None
+    ):
+        """One JSON page of the scores; its `next` is the URL of the following page (or None)."""
+        params = {k: v for k, v in {"rows": rows, "columns": columns}.items() if v}
+        return self._run(
+            Call("GET", f"{_path(job, kind)}/scores", lambda r: ScoresPage.model_validate(r.json()), params=params)
+        )
+
+    def report(self, job: JobPublic | str, kind: str | None = None) -> str:
+        """The job's self-contained HTML report."""
+        return self._run(Call("GET", f"{_path(job, kind)}/report", lambda r: r.text))
+
+    def jobs_page(self, kind: str | None = None, status: str | None = None, limit: int = 50, before: str | None = None):
+        params = {k: v for k, v in {"kind": kind, "status": status, "limit": limit, "before": before}.items() if v}
+        return self._run(Call("GET", "/v1/jobs", lambda r: JobPage.model_validate(r.json()), params=params))
+
+    def models(self):
+        return self._run(Call("GET", "/v1/models", lambda r: [ModelPublic.model_validate(m) for m in r.json()]))
+
+    def model(self, id: str):
+        return self._run(Call("GET", f"/v1/models/{id}", lambda r: ModelPublic.model_validate(r.json())))
+
+    def datasets(self):
+        return self._run(Call("GET", "/v1/datasets", lambda r: [DatasetPublic.model_validate(d) for d in r.json()]))
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+class Client(_Operations):
+    """The service over HTTP, synchronously. `api_key`: a key from `python -m app.keys create` (none
+    needed by a development service without a keys file)."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0):
+        self.http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _run(self, call: Call):
+        response = self.http.request(call.method, call.path, json=call.json, params=call.params, headers=call.headers)
+        return call.parse(_checked(response))
+
+    def wait(self, job: JobPublic | str, kind: str | None = None, progress: Progress | None = None) -> JobPublic:
+        """Follow the job until it ends (its Server-Sent Events); `progress(view)` on every update."""
+        stream = _EventStream(progress)
+        with self.http.stream("GET", f"{_path(job, kind)}/events", timeout=None) as response:
+            if response.status_code >= 400:
+                response.read()
+                _checked(response)
+            for line in response.iter_lines():
+                if (got := stream.feed(line)) is not None and got[0] == "end":
+                    return got[1]
+        return self.job(job, kind)  # the stream closed early: read the state as it is
+
+    def jobs(self, kind: str | None = None, status: str | None = None, limit: int = 50) -> Iterator[JobSummary]:
+        """This tenant's jobs, newest first, page by page."""
+        before = None
+        while True:
+            page = self.jobs_page(kind, status, limit, before)
+            yield from page.items
+            if page.next is None:
+                return
+            before = page.next
+
+
+class AsyncClient(_Operations):
+    """The same operations for asyncio: `await client.attribute(...)`, `await client.wait(job)`."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0):
+        self.http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def _run(self, call: Call):
+        response = await self.http.request(
+            call.method, call.path, json=call.json, params=call.params, headers=call.headers
+        )
+        return call.parse(_checked(response))
+
+    async def wait(self, job: JobPublic | str, kind: str | None = None, progress: Progress | None = None) -> JobPublic:
+        """Follow the job until it ends (its Server-Sent Events); `progress(view)` on every update."""
+        stream = _EventStream(progress)
+        async with self.http.stream("GET", f"{_path(job, kind)}/events", timeout=None) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                _checked(response)
+            async for line in response.aiter_lines():
+                if (got := stream.feed(line)) is not None and got[0] == "end":
+                    return got[1]
+        return await self.job(job, kind)
+
+    async def jobs(
+        self, kind: str | None = None, status: str | None = None, limit: int = 50
+    ) -> AsyncIterator[JobSummary]:
+        before = None
+        while True:
+            page = await self.jobs_page(kind, status, limit, before)
+            for item in page.items:
+                yield item
+            if page.next is None:
+                return
+            before = page.next

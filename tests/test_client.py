@@ -1,0 +1,248 @@
+"""What users touch, against a live service (uvicorn, a `python -m worker` process, a real redis-server):
+the job's Server-Sent Events, the Python client (sync and async) and every CLI command."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.server
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from attribution_client import AsyncClient, Client, InvalidInput, NotFound, verify
+from contract.schemas import AnalysisPublic, AttributionPublic
+from tests.conftest import wait_for
+from tests.test_analyses import browse
+
+pytestmark = pytest.mark.slow
+BIG = {"model": "digits-mlp", "dataset": "digits-big"}
+TEST = {"dataset": "digits-test", "indices": list(range(8))}
+FINITE = {"mode": "finite", "optimizer": "adam", "precondition": "none"}  # ~seconds over digits-big, with progress
+AUDIT = {"model": "digits-audit-mlp", "dataset": "digits-audit-train"}
+ATTRIBUTION = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "attribution"
+
+
+def events(base: str, url: str) -> list[tuple[str, dict]]:
+    """A job's Server-Sent Events, parsed by hand (not by the client under test): (event, data) pairs."""
+    got, event, data = [], None, None
+    with httpx.stream("GET", f"{base}{url}/events", timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+            elif not line and event:
+                got.append((event, data))
+                event = None
+    return got
+
+
+def test_the_event_stream_delivers_progress_and_the_final_state(live):
+    created = httpx.post(f"{live}/v1/attributions", json={**BIG, "test": TEST, "method": FINITE}).json()
+    stream = events(live, created["links"]["self"])
+    kinds = [e for e, _ in stream]
+    assert kinds[-1] == "end" and set(kinds[:-1]) == {"progress"}, kinds
+    final = AttributionPublic.model_validate(stream[-1][1])
+    assert final.status == "finished" and len(final.result.rows) == 8
+    done = [d["progress"]["done"] for e, d in stream if d["status"] == "running"]
+    assert len(done) >= 2 and done == sorted(done) and done[-1] > done[0], done  # it moved, in order
+    # a finished job's stream is its end at once; an unknown one a 404 problem before any stream
+    assert [e for e, _ in events(live, created["links"]["self"])] == ["end"]
+    missing = httpx.get(f"{live}/v1/attributions/nope/events")
+    assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
+
+
+def test_the_client_submits_follows_and_reads_results(live):
+    seen = []
+    with Client(live) as client:
+        job = client.attribute(BIG["model"], BIG["dataset"], TEST, top_k=3, method=FINITE)
+        assert job.status in ("queued", "running")
+        job = client.wait(job, progress=seen.append)
+        assert job.status == "finished" and [len(r.proponents) for r in job.result.rows] == [3] * 8
+        assert [(r.test.dataset, r.test.index) for r in job.result.rows] == [("digits-test", i) for i in range(8)]
+        assert job.result.rows[5].test.record_id == "digits-test:5"
+        assert any(v.status == "running" and v.progress.done for v in seen) and seen[-1].status == "finished", [
+            (v.status, v.progress) for v in seen
+        ]
+        scores = client.scores(job)
+        assert scores.dtype == np.float32 and scores.shape == tuple(job.result.shape) == (8, 57_480)
+        window = client.scores(job, rows="2:4", columns="100:300")
+        np.testing.assert_array_equal(window, scores[2:4, 100:300])
+        top = job.result.rows[0].proponents[0]
+        assert scores[0, top.index] == pytest.approx(top.score, rel=1e-6) == scores[0].max()  # (40 copies tie)
+        page = client.scores_page(job, rows="0:1", columns=":10")
+        assert page.columns == [0, 10] and page.scores[0] == pytest.approx(scores[0, :10].tolist())
+        again = client.attribute(BIG["model"], BIG["dataset"], TEST, top_k=3, method=FINITE)
+        assert again.cached and again.id == job.id  # served from the earlier computation
+        assert client.job(job.id).cached is False  # fetched after finishing: not "cached"
+        assert job.id in [j.id for j in client.jobs()]
+        assert "digits-mlp" in [m.id for m in client.models()] and client.model("digits-mlp").id == "digits-mlp"
+        assert "digits-big" in [d.id for d in client.datasets()]
+        assert "<html" in client.report(job).lower()
+        with pytest.raises(NotFound):
+            client.job("no-such-job")
+        with pytest.raises(InvalidInput) as refused:
+            client.attribute("digits-mlp", "digits-big", {"inputs": [[1.0, 2.0]]})
+        assert refused.value.status == 422 and refused.value.detail
+        assert client.cancel(job) is None  # an ended job: deleted
+        with pytest.raises(NotFound):
+            client.job(job)
+
+
+def test_the_async_client_follows_a_job_and_runs_an_analysis(live):
+    async def main():
+        async with AsyncClient(live) as client:
+            job = await client.attribute(BIG["model"], BIG["dataset"], TEST, method=FINITE)
+            running = await client.cancel(job)  # a queued or running job: canceled for this tenant
+            assert running.status == "canceled"
+            leak = await client.leakage(
+                AUDIT["model"], AUDIT["dataset"], {"dataset": "digits-audit-test", "indices": [0]}
+            )
+            return await client.wait(leak), [j.id async for j in client.jobs()]
+
+    analysis, ids = asyncio.run(main())
+    assert isinstance(analysis, AnalysisPublic) and analysis.status == "finished", analysis.error
+    assert analysis.kind == "leakage"
+    assert analysis.id in ids and len(analysis.result.rows) == 1
+
+
+def cli(*args: str, base: str) -> subprocess.CompletedProcess:
+    """The installed console script, as a user would run it."""
+    env = {"ATTR_URL": base, "PATH": str(ATTRIBUTION.parent), "COLUMNS": "200"}
+    return subprocess.run([str(ATTRIBUTION), *args], capture_output=True, text=True, timeout=180, env=env)
+
+
+def test_every_cli_command_end_to_end(live, tmp_path):
+    run = cli("attribute", *BIG.values(), "--test-dataset", "digits-test", "--indices", "0,1", "--top-k", "2",
+              "--method", json.dumps(FINITE), "--json", base=live)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    job = AttributionPublic.model_validate_json(run.stdout)
+    assert job.status == "finished" and [len(r.proponents) for r in job.result.rows] == [2, 2]
+
+    points = tmp_path / "points.npy"
+    np.save(points, np.zeros((1, 64), np.float32))
+    np.save(tmp_path / "labels.npy", np.array([3]))
+    run = cli("attribute", "digits-mlp", "digits-train", "--inputs", str(points), "--targets",
+              str(tmp_path / "labels.npy"), "--method", json.dumps(FINITE), base=live)  # fmt: skip
+    assert run.returncode == 0 and "proponent" in run.stdout and "finished" in run.stdout, run.stderr
+    inline = cli("jobs", "list", "--json", "--limit", "1", base=live)
+    point = cli("jobs", "show", json.loads(inline.stdout)[0]["id"], "--json", base=live)
+    canonical = json.dumps([[0.0] * 64, 3], separators=(",", ":")).encode()  # an inline point's echo
+    assert json.loads(point.stdout)["result"]["rows"][0]["test"]["digest"] == hashlib.sha256(canonical).hexdigest()
+
+    audit = [*AUDIT.values()]
+    for args in (
+        ["leakage", *audit, "--test-dataset", "digits-audit-test", "--indices", "0,1"],
+        [
+            "mislabeled",
+            *audit,
+            "--reference-dataset",
+            "digits-audit-test",
+            "--indices",
+            "60,61,62",
+            "--method",
+            '{"precondition": "none"}',
+        ],  # fmt: skip
+        ["memorization", *audit, "--indices", "0,1", "--method", '{"precondition": "none"}'],
+    ):
+        run = cli(*args, "--json", base=live)
+        assert run.returncode == 0, (args[0], run.stderr)
+        assert AnalysisPublic.model_validate_json(run.stdout).kind == args[0]
+
+    listed = cli("jobs", "list", "--json", base=live)
+    assert listed.returncode == 0 and job.id in [j["id"] for j in json.loads(listed.stdout)]
+    shown = cli("jobs", "show", job.id, "--json", base=live)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["id"] == job.id
+    report = cli("report", job.id, "-o", str(tmp_path / "r.html"), base=live)
+    assert report.returncode == 0 and "<html" in (tmp_path / "r.html").read_text().lower()
+    assert cli("jobs", "cancel", job.id, base=live).stdout.strip() == f"{job.id} deleted"
+    models = cli("models", "list", base=live)
+    assert models.returncode == 0 and "digits-mlp" in models.stdout
+    assert json.loads(cli("models", "show", "digits-mlp", base=live).stdout)["id"] == "digits-mlp"
+    assert "digits-big" in cli("datasets", "list", base=live).stdout
+
+    # documented exit codes: 3 canceled (by someone else while followed), 4 refused, 5 unreachable
+    no_wait = cli("attribute", *BIG.values(), "--test-dataset", "digits-test", "--indices", "9",
+                  "--method", json.dumps(FINITE), "--no-wait", "--json", base=live)  # fmt: skip
+    assert no_wait.returncode == 0 and json.loads(no_wait.stdout)["status"] in ("queued", "running")
+    refused = cli("attribute", "no-such-model", "digits-train", "--test-dataset", "digits-test", "--indices", "0",
+                  base=live)  # fmt: skip
+    assert refused.returncode == 4 and "404" in refused.stderr
+    assert cli("models", "list", base="http://127.0.0.1:9").returncode == 5
+
+
+def test_the_docs_pages_render_offline_in_chromium(live, tmp_path):
+    """Swagger UI and ReDoc with every host but this one unresolvable: their assets are the service's."""
+    offline = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
+    for page, rendered in (("docs", 'class="opblock-summary-path"'), ("redoc", "follow_attribution")):
+        dom = browse(f"{live}/{page}", tmp_path, offline, "--virtual-time-budget=15000", "--dump-dom")
+        assert rendered in dom.stdout and "/v1/attributions/{attribution_id}/events" in dom.stdout, dom.stderr[-2000:]
+
+
+class Receiver(http.server.ThreadingHTTPServer):
+    """A webhook receiver on a free port: records every delivery; answers 500 to the first `fail` ones."""
+
+    def __init__(self, fail: int):
+        self.fail, self.got = fail, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(handler):  # noqa: N802
+                body = handler.rfile.read(int(handler.headers["Content-Length"]))
+                self.got.append((time.monotonic(), dict(handler.headers), body))
+                handler.send_response(500 if len(self.got) <= self.fail else 204)
+                handler.end_headers()
+
+            def log_message(handler, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/hook"
+
+
+def test_a_webhook_gets_one_signed_delivery_per_job_with_retries(live):
+    secret = "s3cret-of-16-chars"
+    failing, ok = Receiver(fail=1), Receiver(fail=0)
+    try:
+        with Client(live) as client:
+            hook = {"url": failing.url, "secret": secret}
+            job = client.attribute(*BIG.values(), TEST, method=FINITE, webhook=hook)
+            final = client.wait(job)
+            wait_for(lambda: len(failing.got) >= 2, timeout=30)
+            time.sleep(2.5)  # would a third (a second success) come? it must not
+            (t1, _, first), (t2, headers, body) = failing.got
+            assert len(failing.got) == 2 and first == body and 0.8 < t2 - t1 < 5  # retried once, ~1 s later
+            assert verify(secret, body, headers["X-Attribution-Signature"])
+            assert not verify("another-secret-16", body, headers["X-Attribution-Signature"])
+            delivered = AttributionPublic.model_validate_json(body)
+            assert delivered.id == job.id and delivered.status == "finished" == final.status
+            assert delivered.result == final.result
+
+            # a request that joins an ended job is called back at once; an analysis too
+            leak = client.leakage(*AUDIT.values(), {"dataset": "digits-audit-test", "indices": [0]})
+            client.wait(leak)
+            client.leakage(*AUDIT.values(), {"dataset": "digits-audit-test", "indices": [0]},
+                           webhook={"url": ok.url, "secret": secret})  # fmt: skip
+            wait_for(lambda: ok.got, timeout=10)
+            assert json.loads(ok.got[0][2])["kind"] == "leakage" and verify(
+                secret, ok.got[0][2], ok.got[0][1]["X-Attribution-Signature"]
+            )
+            with pytest.raises(
+                InvalidInput, match="ATTR_WEBHOOK_HOSTS"
+            ):  # the service calls no host it was not allowed
+                client.attribute(*BIG.values(), TEST, webhook={"url": "http://10.0.0.1/hook", "secret": secret})
+    finally:
+        for receiver in (failing, ok):
+            receiver.shutdown()
+            receiver.server_close()

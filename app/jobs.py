@@ -328,8 +328,10 @@ class Jobs:
     async def wait(self, handle: str, who: Principal, top_k: int | None, wait_s: float, analysis: bool) -> bytes:
         """The view (as JSON) once the job has ended or `wait_s` has passed: a long poll that holds no
         thread and polls nothing (the job's end, published by its worker, wakes it)."""
-        views = [view async for _, view in self.follow(handle, who, analysis, top_k, time.monotonic() + wait_s)]
-        return views[-1]
+        async with contextlib.aclosing(self.follow(handle, who, analysis, top_k, time.monotonic() + wait_s)) as views:
+            async for _, view in views:
+                last = view
+        return last
 
     async def follow(
         self,

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 from redis.exceptions import RedisError
 
-from contract.problems import InvalidInput
+from contract.problems import InvalidInput, ServiceError
 from contract.schemas import Webhook
 from contract.settings import Settings
 from contract.webhooks import HEADER, sign
@@ -60,8 +60,15 @@ class Webhooks:
         self._spawn(self._deliver(key) if key is not None else self._sweep())
 
     async def _sweep(self) -> None:
-        async for name in self.aredis.scan_iter(match=self.key("hooks", "*")):
-            await self._deliver(name.decode().rsplit(":", 1)[-1])
+        try:
+            keys = [
+                name.decode().rsplit(":", 1)[-1] async for name in self.aredis.scan_iter(match=self.key("hooks", "*"))
+            ]
+        except RedisError as exc:  # the next (re)connect sweeps again
+            log.warning("webhooks: cannot list the waiting ones: %s", exc)
+            return
+        for key in keys:
+            await self._deliver(key)
 
     async def _deliver(self, key: str) -> None:
         try:
@@ -78,7 +85,7 @@ class Webhooks:
                     continue  # another API process delivers it
                 await self.aredis.srem(self.key("hooks", key), handle)
                 self._spawn(self._send(handle, Webhook.model_validate_json(record["webhook"]), body))
-        except RedisError as exc:  # the next end event, or the sweep after reconnecting, tries again
+        except (RedisError, ServiceError) as exc:  # the next end event, or a sweep after reconnecting, tries again
             log.warning("webhooks of %s: %s", key, exc)
 
     async def _send(self, handle: str, hook: Webhook, body: bytes) -> None:

@@ -6,38 +6,15 @@
         print(job.result.rows[0].proponents[0].record_id, client.scores(job).shape)
 
 Every problem+json answer raises the exception of its status (BadRequest ... Unavailable, all
-ServiceError); views are the service's own schemas (contract.schemas). A webhook receiver checks each
-delivery with `verify(secret, body, request.headers["X-Attribution-Signature"])`.
+ServiceError: contract/problems.py, re-exported here); views are the service's own schemas
+(contract.schemas). A webhook receiver checks each delivery with
+`verify(secret, body, request.headers["X-Attribution-Signature"])`.
 """
 
-from contract.problems import (
-    BadRequest,
-    Conflict,
-    Forbidden,
-    InvalidInput,
-    NotFound,
-    PayloadTooLarge,
-    ServiceError,
-    TooManyRequests,
-    Unauthorized,
-    Unavailable,
-)
+from contract import problems
+from contract.problems import *  # noqa: F403 - the problem classes, as `problems.__all__` lists them
 from contract.webhooks import verify
 
 from .client import AsyncClient, Client
 
-__all__ = [
-    "AsyncClient",
-    "BadRequest",
-    "Client",
-    "Conflict",
-    "Forbidden",
-    "InvalidInput",
-    "NotFound",
-    "PayloadTooLarge",
-    "ServiceError",
-    "TooManyRequests",
-    "Unauthorized",
-    "Unavailable",
-    "verify",
-]
+__all__ = ["AsyncClient", "Client", "verify", *problems.__all__]

@@ -54,14 +54,25 @@ Key = Annotated[str | None, typer.Option(envvar="ATTR_API_KEY", help="an API key
 AsJson = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
 Wait = Annotated[bool, typer.Option("--wait/--no-wait", help="follow the job to its end")]
 Method = Annotated[str | None, typer.Option(help='method settings as JSON, e.g. \'{"preset": "leakage"}\'')]
+TestDataset = Annotated[str | None, typer.Option(help="test points: records of this dataset")]
+Indices = Annotated[str | None, typer.Option(help="records by index, e.g. 0,1,2")]
+Records = Annotated[str | None, typer.Option(help="or by record id, comma-separated")]
+Inputs = Annotated[Path | None, typer.Option(help="or inline inputs: .npy, .json, .jsonl or an image")]
+Targets = Annotated[Path | None, typer.Option(help="their targets (.npy, .json, .jsonl)")]
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
+@app.callback()
+def connection(ctx: typer.Context, url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """The service and the key every command uses."""
+    ctx.obj = {"base_url": url, "api_key": key}
+
+
 @contextlib.contextmanager
-def _service(url: str, key: str | None) -> Iterator[Client]:
+def _service(ctx: typer.Context) -> Iterator[Client]:
     """A client; a problem answer or an unreachable service ends the command with its exit code."""
     try:
-        with Client(url, key) as client:
+        with Client(**ctx.obj) as client:
             yield client
     except ServiceError as exc:
         err.print(f"[red]{exc.status} {exc.title}[/red]: {exc.detail}")
@@ -139,96 +150,93 @@ def _show(view) -> None:
         out.print(result.summary)
 
 
-def _submit(url, key, wait, as_json, operation: str, *args, **kwargs):
-    with _service(url, key) as client:
+def _submit(ctx: typer.Context, wait: bool, as_json: bool, operation: str, *args, **kwargs):
+    with _service(ctx) as client:
         view = getattr(client, operation)(*args, **kwargs)
         _follow(client, view, wait, as_json)
 
 
 @app.command()
 def attribute(
+    ctx: typer.Context,
     model: str,
     dataset: str,
-    test_dataset: Annotated[str | None, typer.Option(help="test points: records of this dataset")] = None,
-    indices: Annotated[str | None, typer.Option(help="their indices, e.g. 0,1,2")] = None,
-    records: Annotated[str | None, typer.Option(help="or their record ids, comma-separated")] = None,
-    inputs: Annotated[Path | None, typer.Option(help="or inline inputs: .npy, .json, .jsonl or an image")] = None,
-    targets: Annotated[Path | None, typer.Option(help="their targets (.npy, .json, .jsonl)")] = None,
+    test_dataset: TestDataset = None,
+    indices: Indices = None,
+    records: Records = None,
+    inputs: Inputs = None,
+    targets: Targets = None,
     texts: Annotated[Path | None, typer.Option(help="or text: JSONL of {prompt, completion}")] = None,
     top_k: int = 10,
     method: Method = None,
-    url: Url = DEFAULT_URL,
-    key: Key = None,
     wait: Wait = True,
     as_json: AsJson = False,
 ):
     """Which training records made the model predict this? Top proponents and opponents per test point."""
     test = _points(test_dataset, indices, records, inputs, targets, texts)
-    _submit(url, key, wait, as_json, "attribute", model, dataset, test, top_k, json.loads(method or "{}"))
+    _submit(ctx, wait, as_json, "attribute", model, dataset, test, top_k, json.loads(method or "{}"))
 
 
 @app.command()
 def leakage(
+    ctx: typer.Context,
     model: str,
     dataset: str,
-    test_dataset: Annotated[str | None, typer.Option()] = None,
-    indices: Annotated[str | None, typer.Option()] = None,
-    records: Annotated[str | None, typer.Option()] = None,
-    inputs: Annotated[Path | None, typer.Option()] = None,
-    targets: Annotated[Path | None, typer.Option()] = None,
+    test_dataset: TestDataset = None,
+    indices: Indices = None,
+    records: Records = None,
+    inputs: Inputs = None,
+    targets: Targets = None,
     method: Method = None,
-    url: Url = DEFAULT_URL,
-    key: Key = None,
     wait: Wait = True,
     as_json: AsJson = False,
 ):
     """Which test points are in the training set (calibrated; the closest records as evidence)?"""
     test = _points(test_dataset, indices, records, inputs, targets, None)
-    _submit(url, key, wait, as_json, "leakage", model, dataset, test, json.loads(method or "{}"))
+    _submit(ctx, wait, as_json, "leakage", model, dataset, test, json.loads(method or "{}"))
 
 
 @app.command()
 def mislabeled(
+    ctx: typer.Context,
     model: str,
     dataset: str,
     reference_dataset: Annotated[str, typer.Option(help="clean, vetted records")],
-    indices: Annotated[str | None, typer.Option()] = None,
-    records: Annotated[str | None, typer.Option()] = None,
+    indices: Indices = None,
+    records: Records = None,
     method: Method = None,
-    url: Url = DEFAULT_URL,
-    key: Key = None,
     wait: Wait = True,
     as_json: AsJson = False,
 ):
     """Which training labels are likely wrong (a review list with its expected precision)?"""
     reference = _points(reference_dataset, indices, records, None, None, None)
-    _submit(url, key, wait, as_json, "mislabeled", model, dataset, reference, json.loads(method or "{}"))
+    _submit(ctx, wait, as_json, "mislabeled", model, dataset, reference, json.loads(method or "{}"))
 
 
 @app.command()
 def memorization(
+    ctx: typer.Context,
     model: str,
     dataset: str,
-    indices: Annotated[str | None, typer.Option(help="training records to audit, by index")] = None,
-    records: Annotated[str | None, typer.Option(help="or by record id")] = None,
+    indices: Indices = None,
+    records: Records = None,
     method: Method = None,
-    url: Url = DEFAULT_URL,
-    key: Key = None,
     wait: Wait = True,
     as_json: AsJson = False,
 ):
     """How much does the model rely on these training records themselves (and their copies)?"""
     audited = _points(dataset, indices, records, None, None, None)
-    _submit(url, key, wait, as_json, "memorization", model, dataset, audited, json.loads(method or "{}"))
+    _submit(ctx, wait, as_json, "memorization", model, dataset, audited, json.loads(method or "{}"))
 
 
 @jobs_app.command("list")
 def jobs_list(
-    kind: str | None = None, status: str | None = None, limit: int = 20, url: Url = DEFAULT_URL, key: Key = None,
+    ctx: typer.Context,
+    kind: str | None = None, status: str | None = None, limit: int = 20,
     as_json: AsJson = False,
 ):  # fmt: skip
     """This tenant's jobs, newest first."""
-    with _service(url, key) as client:
+    with _service(ctx) as client:
         items = [j for _, j in zip(range(limit), client.jobs(kind, status, min(limit, 200)), strict=False)]
     if as_json:
         out.print_json(json.dumps([j.model_dump(mode="json") for j in items]))
@@ -240,24 +248,24 @@ def jobs_list(
 
 
 @jobs_app.command("show")
-def jobs_show(job_id: str, kind: str = "attribution", url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False):
+def jobs_show(ctx: typer.Context, job_id: str, kind: str = "attribution", as_json: AsJson = False):
     """One job: status, progress and, once finished, its result (--kind for an analysis)."""
-    with _service(url, key) as client:
+    with _service(ctx) as client:
         view = client.job(job_id, kind)
     out.print_json(view.model_dump_json()) if as_json else _show(view)
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: str, kind: str = "attribution", url: Url = DEFAULT_URL, key: Key = None):
+def jobs_cancel(ctx: typer.Context, job_id: str, kind: str = "attribution"):
     """Cancel a queued or running job; delete an ended one."""
-    with _service(url, key) as client:
+    with _service(ctx) as client:
         view = client.cancel(job_id, kind)
     out.print(f"{job_id} {'deleted' if view is None else view.status}")
 
 
 @models_app.command("list")
-def models_list(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False):
-    with _service(url, key) as client:
+def models_list(ctx: typer.Context, as_json: AsJson = False):
+    with _service(ctx) as client:
         models = client.models()
     if as_json:
         out.print_json(json.dumps([m.model_dump(mode="json") for m in models]))
@@ -269,14 +277,14 @@ def models_list(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False
 
 
 @models_app.command("show")
-def models_show(model_id: str, url: Url = DEFAULT_URL, key: Key = None):
-    with _service(url, key) as client:
+def models_show(ctx: typer.Context, model_id: str):
+    with _service(ctx) as client:
         out.print_json(client.model(model_id).model_dump_json())
 
 
 @datasets_app.command("list")
-def datasets_list(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False):
-    with _service(url, key) as client:
+def datasets_list(ctx: typer.Context, as_json: AsJson = False):
+    with _service(ctx) as client:
         datasets = client.datasets()
     if as_json:
         out.print_json(json.dumps([d.model_dump(mode="json") for d in datasets]))
@@ -289,15 +297,14 @@ def datasets_list(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = Fal
 
 @app.command()
 def report(
+    ctx: typer.Context,
     job_id: str,
     kind: str = "attribution",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="write the HTML here")] = None,
     open_: Annotated[bool, typer.Option("--open", help="open it in a browser")] = False,
-    url: Url = DEFAULT_URL,
-    key: Key = None,
 ):
     """A finished job's HTML report (self-contained: no network needed to view it)."""
-    with _service(url, key) as client:
+    with _service(ctx) as client:
         page = client.report(job_id, kind)
     path = output or Path(tempfile.gettempdir()) / f"attribution-report-{job_id}.html"
     path.write_text(page)

@@ -120,6 +120,16 @@ def cli(*args: str, base: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(ATTRIBUTION), *args], capture_output=True, text=True, timeout=180, env=env)
 
 
+def test_the_cli_exits_3_when_the_job_it_follows_is_canceled(live):
+    args = [*BIG.values(), "--test-dataset", "digits-test", "--indices", "20,21", "--method", json.dumps(FINITE)]
+    env = {"ATTR_URL": live, "PATH": str(ATTRIBUTION.parent)}
+    followed = subprocess.Popen([str(ATTRIBUTION), "attribute", *args], env=env, stderr=subprocess.DEVNULL)
+    with Client(live) as client:
+        running = wait_for(lambda: next(client.jobs(status="running"), None), timeout=60, interval=0.1)
+        assert client.cancel(running.id).status == "canceled"
+    assert followed.wait(60) == 3
+
+
 def test_every_cli_command_end_to_end(live, tmp_path):
     run = cli("attribute", *BIG.values(), "--test-dataset", "digits-test", "--indices", "0,1", "--top-k", "2",
               "--method", json.dumps(FINITE), "--json", base=live)  # fmt: skip

@@ -94,28 +94,26 @@ async def events(jobs: Jobs, handle: str, who: Principal, analysis: bool) -> Str
     first = await anext(stream)  # raises NotFound here, as a problem+json answer
 
     async def sse():
-        number = 0
-        async for event, body in _chain(first, stream):
-            number += 1
-            yield (
-                b": keepalive\n\n"
-                if event == "keepalive"
-                else b"id: %d\nevent: %s\ndata: %s\n\n"
-                % (
-                    number,
-                    event.encode(),
-                    body,
-                )
-            )
+        try:
+            event, body, number = *first, 1
+            while True:
+                yield _frame(number, event, body)
+                event, body = await anext(stream)
+                number += 1
+        except StopAsyncIteration:
+            return
+        finally:
+            await stream.aclose()  # leaves the job's watch at once when the client goes away
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
     return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
 
 
-async def _chain(first, rest):
-    yield first
-    async for item in rest:
-        yield item
+def _frame(number: int, event: str, body: bytes) -> bytes:
+    """One Server-Sent Event (a comment line for a keepalive)."""
+    if event == "keepalive":
+        return b": keepalive\n\n"
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (number, event.encode(), body)
 
 
 async def scores(

@@ -59,8 +59,11 @@ class Method(BaseModel):
         False, description="one step on the mean loss of all test points, one score row"
     )
     safeguard: Literal["normalize", "none"] = Field("normalize", description="memorised test points under SGD")
-    precondition: Literal["auto", "none", "diag", "hessian"] = Field(
-        "auto", description="step along H^-1 g: linear scores become influence-function scores"
+    precondition: Literal["auto", "none", "diag", "hessian", "kfac", "ekfac"] = Field(
+        "auto",
+        description="step along H^-1 g: linear scores become influence-function scores. hessian: exact (small "
+        "models); diag: diagonal Fisher; kfac/ekfac: Kronecker-factored, any size (nn.Linear and nn.Conv2d layers "
+        "only; others are left unperturbed); auto: the exact Hessian where affordable",
     )
     damping: Annotated[float, Field(strict=True, ge=0, le=1e6)] = Field(
         1e-2, description="added to the curvature's diagonal"

@@ -154,7 +154,7 @@ class ScoresPage(BaseModel):
 
 
 class CurvatureInfo(BaseModel):
-    kind: Literal["hessian", "diag"]
+    kind: Literal["hessian", "diag", "kfac", "ekfac"]
     damping: float
     samples: int = Field(description="training points the curvature was estimated from")
     clipped_eigenvalues: int = Field(description="negative eigenvalues set to 0 before damping (non-convex model)")

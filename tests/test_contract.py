@@ -124,7 +124,10 @@ ENGINE_FINGERPRINTS = {
     # estimates curvature on a spread sample read alone
     # (the same records, other batches: results differ in the last bits)
     "2026.12.2": {"c5af7816a915fce3"},
-    "2026.12.3": {"e99dfe49a6acd04a"},  # results echo their test points (a new result format)
+    "2026.12.3": {
+        "e99dfe49a6acd04a",  # results echo their test points (a new result format)
+        "bef320420aebb128",  # adds precondition kfac/ekfac: what the other settings compute is unchanged
+    },
 }
 
 

@@ -345,3 +345,78 @@ def test_cosine_norms_of_a_language_model_sum_over_positions():
         CausalLM().loss(model, CausalLM().prepare({"inputs": row[None]})).sum().backward()
         expected.append(model.head.weight.grad.norm())
     torch.testing.assert_close(fi.norms, torch.stack(expected), rtol=1e-8, atol=0)
+
+
+# -- Kronecker-factored curvature ------------------------------------------------------------------------
+def layer_factors(model, x, y):
+    """Per nn.Linear layer, explicitly: its inputs with a 1 appended (N, in+1), and its per-example
+    gradients [grad W | grad b] (N, out, in+1) by a plain autograd loop (grad b is the output gradient)."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda m, a, o: inputs.__setitem__(m, a[0].detach())) for m in layers]
+    model(x)
+    for h in hooks:
+        h.remove()
+    grads = {m: [] for m in layers}
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        for m in layers:
+            grads[m].append(torch.cat([m.weight.grad, m.bias.grad[:, None]], dim=1).clone())
+    ones = torch.ones(len(x), 1, dtype=x.dtype)
+    return [(torch.cat([inputs[m], ones], 1), torch.stack(grads[m])) for m in layers]
+
+
+def explicit_curvature(a, v, kind, damping):
+    """The damped K-FAC or EK-FAC matrix of one layer, on row-major vec([W | b])."""
+    big_a, big_g = a.T @ a / len(a), torch.einsum("no,np->op", v[:, :, -1], v[:, :, -1]) / len(a)
+    if kind == "kfac":
+        return torch.kron(big_g, big_a) + damping * torch.eye(big_g.shape[0] * big_a.shape[0], dtype=a.dtype)
+    la, qa = torch.linalg.eigh(big_a)
+    lg, qg = torch.linalg.eigh(big_g)
+    values = (qg.T @ v @ qa).pow(2).mean(0)  # E[(Q_G^T V_n Q_A)^2]
+    basis = torch.kron(qg, qa)
+    return basis @ torch.diag(values.flatten()) @ basis.T + damping * torch.eye(len(basis), dtype=a.dtype)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_kronecker_solves_equal_the_explicit_matrices(problem, kind):
+    model, x, y = problem
+    params = ("net.3.*",) if kind == "kfac" else ("*",)  # kfac on the single last layer; ekfac on both
+    config = MirrorConfig.preset("testing", precondition=kind, damping=0.05, params=params)
+    fi = ForwardInf(model, Classification(), config).prepare((x, y))
+    layers = layer_factors(model, x, y)[-1:] if kind == "kfac" else layer_factors(model, x, y)
+    names = [n for n, _ in model.named_parameters() if n.startswith("net.3") or kind == "ekfac"]
+    torch.manual_seed(1)
+    grads = {n: torch.randn(2, *dict(model.named_parameters())[n].shape, dtype=torch.float64) for n in names}
+    solved = fi.curvature.solve(grads)
+    for (a, v), weight, bias in zip(layers, names[::2], names[1::2], strict=True):
+        stacked = torch.cat([grads[weight], grads[bias][..., None]], dim=2).flatten(1)  # (2, out*(in+1))
+        expected = torch.linalg.solve(explicit_curvature(a, v, kind, 0.05), stacked.T).T
+        got = torch.cat([solved[weight], solved[bias][..., None]], dim=2).flatten(1)
+        torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-10)
+
+
+def test_linear_scores_along_an_ekfac_step_are_its_influence_scores(problem):
+    model, x, y = problem
+    layers = layer_factors(model, x, y)
+    config = MirrorConfig.preset("testing", precondition="ekfac", damping=0.05, lr=0.01)
+    scores = attribute(model, Classification(), (x, y), (x[:4], y[:4]), config)
+    flat = torch.cat([v.flatten(1) for _, v in layers], dim=1)  # (N, P): per-example gradients, vec([W | b])
+    curvature = torch.block_diag(*[explicit_curvature(a, v, "ekfac", 0.05) for a, v in layers])
+    expected = 0.01 * flat @ torch.linalg.solve(curvature, flat[:4].T)  # g_i . H_ekfac^-1 g_j
+    torch.testing.assert_close(scores, expected.T, rtol=1e-6, atol=1e-12)
+
+
+def test_kronecker_curvature_perturbs_only_factored_layers_and_says_so():
+    torch.manual_seed(0)
+    model = build("gpt", {"vocab_size": 11, "block_size": 8, "d_model": 16, "n_layer": 1, "n_head": 2}).double()
+    tokens = torch.randint(0, 11, (12, 8))
+    fi = ForwardInf(model, CausalLM(), MirrorConfig.preset("testing", precondition="ekfac", damping=0.1))
+    scores = fi.prepare(tokens).scores(tokens[:2])
+    assert scores.shape == (2, 12) and torch.isfinite(scores).all()
+    perturbed = list(fi.fm.theta)
+    assert perturbed and all(n.endswith(("weight", "bias")) for n in perturbed)
+    assert "tok.weight" not in perturbed and "ln.weight" not in perturbed and "head.weight" in perturbed
+    assert any("have no Kronecker factors" in note for note in fi.execution()["notes"])
+    assert fi.execution()["curvature"]["kind"] == "ekfac"

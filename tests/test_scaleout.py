@@ -263,7 +263,7 @@ def test_an_analysis_fans_out_to_the_same_answer(settings, tmp_path, path, body)
     np.testing.assert_array_equal(answers[0][1], answers[1][1])
 
 
-@pytest.mark.parametrize("kind", ["hessian", "diag"])
+@pytest.mark.parametrize("kind", ["hessian", "diag", "ekfac"])
 def test_a_stored_curvature_solves_exactly_as_the_computed_one(settings, kind):
     """One worker computes the curvature, another restores it from the store (a file, here): the same
     solves, bit for bit (a column-major Cholesky factor once came back transposed)."""

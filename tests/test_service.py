@@ -110,17 +110,17 @@ def test_full_loop_matches_the_engine_and_caches(client, settings, worker, regis
     assert worker_stats(worker)["curvature_estimates"] == 2
 
 
-def test_influence_function_preconditioning_over_http(client, worker, registry_dir):
+@pytest.mark.parametrize("method", [{"precondition": "hessian", "params": ["net.3.*"]}, {"precondition": "ekfac"}])
+def test_influence_function_preconditioning_over_http(client, worker, registry_dir, method):
     from worker.forward_inf import MirrorConfig
 
-    method = {"precondition": "hessian", "damping": 0.01, "params": ["net.3.*"]}
-    job = post(client, method=method).json()
+    job = post(client, method={**method, "damping": 0.01}).json()
     worker.work(burst=True)
     done = client.get(job["links"]["self"], params={"top_k": 5}).json()
     assert done["status"] == "finished", done
-    expected = direct_scores(
-        registry_dir, TEST["indices"], MirrorConfig(precondition="hessian", damping=0.01, params=("net.3.*",))
-    )
+    assert done["execution"]["curvature"]["kind"] == method["precondition"]
+    config = MirrorConfig(damping=0.01, precondition=method["precondition"], params=tuple(method.get("params", ["*"])))
+    expected = direct_scores(registry_dir, TEST["indices"], config)
     for row, want in zip(done["result"]["rows"], expected, strict=True):
         assert [p["index"] for p in row["proponents"]] == want.topk(5).indices.tolist()
 

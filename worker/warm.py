@@ -24,7 +24,8 @@ from contract.jobs import artifact_id
 from contract.registry import DatasetManifest, ModelManifest, RegistryError, verify
 
 from .forward_inf import AttributionInputError, ForwardInf, Mirror, MirrorConfig, Task, build, make_task
-from .forward_inf.curvature import Curvature
+from .forward_inf.curvature import Curvature, restore
+from .forward_inf.kronecker import Kronecker
 from .store import Store
 
 SHARD_SHARE = 4  # a shard is held warm only when it takes at most 1/SHARD_SHARE of the budget
@@ -45,6 +46,8 @@ def nbytes(value: Any) -> int:
         return len(value) + 49  # CPython's str header
     if isinstance(value, Curvature):
         return nbytes(value.raw) + nbytes(value.factor)
+    if isinstance(value, Kronecker):
+        return nbytes(value.tensors())
     if isinstance(value, ForwardInf):
         return nbytes(value.model)  # its scratch copy of the model, once made
     if isinstance(value, Mirror):
@@ -108,7 +111,9 @@ class Warm:
 
         return self._get(("engine", m.digest, d.digest, config), make)
 
-    def curvature(self, m: ModelManifest, d: DatasetManifest, fi: ForwardInf, estimate: Callable[[], Curvature]):
+    def curvature(
+        self, m: ModelManifest, d: DatasetManifest, fi: ForwardInf, estimate: Callable[[], Curvature | Kronecker]
+    ):
         """The damped curvature for this model, training set and what it depends on (perturbed
         parameters, kind, damping, samples, dtype): one estimate serves every preset that uses it, on
         every worker of the fleet (stored, and computed by one worker at a time)."""
@@ -117,24 +122,23 @@ class Warm:
             m.digest, d.digest, fi.precondition, *params, c.damping, c.curvature_samples, c.dtype
         )
 
-        def stored() -> Curvature:  # the factor, not the raw estimate: no worker factors it again
+        def stored() -> Curvature | Kronecker:  # factored: no worker factors it again
             arrays, meta = self.store.get_blob(name)
-            factor, empty = torch.from_numpy(arrays["factor"]).to(self.device), torch.empty(0)
-            samples, clipped = int(meta["samples"]), int(meta["clipped"])
-            names, damping = json.loads(meta["names"]), float(meta["damping"])
-            return Curvature(meta["kind"], names, empty, damping, samples, factor=factor, clipped=clipped)
+            tensors = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+            names, damping, samples = json.loads(meta["names"]), float(meta["damping"]), int(meta["samples"])
+            return restore(meta["kind"], names, fi.model, tensors, damping, samples, int(meta["clipped"]))
 
-        computed: list[Curvature] = []
+        computed: list[Curvature | Kronecker] = []
 
         def compute() -> None:
             self.counters["curvature_estimates"] += 1
             c = estimate()
             meta = {"kind": c.kind, "names": json.dumps(c.names), "damping": repr(c.damping)}
             meta.update(samples=str(c.samples), clipped=str(c.clipped))
-            self.store.put_blob(name, {"factor": c.factor.cpu().numpy()}, meta)
+            self.store.put_blob(name, {k: v.cpu().numpy() for k, v in c.tensors().items()}, meta)
             computed.append(c)
 
-        def load() -> Curvature:
+        def load() -> Curvature | Kronecker:
             self.store.once(name, compute, lambda: self.store.has_blob(name))
             return computed[0] if computed else stored()
 

@@ -69,7 +69,10 @@ class MirrorConfig:
             product per parameter over `curvature_samples` points); else, when all parameters are
             perturbed, the Hessian of the last layer only (the step then moves that layer alone); else
             "none". The step is taken along H^-1 g, so `linear` scores become influence-function scores
-            lr * g_i . H^-1 g_j (curvature.py). Estimated once per (model, training set).
+            lr * g_i . H^-1 g_j (curvature.py). "kfac" / "ekfac": Kronecker-factored (eigenvalue-corrected)
+            curvature of the nn.Linear and nn.Conv2d layers (kronecker.py), for models of any size; their
+            other parameters (embeddings, norms) are then left unperturbed. Estimated once per (model,
+            training set).
         damping: added to the curvature's diagonal (plays the role of the training's weight decay).
         curvature_samples: training points (spread evenly over the set) the curvature is estimated from.
         safeguard: for memorised test points under SGD, "normalize" rescales the gradient to unit norm
@@ -94,7 +97,7 @@ class MirrorConfig:
     adam_eps: float = 1e-8
     memorized_loss: float = 1e-4
     safeguard: Safeguard = "normalize"
-    precondition: Literal["auto", "none", "diag", "hessian"] = "auto"
+    precondition: Literal["auto", "none", "diag", "hessian", "kfac", "ekfac"] = "auto"
     damping: float = 1e-2
     curvature_samples: int = 4096
 

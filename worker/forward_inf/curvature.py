@@ -23,6 +23,7 @@ import torch
 from torch.func import grad, jvp, vmap
 
 from .config import AttributionInputError
+from .kronecker import Kronecker
 from .mirror import Functional, Params
 
 MAX_HESSIAN_PARAMS = 20_000
@@ -81,6 +82,10 @@ class Curvature:
                 )
             self.factor = self.raw + self.damping
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a later process needs to rebuild it (restore): the factor, never the raw estimate."""
+        return {"factor": self.factor}
+
     def solve(self, grads: Params) -> Params:
         """H^-1 g for each row of (k, *shape) gradients."""
         flat = flatten(grads, self.names)  # (k, P)
@@ -90,6 +95,13 @@ class Curvature:
         else:
             solved = wide / self.factor
         return unflatten(solved.to(flat.dtype), grads, self.names)
+
+
+def restore(kind: str, names: list[str], model, tensors: dict, damping: float, samples: int, clipped: int):
+    """A curvature saved with `.tensors()` (and its fields), for `model`."""
+    if kind in ("kfac", "ekfac"):
+        return Kronecker.restore(kind, names, model, tensors, damping, samples)
+    return Curvature(kind, names, torch.empty(0), damping, samples, factor=tensors["factor"], clipped=clipped)
 
 
 def estimate(fm: Functional, task, batches, kind: str, damping: float) -> Curvature:

@@ -17,11 +17,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import AUTO_HESSIAN_FLOPS, AUTO_HESSIAN_PARAMS, AttributionInputError, MirrorConfig
 from .curvature import Curvature, estimate
 from .data import Batch, Examples
+from .kronecker import Kronecker, estimate_kronecker, factored_layers
 from .mirror import Functional, Mirror, mirror_step
 from .sweep import Progress, sweep
 from .tasks import TEST_INDEX_OFFSET, Task
 
 __all__ = ["ForwardInf", "attribute"]
+KRONECKER = ("kfac", "ekfac")
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -48,7 +50,7 @@ class ForwardInf:
         self.train: Examples | None = None
         self.base: torch.Tensor | None = None
         self.norms: torch.Tensor | None = None  # score="cosine": each training point's last-layer gradient norm
-        self.curvature: Curvature | None = None
+        self.curvature: Curvature | Kronecker | None = None
         self.precondition = self.config.precondition  # "auto" is resolved by plan(train)
         self._stacking = self.config.stacking  # "auto" resolves on the first batched sweep
         self.notes: list[str] = []  # choices the engine made on its own (plan), in words
@@ -87,6 +89,8 @@ class ForwardInf:
         perturbed, of the last layer alone (only that layer is then stepped), else none. Cost: one
         Hessian-vector product per parameter per curvature sample, each about one forward pass of what
         the parameters feed (the whole model; for the last layer alone, that layer: 2 FLOPs a weight)."""
+        if self.precondition in KRONECKER:
+            self._factored_only()
         if self.precondition != "auto":
             return self
         examples = Examples(train, 1, "training set")
@@ -120,6 +124,24 @@ class ForwardInf:
                 f"precondition='auto': no affordable Hessian for {size} parameters; the step is not preconditioned"
             )
         return self
+
+    def _factored_only(self) -> None:
+        """Kronecker-factored curvature: perturb only the parameters of factored layers (and say which
+        were left out)."""
+        layers = factored_layers(self.model, list(self.fm.theta))
+        kept = [n for layer in layers for n in (layer.weight, layer.bias) if n is not None]
+        left = [n for n in self.fm.theta if n not in kept]
+        if not kept:
+            raise AttributionInputError(
+                f"precondition={self.precondition!r} needs nn.Linear or nn.Conv2d layers among the perturbed "
+                f"parameters ({', '.join(list(self.fm.theta)[:6])})"
+            )
+        if left:
+            self.fm = Functional(self.model, tuple(kept))
+            self.notes.append(
+                f"precondition={self.precondition!r}: {len(left)} parameters outside nn.Linear/nn.Conv2d layers "
+                f"have no Kronecker factors and are not perturbed ({', '.join(left[:6])}{', ...' if len(left) > 6 else ''})"
+            )
 
     def prepare(
         self,
@@ -220,7 +242,7 @@ class ForwardInf:
             and c.names == list(self.fm.theta)
         )
 
-    def estimate_curvature(self, train) -> Curvature:
+    def estimate_curvature(self, train) -> Curvature | Kronecker:
         """The damped curvature of the mean training loss (self.precondition, config.damping), from at
         most `config.curvature_samples` training points spread evenly over the set (the exact Hessian
         costs one HVP per parameter per batch). prepare() calls this once when needed; for a training
@@ -243,6 +265,8 @@ class ForwardInf:
                 if taken >= limit:
                     return
 
+        if self.precondition in KRONECKER:
+            return estimate_kronecker(self.fm, self.task, spread(), self.precondition, self.config.damping)
         return estimate(self.fm, self.task, spread(), self.precondition, self.config.damping)
 
     def mirror(self, test) -> Mirror:

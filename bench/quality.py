@@ -65,6 +65,10 @@ OURS = {
     "Forward-INF + K-FAC, damping 1e-5": MirrorConfig(precondition="kfac", damping=1e-5),
     "Forward-INF + EK-FAC": MirrorConfig(precondition="ekfac"),
     "Forward-INF + EK-FAC, damping 1e-5": MirrorConfig(precondition="ekfac", damping=1e-5),
+    "Forward-INF + EK-FAC, damping 1e-6": MirrorConfig(precondition="ekfac", damping=1e-6),
+    "Forward-INF + EK-FAC of last layer, damping 1e-5": MirrorConfig(
+        precondition="ekfac", damping=1e-5, params=("LAST",)
+    ),
     "Forward-INF attribution preset (auto curvature)": MirrorConfig(),
     "Forward-INF cosine (unit steps, last-layer norms)": MirrorConfig(score="cosine", precondition="none"),
     "Forward-INF cosine + diag Fisher": MirrorConfig(score="cosine", precondition="diag", damping=1e-3),

@@ -420,3 +420,38 @@ def test_kronecker_curvature_perturbs_only_factored_layers_and_says_so():
     assert "tok.weight" not in perturbed and "ln.weight" not in perturbed and "head.weight" in perturbed
     assert any("have no Kronecker factors" in note for note in fi.execution()["notes"])
     assert fi.execution()["curvature"]["kind"] == "ekfac"
+
+
+def test_ekfac_on_a_convolution_equals_the_explicit_matrix():
+    """A conv layer's factors come from its unfolded input patches; the per-example weight gradients
+    here come from plain autograd, so a mismatch of patch and weight layouts would show."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1, stride=2), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(3 * 9, 4)
+    ).double()
+    x, y = torch.randn(30, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (30,))
+    config = MirrorConfig.preset("testing", precondition="ekfac", damping=0.05, params=("0.*",))
+    fi = ForwardInf(model, Classification(), config).prepare((x, y))
+    conv = model[0]
+    patches = F.unfold(x, 3, padding=1, stride=2).transpose(1, 2)  # (N, positions, 2*3*3)
+    patches = torch.cat([patches, torch.ones_like(patches[..., :1])], dim=-1)
+    outputs, rows = [], []
+    for i in range(len(x)):
+        out = conv(x[i : i + 1])
+        out.retain_grad()
+        model.zero_grad()
+        F.cross_entropy(model[1:](out), y[i : i + 1]).backward()
+        outputs.append(out.grad.flatten(2)[0].T)  # (positions, 3)
+        rows.append(torch.cat([conv.weight.grad.flatten(1), conv.bias.grad[:, None]], dim=1).clone())
+    g, v = torch.stack(outputs), torch.stack(rows)  # (N, positions, 3), (N, 3, 19)
+    big_a = torch.einsum("npi,npj->ij", patches, patches) / (len(x) * patches.shape[1])
+    big_g = torch.einsum("npo,npq->oq", g, g) / len(x)
+    qa, qg = torch.linalg.eigh(big_a)[1], torch.linalg.eigh(big_g)[1]
+    values = (qg.T @ v @ qa).pow(2).mean(0)
+    basis = torch.kron(qg, qa)
+    explicit = basis @ torch.diag(values.flatten()) @ basis.T + 0.05 * torch.eye(len(basis), dtype=x.dtype)
+    grads = {"0.weight": torch.randn(2, 3, 2, 3, 3, dtype=x.dtype), "0.bias": torch.randn(2, 3, dtype=x.dtype)}
+    solved = fi.curvature.solve(grads)
+    stacked = torch.cat([grads["0.weight"].flatten(2), grads["0.bias"][..., None]], dim=2).flatten(1)
+    got = torch.cat([solved["0.weight"].flatten(2), solved["0.bias"][..., None]], dim=2).flatten(1)
+    torch.testing.assert_close(got, torch.linalg.solve(explicit, stacked.T).T, rtol=1e-7, atol=1e-10)

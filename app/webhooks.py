@@ -112,6 +112,8 @@ class Webhooks:
         task.add_done_callback(self.tasks.discard)
 
     async def stop(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        """Cancel what is in flight (repeatedly, as Events.stop: a cancel can be lost in the Redis client)."""
+        while pending := {task for task in self.tasks if not task.done()}:
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=0.5)

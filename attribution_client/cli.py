@@ -140,7 +140,8 @@ def _show(view) -> None:
         return
     if getattr(result, "rows", None) is not None and hasattr(result, "shape"):  # an attribution
         for row in result.rows:
-            table = Table(title=f"test point {row.row} (loss {row.test_loss:.3g})")
+            point = row.test.record_id or f"inline {row.test.digest[:12]}"
+            table = Table(title=f"test point {row.row}: {point} (loss {row.test_loss:.3g})")
             for name in ("proponent", "score", "opponent", "score "):
                 table.add_column(name)
             for p, o in zip(row.proponents, row.opponents, strict=False):

@@ -23,12 +23,11 @@ import httpx
 from redis.exceptions import RedisError
 
 from contract.problems import InvalidInput, ServiceError
-from contract.schemas import Webhook
+from contract.schemas import ENDED, Webhook
 from contract.settings import Settings
 from contract.webhooks import HEADER, sign
 
 log = logging.getLogger("app.webhooks")
-ENDED = ("finished", "failed", "canceled")
 
 
 def check(hook: Webhook, settings: Settings) -> None:

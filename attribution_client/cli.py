@@ -35,6 +35,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from contract.problems import ServiceError
+from contract.schemas import ENDED
 
 from .client import Client
 
@@ -113,7 +114,7 @@ def _array(path: Path) -> list:
 
 def _follow(client: Client, view, wait: bool, as_json: bool):
     """Follow the job (a progress bar on stderr), print it, exit with its status's code."""
-    if wait and view.status not in ("finished", "failed", "canceled"):
+    if wait and view.status not in ENDED:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeRemainingColumn(), console=err, transient=True) as bar:  # fmt: skip
             task = bar.add_task(view.id[:12], total=None)

@@ -33,7 +33,6 @@ from contract.schemas import (
 )
 
 __all__ = ["AsyncClient", "Client"]
-ENDED = ("finished", "failed", "canceled")
 Progress = Callable[[JobPublic], None]
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .method import Method, MethodSettings
 
 Status = Literal["queued", "running", "finished", "failed", "canceled"]
+ENDED: tuple[Status, ...] = ("finished", "failed", "canceled")  # a job in these states changes no more
 Number = Annotated[float, Field(strict=True)]  # a JSON number (an integer too), never a boolean or a string
 
 

@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from contract.problems import InvalidInput
-from contract.schemas import JobPage, Problem
+from contract.schemas import JobPage, Problem, Status
 
 from .. import metrics
 from ..auth import Principal, Reader
@@ -185,7 +185,7 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     before: Annotated[float | None, Query(description="the `next` of the previous page")] = None,
     kind: Literal["attribution", "leakage", "mislabeled", "memorization"] | None = None,
-    status: Literal["queued", "running", "finished", "failed", "canceled"] | None = None,
+    status: Status | None = None,
 ) -> dict:
     """This tenant's attributions and analyses, newest first, optionally of one kind or status."""
     return await jobs.page(who, limit, before, kind, status)

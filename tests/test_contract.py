@@ -127,6 +127,7 @@ ENGINE_FINGERPRINTS = {
     "2026.12.3": {
         "e99dfe49a6acd04a",  # results echo their test points (a new result format)
         "bef320420aebb128",  # adds precondition kfac/ekfac: what the other settings compute is unchanged
+        "3cf9abb8e5ec6074",  # the mirror says when it normalised memorised rows (same scores)
     },
 }
 

@@ -129,8 +129,11 @@ def test_memorised_test_point_is_flagged_and_its_sgd_step_normalised(problem):
     fi = ForwardInf(model, Classification(), MirrorConfig.preset("testing", safeguard="normalize")).prepare((x, y))
     mirror = fi.mirror(test)
     assert mirror.memorized.all()
+    assert len(mirror.notes) == 1 and "4 row(s)" in mirror.notes[0] and "unit norm" in mirror.notes[0]  # said
     scores = fi.sweep(mirror)
-    unguarded = ForwardInf(model, Classification(), MirrorConfig.preset("testing")).prepare((x, y)).scores(test)
+    unguarded_fi = ForwardInf(model, Classification(), MirrorConfig.preset("testing")).prepare((x, y))
+    assert unguarded_fi.mirror(test).notes == ()  # nothing repaired, nothing said
+    unguarded = unguarded_fi.scores(test)
     assert scores.abs().max() > 1e6 * unguarded.abs().max()  # the row carries a usable signal again
     # same ranking, rescaled: the direction of the gradient is kept
     assert torch.equal(scores.argsort(1), unguarded.argsort(1))

@@ -47,7 +47,7 @@ from contract.scores import Block
 from contract.settings import Settings
 
 from .analyses import ANALYSES, Evidence
-from .forward_inf import AttributionInputError, ForwardInf, MirrorConfig
+from .forward_inf import AttributionInputError, ForwardInf, Mirror, MirrorConfig
 from .store import Store
 from .warm import Warm
 
@@ -199,7 +199,7 @@ def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int
     summary = {
         "block": block.model_dump(),
         "rows": scores.shape[0],
-        "execution": execution(fi, job.method),
+        "execution": execution(fi, job.method, mirror),
         "test_loss": mirror.test_loss.tolist(),
         "self_score": mirror.self_score.tolist(),
         "memorized": mirror.memorized.tolist(),
@@ -347,10 +347,11 @@ def prepare_shard(ctx: Context, fi: ForwardInf, model_m: ModelManifest, data_m: 
     fi.prepare(shard, base=base, norms=norms)
 
 
-def execution(fi: ForwardInf, method: Method) -> dict:
+def execution(fi: ForwardInf, method: Method, mirror: Mirror) -> dict:
     """What ran: the job's method with precondition and params as the engine resolved them, and the rest
-    of the engine's own account (contract.schemas.Execution)."""
+    of the engine's own account (contract.schemas.Execution), with the repairs made to this request's step."""
     ran = fi.execution()
+    ran["notes"] += mirror.notes
     resolved = method.model_copy(update={"precondition": ran.pop("precondition"), "params": tuple(ran["parameters"])})
     return Execution(method=resolved, engine_version=ENGINE_VERSION, **ran).model_dump(mode="json")
 

@@ -65,6 +65,7 @@ class Mirror:
     self_score: (k,) the row's score of its own test point(s) (what an exact duplicate in the
         training set would score): sign * loss change (finite) or directional derivative (linear).
     memorized: (k,) bool, rows whose loss was below `memorized_loss`.
+    notes: repairs made to these rows' steps, in words (e.g. memorised rows' gradients normalised).
     """
 
     first: Params
@@ -72,6 +73,7 @@ class Mirror:
     test_loss: torch.Tensor
     self_score: torch.Tensor
     memorized: torch.Tensor
+    notes: tuple[str, ...] = ()
 
 
 def mirror_step(fm: Functional, task, test: dict, config: MirrorConfig, precondition=None) -> Mirror:
@@ -102,6 +104,7 @@ def mirror_step(fm: Functional, task, test: dict, config: MirrorConfig, precondi
     params = {n: p.expand(k, *p.shape).clone() for n, p in fm.theta.items()}  # (k, *shape)
     state: dict[str, Params] = {"m": {}, "v": {}}
     first = total = None
+    notes = []
     for step in range(1, config.steps + 1):
         grads, losses = grad_fn(params, test)  # (k, *shape), (k,)
         if step == 1:
@@ -110,6 +113,11 @@ def mirror_step(fm: Functional, task, test: dict, config: MirrorConfig, precondi
             if config.optimizer == "sgd" and config.safeguard == "normalize" and memorized.any():
                 norm = _norms(grads)
                 grads = _scaled(grads, torch.where(memorized, 1.0 / norm, torch.ones_like(norm)))
+                rows = memorized.nonzero().flatten().tolist()
+                notes.append(
+                    f"{len(rows)} row(s) (e.g. {rows[:5]}) had a loss below memorized_loss={config.memorized_loss}: "
+                    "their gradient was scaled to unit norm before the SGD step (safeguard='normalize')"
+                )
         if precondition is not None:
             grads = precondition(grads)
         update = _update(grads, state, step, config)
@@ -123,7 +131,7 @@ def mirror_step(fm: Functional, task, test: dict, config: MirrorConfig, precondi
         else:
             along = vmap(lambda t, x: jvp(lambda q: row_loss(q, x), (fm.theta,), (t,))[1], in_dims=(0, in_dims[1]))
             own = along(first, test)
-    return Mirror(first, total, test_loss, config.sign * own, memorized)
+    return Mirror(first, total, test_loss, config.sign * own, memorized, tuple(notes))
 
 
 def _norms(grads: Params) -> torch.Tensor:  # (k,) each row's norm over all selected parameters

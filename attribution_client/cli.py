@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import sys
 import tempfile
 import webbrowser
 from collections.abc import Iterator
@@ -34,7 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from contract.problems import ServiceError
+from contract.problems import NotFound, ServiceError
 from contract.schemas import ENDED
 
 from .client import Client
@@ -60,6 +58,7 @@ Indices = Annotated[str | None, typer.Option(help="records by index, e.g. 0,1,2"
 Records = Annotated[str | None, typer.Option(help="or by record id, comma-separated")]
 Inputs = Annotated[Path | None, typer.Option(help="or inline inputs: .npy, .json, .jsonl or an image")]
 Targets = Annotated[Path | None, typer.Option(help="their targets (.npy, .json, .jsonl)")]
+Kind = Annotated[str | None, typer.Option(help="attribution or analysis (default: found by the id)")]
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -83,13 +82,26 @@ def _service(ctx: typer.Context) -> Iterator[Client]:
         raise typer.Exit(UNAVAILABLE) from None
 
 
+def _kind(client: Client, job_id: str, kind: str | None) -> str:
+    """The job's family: as given, else an attribution if there is one by this id, else an analysis."""
+    if kind:
+        return kind
+    try:
+        client.job(job_id, "attribution")
+        return "attribution"
+    except NotFound:
+        return "analysis"
+
+
 def _points(dataset: str | None, indices: str | None, records: str | None, inputs: Path | None, targets: Path | None,
             texts: Path | None) -> dict:  # fmt: skip
     """Test points from the options: records of a dataset, arrays from .npy/.json/.jsonl files, or text."""
     if dataset:
         if indices:
             return {"dataset": dataset, "indices": [int(i) for i in indices.split(",")]}
-        return {"dataset": dataset, "records": (records or "").split(",")}
+        if records:
+            return {"dataset": dataset, "records": records.split(",")}
+        raise typer.BadParameter(f"records of {dataset!r}: give --indices or --records")
     if texts:  # JSONL of {"prompt": ..., "completion": ...}
         return {"texts": [json.loads(line) for line in texts.read_text().splitlines() if line.strip()]}
     if inputs:
@@ -250,18 +262,18 @@ def jobs_list(
 
 
 @jobs_app.command("show")
-def jobs_show(ctx: typer.Context, job_id: str, kind: str = "attribution", as_json: AsJson = False):
-    """One job: status, progress and, once finished, its result (--kind for an analysis)."""
+def jobs_show(ctx: typer.Context, job_id: str, kind: Kind = None, as_json: AsJson = False):
+    """One job: status, progress and, once finished, its result."""
     with _service(ctx) as client:
-        view = client.job(job_id, kind)
+        view = client.job(job_id, _kind(client, job_id, kind))
     out.print_json(view.model_dump_json()) if as_json else _show(view)
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(ctx: typer.Context, job_id: str, kind: str = "attribution"):
+def jobs_cancel(ctx: typer.Context, job_id: str, kind: Kind = None):
     """Cancel a queued or running job; delete an ended one."""
     with _service(ctx) as client:
-        view = client.cancel(job_id, kind)
+        view = client.cancel(job_id, _kind(client, job_id, kind))
     out.print(f"{job_id} {'deleted' if view is None else view.status}")
 
 
@@ -301,13 +313,13 @@ def datasets_list(ctx: typer.Context, as_json: AsJson = False):
 def report(
     ctx: typer.Context,
     job_id: str,
-    kind: str = "attribution",
+    kind: Kind = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="write the HTML here")] = None,
     open_: Annotated[bool, typer.Option("--open", help="open it in a browser")] = False,
 ):
     """A finished job's HTML report (self-contained: no network needed to view it)."""
     with _service(ctx) as client:
-        page = client.report(job_id, kind)
+        page = client.report(job_id, _kind(client, job_id, kind))
     path = output or Path(tempfile.gettempdir()) / f"attribution-report-{job_id}.html"
     path.write_text(page)
     out.print(str(path))
@@ -316,4 +328,4 @@ def report(
 
 
 def main() -> None:  # the console script
-    app(prog_name=os.path.basename(sys.argv[0]) if sys.argv[0].endswith("attribution") else "attribution")
+    app(prog_name="attribution")

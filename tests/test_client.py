@@ -165,7 +165,10 @@ def test_every_cli_command_end_to_end(live, tmp_path):
     ):
         run = cli(*args, "--json", base=live)
         assert run.returncode == 0, (args[0], run.stderr)
-        assert AnalysisPublic.model_validate_json(run.stdout).kind == args[0]
+        analysis = AnalysisPublic.model_validate_json(run.stdout)
+        assert analysis.kind == args[0]
+    shown = cli("jobs", "show", analysis.id, "--json", base=live)  # an analysis, found by its id alone
+    assert shown.returncode == 0 and json.loads(shown.stdout)["kind"] == "memorization"
 
     listed = cli("jobs", "list", "--json", base=live)
     assert listed.returncode == 0 and job.id in [j["id"] for j in json.loads(listed.stdout)]

@@ -122,6 +122,7 @@ class Influence(BaseModel):
 class TestPoint(BaseModel):
     """Which test point a result row is: a record of a registered dataset, or inline data by digest."""
 
+    __test__ = False  # not a pytest test class, whatever its name
     dataset: str | None = Field(None, description="the registered dataset the point is a record of")
     index: int | None = None
     record_id: str | None = None

@@ -24,7 +24,9 @@ memory is the growth of resident memory while the method runs.
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
+import importlib.util
 import logging
 import os
 import tempfile
@@ -75,6 +77,7 @@ OURS = {
 }
 PRESET = "Forward-INF attribution preset (auto curvature)"
 PEERS = [
+    "Kronfluence EK-FAC",
     "dattri TracIn (Grad-Dot)",
     "dattri Grad-Cos",
     "dattri TRAK (1 checkpoint)",
@@ -203,6 +206,52 @@ def captum_fast(model, train, test, ks, last):
     return scores, setup, times
 
 
+def kronfluence(model, train, test, ks):
+    """Kronfluence's EK-FAC influence functions with its defaults (factors from the sampled-label Fisher,
+    damping 0.1 x the mean eigenvalue), measurement = the query's loss. Optional peer: it is not in the
+    bench extra, since its torchvision requirement has no CPU build for torch 2.13.0 in our index
+    (`pip install kronfluence` and then `pip uninstall torchvision`: it imports without it)."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.task import Task
+    from torch.utils.data import TensorDataset
+
+    class Loss(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            logits = model(x)
+            if sample:
+                with torch.no_grad():
+                    y = torch.multinomial(logits.softmax(-1), 1)[:, 0]
+            return F.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            return F.cross_entropy(model(x), y, reduction="sum")
+
+    logging.getLogger("kronfluence").setLevel(logging.WARNING)
+    task, dataset = Loss(), TensorDataset(*train)
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        model = prepare_model(copy.deepcopy(model), task)
+        analyzer = Analyzer("bench", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=out)
+        analyzer.fit_all_factors(
+            "ekfac", dataset, per_device_batch_size=512, factor_args=FactorArguments(strategy="ekfac")
+        )
+        setup = time.perf_counter() - start
+
+        def query(x, y):
+            name = f"k{len(y)}"
+            analyzer.compute_pairwise_scores(
+                name, "ekfac", TensorDataset(x, y), dataset, per_device_query_batch_size=len(y),
+                per_device_train_batch_size=512,
+            )  # fmt: skip
+            return analyzer.load_pairwise_scores(name)["all_modules"].float()  # (k, N); positive = helpful
+
+        scores, times = timed(query, test, ks)
+    return scores, setup, times
+
+
 def traker(model, train, test, ks):
     """The `traker` package (MadryLab): one checkpoint, its CPU projector (normal, 512 dims), float32,
     regularised as dattri's TRAK."""
@@ -294,6 +343,8 @@ def run_method(name, model, train, test, ks, last):
             out = captum_fast(model, train, test, ks, last)
         elif name.startswith("traker"):
             out = traker(model, train, test, ks)
+        elif name.startswith("Kronfluence"):
+            out = kronfluence(model, train, test, ks)
         else:
             out = dattri(name, model, train, test, ks)
     return (*out, memory["peak_mb"])
@@ -337,6 +388,8 @@ def lds(scores, masks, margins_) -> float:
 def skipped(setup: str, name: str, quick: bool) -> str | None:
     if (setup, name) in SKIP:
         return SKIP[setup, name]
+    if name.startswith("Kronfluence") and importlib.util.find_spec("kronfluence") is None:
+        return "kronfluence is not installed (an optional peer: see kronfluence())"
     if quick and "explicit" in name:
         return "--quick"
     return None

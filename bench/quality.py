@@ -4,7 +4,8 @@
     python -m bench.quality --quick    # a few minutes: 24 LDS models, 40 test points, no CNN
 
 Needs the bench extra (`EXTRAS=worker,test,bench ./scripts/install`: dattri, captum, traker, matplotlib;
-peers are not runtime dependencies).
+peers are not runtime dependencies); Kronfluence is an optional peer, run when installed (kronfluence()).
+`--only a,b` runs the LDS of just the methods whose names contain a or b.
 Ground truth is cached under bench/out/ (not committed) and rebuilt with --regenerate.
 
 Tasks (scikit-learn's bundled data; digits in the demo split):

@@ -20,7 +20,6 @@ class Scores:
         self.aredis, self.settings, self.key = aredis, settings, key
         self.blocks = [Block(**b) for b in result["blocks"]]
         self.rows, self.columns = result["shape"]
-        self.stride = result["block_rows"]  # rows in each block (an analysis' calibration rows follow its own)
 
     async def window(self, r0: int, r1: int, c0: int, c1: int, step: int = 1) -> np.ndarray:
         """(r1 - r0, len(range(c0, c1, step))) float32 scores: rows r0..r1-1, every step-th column of c0..c1-1."""

@@ -146,9 +146,6 @@ class DatasetManifest(BaseModel):
         for lo in range(0, self.shards[n].size, batch_size):
             yield self.rows(n, lo, lo + batch_size)
 
-    def load_shard(self, n: int) -> dict[str, np.ndarray]:
-        return self.rows(n)
-
     def shard_bytes(self, n: int) -> int:
         """Bytes of shard n's arrays once in memory (from the file headers)."""
         return sum(layout.dtype.itemsize * math.prod(layout.shape) for _, layout in self._files(n).values())

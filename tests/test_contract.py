@@ -222,7 +222,7 @@ def test_verified_reads_hash_each_file_version_once(registry_dir, tmp_path):
     for _ in range(5):
         np.testing.assert_array_equal(dataset.read([0, 5, 1400])["inputs"], first["inputs"])
     assert reg._digest.cache_info().misses == 2  # each of the two shards hashed once
-    np.testing.assert_array_equal(first["inputs"][2], dataset.load_shard(1)["inputs"][1400 - dataset.shards[0].size])
+    np.testing.assert_array_equal(first["inputs"][2], dataset.rows(1)["inputs"][1400 - dataset.shards[0].size])
     shard = root / "datasets" / "digits-train" / dataset.shards[0].file
     changed = bytearray(shard.read_bytes())
     changed[-1] ^= 0xFF

@@ -233,7 +233,6 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
         "execution": first["execution"],
         "progress": {"done": batches, "total": batches, "unit": "batches", "eta_s": 0.0},
         "blocks": [b.model_dump() for b in blocks],
-        "block_rows": rows,
         "shape": [rows, data_m.size],
         "timing": timing,
     }
@@ -274,9 +273,12 @@ def _echo(ctx: Context, points: RecordPoints | InlinePoints) -> list[dict]:
     """Each test point's echo in the result (contract.jobs.echo), with its dataset's record ids."""
     if not isinstance(points, RecordPoints):
         return echo(points, [])
-    return echo(
-        points, ctx.warm.record_ids(_current(ctx.registry.dataset(points.dataset.id), points.dataset, "dataset"))
-    )
+    return echo(points, ctx.warm.record_ids(_points_dataset(ctx, points)))
+
+
+def _points_dataset(ctx: Context, points: RecordPoints) -> DatasetManifest:
+    """The dataset the records come from, as the request saw it."""
+    return _current(ctx.registry.dataset(points.dataset.id), points.dataset, "dataset")
 
 
 def _stored_base(ctx: Context, model_m: ModelManifest, data_m: DatasetManifest, n: int, dtype: str) -> torch.Tensor:
@@ -376,8 +378,7 @@ def _current(manifest, ref: ModelRef | DatasetRef, what: str):
 def _test_points(points: InlinePoints | RecordPoints, ctx: Context, model_m, dtype: str) -> dict:
     """The test points as a batch: records read from their dataset, or the inline data as tensors."""
     if isinstance(points, RecordPoints):
-        d = _current(ctx.registry.dataset(points.dataset.id), points.dataset, "dataset")
-        return ctx.warm.examples(d, points.indices)
+        return ctx.warm.examples(_points_dataset(ctx, points), points.indices)
     floating = getattr(torch, dtype)
     batch = {"inputs": torch.tensor(points.inputs, dtype=torch.int64 if model_m.input.dtype == "int64" else floating)}
     if points.targets is not None:

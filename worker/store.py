@@ -13,6 +13,8 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from redis import Redis
@@ -25,25 +27,28 @@ from contract.scores import Block, blob_key, blob_path, block_key, block_path, p
 from contract.settings import Settings
 
 
+def _write_aside(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file next to `path`, then rename it there: a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    with open(partial, "wb") as f:
+        write(f)
+    partial.replace(path)
+
+
 class Store:
     def __init__(self, redis: Redis, settings: Settings):
         self.redis, self.settings = redis, settings
 
     # -- scores and results ------------------------------------------------------------------------
     def put_block(self, key: str, lo: int, scores: np.ndarray) -> Block:
-        """Columns [lo, lo + width) of result `key`: in Redis when small, else an .npy file (written
-        aside, then renamed, so a reader never sees half of it)."""
+        """Columns [lo, lo + width) of result `key`: in Redis when small, else an .npy file."""
         data = np.ascontiguousarray(scores, dtype="<f4")
         block = Block(lo=lo, hi=lo + data.shape[1], at=place(self.settings, data.nbytes))
         if block.at == "redis":
             self.redis.set(block_key(self.settings, key, lo), data.tobytes(), ex=self.settings.score_ttl_s)
         else:
-            path = block_path(self.settings, key, lo)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(f".{os.getpid()}.partial")
-            with open(partial, "wb") as f:
-                np.save(f, data, allow_pickle=False)
-            partial.replace(path)
+            _write_aside(block_path(self.settings, key, lo), lambda f: np.save(f, data, allow_pickle=False))
         return block
 
     def get_block(self, key: str, block: Block, rows: int) -> np.ndarray:
@@ -130,11 +135,7 @@ class Store:
         if place(self.settings, len(raw)) == "redis":
             self.redis.set(blob_key(self.settings, name), raw, ex=self.settings.base_loss_ttl_s)
             return
-        path = blob_path(self.settings, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_bytes(raw)
-        partial.replace(path)
+        _write_aside(blob_path(self.settings, name), lambda f: f.write(raw))
 
     def once(self, name: str, compute: Callable[[], None], done: Callable[[], bool]) -> None:
         """Run `compute` on one worker of the fleet at a time until `done()`: a worker that finds another

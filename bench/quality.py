@@ -209,9 +209,11 @@ def captum_fast(model, train, test, ks, last):
 
 def kronfluence(model, train, test, ks):
     """Kronfluence's EK-FAC influence functions with its defaults (factors from the sampled-label Fisher,
-    damping 0.1 x the mean eigenvalue), measurement = the query's loss. Optional peer: it is not in the
-    bench extra, since its torchvision requirement has no CPU build for torch 2.13.0 in our index
-    (`pip install kronfluence` and then `pip uninstall torchvision`: it imports without it)."""
+    damping 0.1 x the mean eigenvalue), measurement = the query's loss. Optional peer, not in the bench
+    extra: its torchvision requirement has no CPU build for torch 2.13.0 in our index, and its wheel
+    ships a top-level `tests` package that shadows this project's. So in a venv of its own:
+    `VENV=.venv-kron EXTRAS=worker,bench scripts/install`, then in it `pip install kronfluence` and
+    `pip uninstall torchvision` (kronfluence imports without it)."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments
     from kronfluence.task import Task

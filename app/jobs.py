@@ -49,8 +49,8 @@ from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
-from contract.jobs import JOB_FUNC, PART_FUNC, REDUCE_FUNC, Job, affinity_queue, bucket_of, part_id
-from contract.problems import Conflict, NotFound, TooManyRequests, Unavailable
+from contract.jobs import JOB_FUNC, PART_FUNC, PROBE_FUNC, REDUCE_FUNC, Job, affinity_queue, bucket_of, part_id
+from contract.problems import Conflict, InvalidInput, NotFound, TooManyRequests, Unavailable
 from contract.schemas import AnalysisPublic, AttributionPublic, JobSummary
 from contract.scores import block_key
 from contract.settings import Settings
@@ -247,6 +247,26 @@ class Jobs:
         except DuplicateJobError:  # an identical request got there first: join it
             return
         self.redis.sadd(self.key("active", tenant), key)
+
+    async def probe(self, model_id: str) -> dict:
+        """Registration's dry run on a worker (PROBE_FUNC): its answer, or the reason it failed (422), or
+        503 when no worker answers within ATTR_PROBE_TIMEOUT_S."""
+        s = self.settings
+        job = await run_in_threadpool(
+            self.queue.enqueue, PROBE_FUNC, {"id": model_id}, job_timeout=s.probe_timeout_s, result_ttl=60,
+            failure_ttl=60, ttl=s.probe_timeout_s,
+        )  # fmt: skip
+        deadline = time.monotonic() + s.probe_timeout_s
+        while time.monotonic() < deadline:
+            status = await run_in_threadpool(job.get_status)
+            if status == JobStatus.FINISHED:
+                return await run_in_threadpool(job.return_value)
+            if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+                await run_in_threadpool(job.refresh)
+                raise InvalidInput(f"model {model_id!r} does not run on a worker: {job.meta.get('error', status)}")
+            await asyncio.sleep(0.2)
+        await run_in_threadpool(job.cancel)
+        raise Unavailable(f"no worker tried model {model_id!r} within {s.probe_timeout_s} s", s.retry_after_s)
 
     def _queue(self, name: str) -> Queue:
         if name not in self.queues:

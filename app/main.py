@@ -32,7 +32,7 @@ from . import metrics
 from .auth import SECURITY_SCHEME, KeyStore
 from .events import Events
 from .jobs import Jobs, Results
-from .routes import analyses, attributions, health, jobs, models
+from .routes import admin, analyses, attributions, health, jobs, models
 
 PROBLEM = "application/problem+json"
 
@@ -133,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings, app.state.registry = settings, Registry(settings.registry_dir)
     app.state.results = Results(settings.result_cache_bytes)
     app.state.keys = KeyStore(settings.api_keys_file, settings.local_tenant)
-    for router in (attributions.router, analyses.router, jobs.router, models.router, health.router):
+    for router in (attributions.router, analyses.router, jobs.router, models.router, admin.router, health.router):
         app.include_router(router)
 
     @app.exception_handler(Exception)
@@ -143,7 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for foreign in (ServiceError, RedisError, RequestValidationError, RegistryError, HTTPException):
         app.add_exception_handler(foreign, on_error)
 
-    app.add_middleware(Guard, limit=settings.max_body_bytes)
+    app.add_middleware(Guard, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
     app.openapi = lambda: openapi(app)
     return app
 
@@ -162,21 +162,23 @@ def openapi(app: FastAPI) -> dict:
 
 
 class Guard:
-    """Pure ASGI (no per-request task like BaseHTTPMiddleware): refuses bodies over `limit` bytes, by
-    Content-Length before reading or while streaming a chunked one (the app then sees a disconnect),
-    and counts requests and latency per route for /metrics."""
+    """Pure ASGI (no per-request task like BaseHTTPMiddleware): refuses bodies over `limit` bytes (a file
+    PUT to the registry: `upload_limit`), by Content-Length before reading or while streaming a chunked one
+    (the app then sees a disconnect), and counts requests and latency per route for /metrics."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, upload_limit: int):
+        self.app, self.limit, self.upload_limit = app, limit, upload_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        upload = scope["method"] == "PUT" and scope["path"].startswith("/v1/admin/")
+        limit = self.upload_limit if upload else self.limit
         start, received, too_large, status = time.perf_counter(), 0, False, 500
         length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.limit:
+        if length.isdigit() and int(length) > limit:
             too_large = True
-            await self._refuse(send, f"body of {int(length)} bytes exceeds the limit of {self.limit}")
+            await self._refuse(send, f"body of {int(length)} bytes exceeds the limit of {limit}")
             status = 413
         else:
 
@@ -186,7 +188,7 @@ class Guard:
                     return {"type": "http.disconnect"}
                 message = await receive()
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     too_large = True
                     return {"type": "http.disconnect"}
                 return message
@@ -206,7 +208,7 @@ class Guard:
                     raise
             if too_large:
                 status = 413
-                await self._refuse(send, f"body exceeds the limit of {self.limit} bytes")
+                await self._refuse(send, f"body exceeds the limit of {limit} bytes")
         path = getattr(scope.get("route"), "path", "unmatched")
         metrics.REQUESTS.labels(scope["method"], path, str(status)).inc()
         metrics.LATENCY.labels(path).observe(time.perf_counter() - start)

@@ -9,12 +9,14 @@ import base64
 import html
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 from contract.jobs import JOB, InlinePoints, RecordPoints
 from contract.registry import DatasetManifest, InputSpec, Registry
+
+Decode = Callable[[Sequence[int]], str]  # token ids -> text
 
 ROWS = 20  # test points (attribution, leakage) shown in full; the JSON has all of them
 LIST = 60  # records per list (review list, audited records)
@@ -57,10 +59,10 @@ def _image(x: np.ndarray, spec: InputSpec) -> str:
     return f'<img src="data:image/png;base64,{data}" width="{img.shape[1]}" height="{img.shape[0]}" alt="record">'
 
 
-def _text(tokens: np.ndarray, mask: np.ndarray | None, spec: InputSpec) -> str:
+def _text(tokens: np.ndarray, mask: np.ndarray | None, spec: InputSpec, decode: Decode | None) -> str:
     tokens = [int(t) for t in np.asarray(tokens).ravel()]
     marks = [bool(m) for m in np.asarray(mask).ravel()] if mask is not None else [False] * len(tokens)
-    while tokens and tokens[-1] == 0:  # padding
+    while tokens and tokens[-1] == spec.pad_id:  # padding
         tokens.pop()
     parts, current, run = [], None, []
     for t, m in zip(tokens, marks, strict=False):
@@ -73,17 +75,17 @@ def _text(tokens: np.ndarray, mask: np.ndarray | None, spec: InputSpec) -> str:
         parts.append((current, run))
 
     def show(run):
-        if spec.text == "bytes":
-            return html.escape(bytes(t for t in run if 0 <= t < 256).decode("utf-8", "replace"))
+        if decode is not None:
+            return html.escape(decode(run))
         return html.escape(" ".join(map(str, run)) + " ")
 
     return "<pre>" + "".join(f"<mark>{show(r)}</mark>" if m else show(r) for m, r in parts) + "</pre>"
 
 
-def show(x: np.ndarray, spec: InputSpec, mask: np.ndarray | None = None) -> str:
-    """One record as HTML: an image, text, or its first values."""
+def show(x: np.ndarray, spec: InputSpec, mask: np.ndarray | None = None, decode: Decode | None = None) -> str:
+    """One record as HTML: an image, text (token ids shown through `decode`), or its first values."""
     if spec.dtype == "int64":
-        return _text(x, mask, spec)
+        return _text(x, mask, spec, decode)
     if spec.image_shape or len(spec.shape) in (2, 3):
         return _image(x, spec)
     values = ", ".join(f"{v:.3g}" for v in np.asarray(x).ravel()[:12])
@@ -124,8 +126,8 @@ def histogram(values: np.ndarray, title: str, marks: dict[str, float] | None = N
 class Records:
     """Records of one dataset, read once per page: a section `load`s every index it shows, then draws."""
 
-    def __init__(self, dataset: DatasetManifest):
-        self.dataset, self.spec = dataset, dataset.input
+    def __init__(self, dataset: DatasetManifest, decode: Decode | None):
+        self.dataset, self.spec, self.decode = dataset, dataset.input, decode
         self.rows: dict[int, tuple[np.ndarray, object]] = {}
 
     def load(self, indices: Iterable[int]) -> None:
@@ -146,7 +148,7 @@ class Records:
         for e in entries:
             x, label = self.rows[e["index"]]
             cards.append(
-                f'<div class="card">{show(x, self.spec)}<div>{html.escape(e["record_id"])}</div>'
+                f'<div class="card">{show(x, self.spec, decode=self.decode)}<div>{html.escape(e["record_id"])}</div>'
                 + (f"<div>label {label}</div>" if label is not None else "")
                 + f"{caption(e)}</div>"
             )
@@ -156,15 +158,20 @@ class Records:
 class Queries:
     """The test points of the job (inline arrays or dataset records, as its payload holds them), as HTML."""
 
-    def __init__(self, points: InlinePoints | RecordPoints, registry: Registry, spec: InputSpec):
-        self.points, self.registry, self.spec = points, registry, spec
+    def __init__(self, points: InlinePoints | RecordPoints, registry: Registry, spec: InputSpec, decode: Decode | None):
+        self.points, self.registry, self.spec, self.decode = points, registry, spec, decode
 
     def __call__(self, rows: list[int]) -> dict[int, str]:
         points = self.points
         if isinstance(points, InlinePoints):
             masks = points.targets if self.spec.dtype == "int64" else None
             return {
-                j: show(np.asarray(points.inputs[j]), self.spec, None if masks is None else np.asarray(masks[j]))
+                j: show(
+                    np.asarray(points.inputs[j]),
+                    self.spec,
+                    None if masks is None else np.asarray(masks[j]),
+                    self.decode,
+                )
                 for j in rows
                 if j < len(points.inputs)
             }
@@ -173,7 +180,7 @@ class Queries:
             return {}
         rows = [j for j in rows if j < len(points.indices)]
         data = dataset.read([points.indices[j] for j in rows])["inputs"] if rows else []
-        return {j: show(x, dataset.input) for j, x in zip(rows, data, strict=True)}
+        return {j: show(x, dataset.input, decode=self.decode) for j, x in zip(rows, data, strict=True)}
 
 
 def _score(e: dict) -> str:
@@ -187,7 +194,11 @@ def render(key: str, result: dict, scores: np.ndarray, step: int, registry: Regi
     if dataset is None:
         body = f"<p class=bad>The training dataset {html.escape(job.dataset.id)} is no longer registered.</p>"
         return _page(key, result, body, step)
-    body = SECTIONS[job.kind](result, scores, Records(dataset), Queries(job.points, registry, dataset.input))
+    model = registry.model(job.model.id)
+    decode = model.decode if model is not None and model.input.text else None
+    body = SECTIONS[job.kind](
+        result, scores, Records(dataset, decode), Queries(job.points, registry, dataset.input, decode)
+    )
     return _page(key, result, body, step)
 
 

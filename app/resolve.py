@@ -115,13 +115,27 @@ def test_points(
 
 
 def encode_text(test: TextTest, model: ModelManifest) -> InlineTest:
-    """Prompt + completion -> UTF-8 byte ids padded with 0, and a mask marking the completion's tokens."""
-    if model.task != "causal-lm" or model.input.text != "bytes":
-        raise InvalidInput(f"model {model.id!r} does not take text (no byte-level vocabulary)", _loc("test", "texts"))
-    tokens = [(list(t.prompt.encode()), list(t.completion.encode())) for t in test.texts]
+    """Prompt + completion -> token ids (UTF-8 bytes, or the model's own tokenizer, without special
+    tokens) padded with the model's pad id, and a mask marking the completion's tokens. Truncation: a
+    prompt too long for `max_length` loses its beginning; a completion that does not fit is refused."""
+    if model.task != "causal-lm" or model.input.text is None:
+        raise InvalidInput(f"model {model.id!r} does not take text", _loc("test", "texts"))
+    tokens = [(model.encode(t.prompt), model.encode(t.completion)) for t in test.texts]
+    limit, pad = model.input.max_length, model.input.pad_id
+    for n, (prompt, completion) in enumerate(tokens):
+        if limit is not None and len(completion) > limit - 1:
+            raise InvalidInput(
+                f"test.texts[{n}].completion: {len(completion)} tokens do not fit the model's {limit} (one is kept "
+                "for context)",
+                _loc("test", "texts", n, "completion"),
+            )
+        if not completion:
+            raise InvalidInput(f"test.texts[{n}].completion: no tokens", _loc("test", "texts", n, "completion"))
+        if limit is not None and len(prompt) + len(completion) > limit:
+            tokens[n] = (prompt[len(prompt) + len(completion) - limit :], completion)
     width = max(len(p) + len(c) for p, c in tokens)
     return InlineTest(
-        inputs=[p + c + [0] * (width - len(p) - len(c)) for p, c in tokens],
+        inputs=[p + c + [pad] * (width - len(p) - len(c)) for p, c in tokens],
         targets=[[0] * len(p) + [1] * len(c) + [0] * (width - len(p) - len(c)) for p, c in tokens],
     )
 

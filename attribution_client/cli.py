@@ -296,6 +296,63 @@ def models_show(ctx: typer.Context, model_id: str):
         out.print_json(client.model(model_id).model_dump_json())
 
 
+@models_app.command("register")
+def models_register(
+    ctx: typer.Context,
+    model_id: str,
+    folder: Annotated[
+        Path, typer.Argument(exists=True, file_okay=False, help="the model directory (save_pretrained's)")
+    ],
+    architecture: Annotated[
+        str, typer.Option(help="transformers:causal-lm, peft:lora, diffusers:unet2d, builtin:NAME, ...")
+    ],
+    base: Annotated[str | None, typer.Option(help="peft:lora: the registered base model")] = None,
+    fields: Annotated[str | None, typer.Option("--fields", help="more ModelRegistration fields as JSON")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="load and step it on a worker, do not register")] = False,
+):
+    """Upload a model directory and register it (an admin key); a worker loads and steps it first."""
+    extra = json.loads(fields) if fields else {}
+    with _service(ctx) as client:
+        done = client.register_model(model_id, folder, architecture=architecture, base=base, dry_run=dry_run, **extra)
+    out.print_json(done.model_dump_json())
+
+
+@models_app.command("delete")
+def models_delete(ctx: typer.Context, model_id: str):
+    """Unregister a model (an admin key)."""
+    with _service(ctx) as client:
+        client.delete_entry("models", model_id)
+    out.print(f"{model_id} deleted")
+
+
+@datasets_app.command("register")
+def datasets_register(
+    ctx: typer.Context,
+    dataset_id: str,
+    files: Annotated[
+        list[Path], typer.Argument(exists=True, dir_okay=False, help="shards (.safetensors/.npy), or one .jsonl")
+    ],
+    input_spec: Annotated[str | None, typer.Option("--input", help="the input spec as JSON (shards)")] = None,
+    text_model: Annotated[
+        str | None, typer.Option(help="a .jsonl corpus: the model whose tokenizer encodes it")
+    ] = None,
+    max_length: Annotated[int, typer.Option(help="a .jsonl corpus: tokens per record")] = 128,
+    trained: Annotated[list[str] | None, typer.Option(help="models trained on it")] = None,
+):
+    """Upload a dataset's files and register it (an admin key)."""
+    fields: dict = {"trained": trained or []}
+    if text_model:
+        fields["text"] = {"file": files[0].name, "model": text_model, "max_length": max_length}
+    else:
+        fields |= {
+            "shards": [f.name for f in files if not f.name.endswith(".targets.npy") and f.name != "records.json"]
+        }
+        fields["input"] = json.loads(input_spec) if input_spec else None
+    with _service(ctx) as client:
+        done = client.register_dataset(dataset_id, files, **fields)
+    out.print_json(done.model_dump_json())
+
+
 @datasets_app.command("list")
 def datasets_list(ctx: typer.Context, as_json: AsJson = False):
     with _service(ctx) as client:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +23,8 @@ from contract.schemas import (
     AttributionCreate,
     AttributionPublic,
     DatasetPublic,
+    DatasetRegistered,
+    DatasetRegistration,
     JobPage,
     JobPublic,
     JobSummary,
@@ -29,7 +32,10 @@ from contract.schemas import (
     MemorizationCreate,
     MislabeledCreate,
     ModelPublic,
+    ModelRegistered,
+    ModelRegistration,
     ScoresPage,
+    UploadedFile,
 )
 
 __all__ = ["AsyncClient", "Client"]
@@ -44,6 +50,7 @@ class Call:
     path: str
     parse: Callable[[httpx.Response], Any]
     json: dict | None = None
+    content: bytes | None = None
     params: dict = field(default_factory=dict)
     headers: dict = field(default_factory=dict)
 
@@ -157,6 +164,27 @@ class _Operations:
     def datasets(self):
         return self._run(Call("GET", "/v1/datasets", lambda r: [DatasetPublic.model_validate(d) for d in r.json()]))
 
+    # -- registration (an admin key) -----------------------------------------------------------------
+    def upload(self, kind: str, id: str, path: Path):
+        """Stage one file of a model or dataset being registered (`kind`: "models" | "datasets")."""
+        url = f"/v1/admin/{kind}/{id}/files/{path.name}"
+        return self._run(Call("PUT", url, lambda r: UploadedFile.model_validate(r.json()), content=path.read_bytes()))
+
+    def register_uploaded_model(self, id: str, **fields):
+        """Register a model whose files were uploaded (ModelRegistration's fields; dry_run=True only tries it)."""
+        body = ModelRegistration(**fields).model_dump(exclude_none=True, mode="json")
+        return self._run(
+            Call("POST", f"/v1/admin/models/{id}", lambda r: ModelRegistered.model_validate(r.json()), body)
+        )
+
+    def register_uploaded_dataset(self, id: str, **fields):
+        body = DatasetRegistration(**fields).model_dump(exclude_none=True, mode="json")
+        parse = lambda r: DatasetRegistered.model_validate(r.json())  # noqa: E731
+        return self._run(Call("POST", f"/v1/admin/datasets/{id}", parse, body))
+
+    def delete_entry(self, kind: str, id: str) -> None:
+        return self._run(Call("DELETE", f"/v1/admin/{kind}/{id}", lambda r: None))
+
 
 def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -179,7 +207,9 @@ class Client(_Operations):
         self.http.close()
 
     def _run(self, call: Call):
-        response = self.http.request(call.method, call.path, json=call.json, params=call.params, headers=call.headers)
+        response = self.http.request(
+            call.method, call.path, json=call.json, content=call.content, params=call.params, headers=call.headers
+        )
         return call.parse(_checked(response))
 
     def wait(self, job: JobPublic | str, kind: str | None = None, progress: Progress | None = None) -> JobPublic:
@@ -193,6 +223,18 @@ class Client(_Operations):
                 if (got := stream.feed(line)) is not None and got[0] == "end":
                     return got[1]
         return self.job(job, kind)  # the stream closed early: read the state as it is
+
+    def register_model(self, id: str, folder: Path, **fields) -> ModelRegistered:
+        """Upload every file of a model directory (as save_pretrained writes it) and register it."""
+        for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+            self.upload("models", id, path)
+        return self.register_uploaded_model(id, **fields)
+
+    def register_dataset(self, id: str, files: list[Path], **fields) -> DatasetRegistered:
+        """Upload shard files (or a JSONL corpus: fields text={...}) and register them."""
+        for path in files:
+            self.upload("datasets", id, Path(path))
+        return self.register_uploaded_dataset(id, **fields)
 
     def jobs(self, kind: str | None = None, status: str | None = None, limit: int = 50) -> Iterator[JobSummary]:
         """This tenant's jobs, newest first, page by page."""
@@ -222,7 +264,7 @@ class AsyncClient(_Operations):
 
     async def _run(self, call: Call):
         response = await self.http.request(
-            call.method, call.path, json=call.json, params=call.params, headers=call.headers
+            call.method, call.path, json=call.json, content=call.content, params=call.params, headers=call.headers
         )
         return call.parse(_checked(response))
 

@@ -36,6 +36,7 @@ __all__ = [
     "RecordPoints",
     "PART_FUNC",
     "REDUCE_FUNC",
+    "PROBE_FUNC",
     "affinity_queue",
     "digest",
     "echo",
@@ -47,11 +48,12 @@ __all__ = [
 # Bump on any change that alters scores, base losses, curvature or an analysis' answer: cached results,
 # stored base losses and curvature made by another version are then never reused (tests/test_contract.py
 # fails when the engine's code changes and this does not).
-ENGINE_VERSION = "2026.12.3"
+ENGINE_VERSION = "2026.12.4"
 # the worker's RQ entry points, by dotted path (the API never imports them)
 JOB_FUNC = "worker.jobs.run"  # a whole request in one job
 PART_FUNC = "worker.jobs.run_part"  # one part of the training set: its score block and per-part summary
 REDUCE_FUNC = "worker.jobs.reduce"  # merges the parts' summaries into the result
+PROBE_FUNC = "worker.jobs.probe"  # registration's dry run: a staged model loaded and stepped once
 Dtype = Literal["float32", "float64"]
 
 

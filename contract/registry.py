@@ -23,6 +23,7 @@ import math
 import re
 import shutil
 import tomllib
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -35,6 +36,22 @@ from pydantic import BaseModel, Field, ValidationError
 from .method import MethodDefaults
 
 ID = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+FILE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # an uploaded file's name
+STAGING = ".staging"  # under the registry root: entries being registered over HTTP
+UPLOAD_SUFFIXES = (".safetensors", ".json", ".jsonl", ".npy", ".txt", ".md")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
+WEIGHTS = (
+    "model.safetensors",
+    "adapter_model.safetensors",
+    "diffusion_pytorch_model.safetensors",
+    "weights.safetensors",
+)
+# builtin:NAME (the zoo), a library family read from the model's folder (worker/forward_inf/families.py), or
+# operator code: python:package.module:factory
+ARCHITECTURE = (
+    r"^(builtin:[a-z0-9_]+|transformers:(causal-lm|sequence-classification)|peft:lora|diffusers:unet2d"
+    r"|torchvision:[a-z0-9_]+|python:[\w.]+:\w+)$"
+)
 log = logging.getLogger("contract.registry")
 
 
@@ -51,9 +68,12 @@ class InputSpec(BaseModel):
     image_shape: list[int] | None = Field(
         None, description="show examples as images of this (H, W) or (C, H, W) shape in reports, e.g. [8, 8]"
     )
-    text: Literal["bytes"] | None = Field(
-        None, description="token ids are UTF-8 bytes (0 pads): requests may give text, reports show text"
+    text: Literal["bytes", "tokenizer"] | None = Field(
+        None,
+        description='requests may give text, reports show text: "bytes" (token ids are UTF-8 bytes) or "tokenizer" '
+        "(the model's own tokenizer.json)",
     )
+    pad_id: int = Field(0, ge=0, description="the token id that pads sequences (excluded from text and attention)")
     max_length: int | None = Field(None, description="longest token sequence the model takes")
 
 
@@ -63,10 +83,14 @@ class ModelManifest(BaseModel):
     description: str = ""
     task: Literal["classification", "regression", "causal-lm", "diffusion"]
     task_params: dict[str, Any] = {}
-    architecture: str = Field(pattern=r"^(builtin:[a-z0-9_]+|python:[\w.]+:\w+)$")
+    architecture: str = Field(pattern=ARCHITECTURE)
     params: dict[str, Any] = {}
     weights: str
     sha256: str
+    files: dict[str, str] = Field({}, description="the model directory's other files (config, tokenizer) -> sha256")
+    base: str | None = Field(None, pattern=ID, description="peft:lora: the registered base model's id")
+    base_digest: str | None = Field(None, description="the base's digest the adapter was registered against")
+    parameters: list[str] = Field([], description="the loaded module's parameter names (written at registration)")
     input: InputSpec
     method: MethodDefaults = Field(default_factory=MethodDefaults, description="the model's default method settings")
     batch_size: int | None = Field(None, ge=1, description="training records per forward batch (else ATTR_BATCH_SIZE)")
@@ -74,9 +98,36 @@ class ModelManifest(BaseModel):
     path: Path = Path()
 
     def tensor_names(self) -> tuple[str, ...]:
-        """The names in the weights file (parameters and buffers), from its header alone."""
+        """The module's parameter names as registration recorded them, else the names in the weights file
+        (parameters and buffers, from its header alone: a built-in model's state dict)."""
+        if self.parameters:
+            return tuple(self.parameters)
         path = self.path / self.weights
         return tuple(sorted(k for k in _header(path, *_version(path))[1] if k != "__metadata__"))
+
+    def verified(self) -> Path:
+        """The model's folder, once every file the manifest names matches its digest."""
+        for name, digest in {self.weights: self.sha256, **self.files}.items():
+            verify(self.path / name, digest)
+        return self.path
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> token ids: the model's own tokenizer (no special tokens added), or UTF-8 bytes."""
+        if self.input.text == "tokenizer":
+            return self._tokenizer().encode(text, add_special_tokens=False).ids
+        return list(text.encode())
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.input.text == "tokenizer":
+            return self._tokenizer().decode(list(ids), skip_special_tokens=False)
+        return bytes(t for t in ids if 0 <= t < 256).decode("utf-8", "replace")
+
+    def _tokenizer(self):
+        """The model's tokenizer.json as a tokenizers.Tokenizer (torch-free), parsed once per version."""
+        if "tokenizer.json" not in self.files:
+            raise RegistryError(f"model {self.id!r}: input.text is 'tokenizer' but it has no tokenizer.json")
+        path = verify(self.path / "tokenizer.json", self.files["tokenizer.json"])
+        return _tokenizer(path, *_version(path))
 
 
 class Shard(BaseModel):
@@ -302,6 +353,16 @@ def _read_rows(path: Path, layout: Layout, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+@lru_cache(maxsize=16)
+def _tokenizer(path: Path, size: int, mtime_ns: int):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - the Rust library raises its own exception type
+        raise RegistryError(f"{path.name}: not a tokenizers file: {exc}") from exc
+
+
 @lru_cache(maxsize=64)
 def _parse_records(path: Path, size: int, mtime_ns: int) -> tuple[tuple[str, ...], dict[str, int]]:
     ids = tuple(json.loads(path.read_text()))
@@ -354,10 +415,10 @@ class Registry:
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def _manifest(self, kind: str, id: str):
+    def _manifest(self, kind: str, id: str, staged: bool = False):
         if not re.match(ID, id):
             return None
-        path = self.root / f"{kind}s" / id / f"{kind}.toml"
+        path = (self.root / STAGING if staged else self.root) / f"{kind}s" / id / f"{kind}.toml"
         try:
             return _read(path, path.stat().st_mtime_ns, kind)  # one stat: parsed once per version
         except (FileNotFoundError, NotADirectoryError):
@@ -386,6 +447,133 @@ class Registry:
 
     def datasets(self) -> list[DatasetManifest]:
         return self._all("dataset")
+
+    # -- registration over HTTP (app/routes/admin.py): files staged one by one, then the entry whole ------
+    def staging(self, kind: str, id: str) -> Path:
+        """The staging folder of a model or dataset being registered ("model" | "dataset")."""
+        if not re.match(ID, id):
+            raise RegistryError(f"invalid id {id!r}: lowercase letters, digits, '.', '_', '-'")
+        return self.root / STAGING / f"{kind}s" / id
+
+    def stage_path(self, kind: str, id: str, name: str) -> Path:
+        """Where an uploaded file goes; refuses names outside FILE and pickle formats."""
+        suffix = Path(name).suffix.lower()
+        if suffix in PICKLE_SUFFIXES:
+            raise RegistryError(
+                f"{name}: pickle checkpoints are refused (loading one runs code); save safetensors instead, e.g. "
+                "save_pretrained(..., safe_serialization=True) or safetensors.torch.save_file(state_dict, ...)"
+            )
+        if not re.match(FILE, name) or suffix not in UPLOAD_SUFFIXES:
+            raise RegistryError(f"{name!r}: a file name of letters, digits, '.', '_', '-' ending {UPLOAD_SUFFIXES}")
+        folder = self.staging(kind, id)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+
+    def staged_model(self, id: str) -> ModelManifest | None:
+        return self._manifest("model", id, staged=True)
+
+    def write_model(self, id: str, fields: dict) -> ModelManifest:
+        """The staged model's manifest from `fields` (task, architecture, weights, input, ...), with every
+        staged file's digest; validated, written to staging (commit() makes it live)."""
+        folder = self.staging("model", id)
+        files = _staged_files(folder, "model.toml")
+        weights = fields.get("weights") or next((n for n in WEIGHTS if n in files), "")
+        if weights not in files:
+            raise RegistryError(f"model {id!r}: no weights file ({weights or ' or '.join(WEIGHTS)}) was uploaded")
+        manifest = {**fields, "id": id, "weights": weights, "sha256": files.pop(weights), "files": files}
+        return self._write(folder, "model", manifest)
+
+    def write_dataset(self, id: str, fields: dict) -> DatasetManifest:
+        """The staged dataset's manifest: shards in the order `fields["shards"]` names them (each with its
+        row count from its header, `.npy` inputs with an optional `<stem>.targets.npy`), the records file if
+        uploaded."""
+        folder = self.staging("dataset", id)
+        files = _staged_files(folder, "dataset.toml")
+        shards = []
+        for name in fields.pop("shards"):
+            if name not in files:
+                raise RegistryError(f"dataset {id!r}: shard {name!r} was not uploaded")
+            shard = {"file": name, "sha256": files[name], "size": _count(folder / name)}
+            targets = f"{Path(name).stem}.targets.npy"
+            if name.endswith(".npy") and targets in files:
+                shard.update(targets=targets, targets_sha256=files[targets])
+            shards.append(shard)
+        manifest = {**fields, "id": id, "shards": shards}
+        if "records.json" in files:
+            manifest.update(records="records.json", records_sha256=files["records.json"])
+        return self._write(folder, "dataset", manifest)
+
+    def tokenize_jsonl(self, id: str, name: str, model: ModelManifest, max_length: int) -> str:
+        """A staged JSONL text corpus (one {"text"} or {"prompt", "completion"} object per line, optional
+        "id") as a shard of `model`'s token ids: "inputs" (N, max_length) padded with its pad id, "targets"
+        the mask of tokens whose prediction counts (the completion's, else all). Longer texts are cut at
+        max_length (their end is dropped). Returns the shard's name; ids (when every line has one) go to
+        records.json."""
+        from safetensors.numpy import save_file
+
+        folder = self.staging("dataset", id)
+        path = folder / name
+        if not path.is_file() or path.suffix != ".jsonl":
+            raise RegistryError(f"dataset {id!r}: {name!r} is not an uploaded .jsonl file")
+        inputs, masks, ids = [], [], []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                head, tail = (row["text"], "") if "text" in row else (row["prompt"], row["completion"])
+                if not isinstance(head, str) or not isinstance(tail, str):
+                    raise TypeError("text fields must be strings")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise RegistryError(
+                    f"{name} line {n}: {exc!r}: expected {{'text'}} or {{'prompt', 'completion'}}"
+                ) from exc
+            a, b = model.encode(head), model.encode(tail)
+            tokens, mask = (a + b)[:max_length], ([0] * len(a) + [1] * len(b) if tail else [1] * len(a))[:max_length]
+            if sum(mask[1:]) == 0:
+                raise RegistryError(f"{name} line {n}: no token to predict within {max_length} tokens")
+            inputs.append(tokens + [model.input.pad_id] * (max_length - len(tokens)))
+            masks.append(mask + [0] * (max_length - len(mask)))
+            ids.append(row.get("id"))
+        if not inputs:
+            raise RegistryError(f"{name}: no records")
+        shard = f"{path.stem}.safetensors"
+        arrays = {"inputs": np.asarray(inputs, np.int64), "targets": np.asarray(masks, np.int64)}
+        save_file(arrays, str(folder / shard))
+        if all(isinstance(i, str) for i in ids):
+            (folder / "records.json").write_text(json.dumps(ids))
+        path.unlink()  # the shard replaces it
+        return shard
+
+    def _write(self, folder: Path, kind: str, manifest: dict):
+        manifest = {"version": "1", **manifest}
+        try:
+            (ModelManifest if kind == "model" else DatasetManifest)(**manifest)  # validate before writing
+        except ValidationError as exc:
+            raise RegistryError(f"{kind} {manifest['id']!r}: invalid manifest: {exc}") from exc
+        (folder / f"{kind}.toml").write_text(_toml(manifest))
+        return self._manifest(kind, manifest["id"], staged=True)
+
+    def commit(self, kind: str, id: str) -> None:
+        """Make a staged entry live, replacing any entry of that id whole (two renames): its new digest
+        gives every request a new identity, so no result of the old one is served for it."""
+        staged, live = self.staging(kind, id), self.root / f"{kind}s" / id
+        if not (staged / f"{kind}.toml").is_file():
+            raise RegistryError(f"{kind} {id!r}: nothing staged")
+        live.parent.mkdir(parents=True, exist_ok=True)
+        old = self.root / STAGING / "replaced" / f"{kind}-{id}-{uuid.uuid4().hex[:8]}"
+        if live.exists():
+            old.parent.mkdir(parents=True, exist_ok=True)
+            live.rename(old)
+        staged.rename(live)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def delete(self, kind: str, id: str, staged: bool = False) -> bool:
+        folder = self.staging(kind, id) if staged else self.root / f"{kind}s" / id
+        if not re.match(ID, id) or not folder.is_dir():
+            return False
+        shutil.rmtree(folder)
+        return True
 
     # -- writing (operator side) -----------------------------------------------------------------------
     def add_model(
@@ -464,6 +652,13 @@ class Registry:
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         return folder
+
+
+def _staged_files(folder: Path, manifest: str) -> dict[str, str]:
+    """Name -> sha256 of every uploaded file in a staging folder (its manifest aside)."""
+    if not folder.is_dir():
+        raise RegistryError(f"{folder.name}: nothing was uploaded")
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != manifest}
 
 
 def _count(path: Path) -> int:

@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .method import Method, MethodSettings
+from .method import Method, MethodDefaults, MethodSettings
+from .registry import ARCHITECTURE, ID, InputSpec
 
 Status = Literal["queued", "running", "finished", "failed", "canceled"]
 ENDED: tuple[Status, ...] = ("finished", "failed", "canceled")  # a job in these states changes no more
@@ -394,6 +395,78 @@ class DatasetPublic(BaseModel):
     input: dict[str, Any]
     trained: list[str]
     digest: str
+
+
+# -- registration over HTTP (admin scope): files are PUT one by one, then the entry is POSTed -----------
+class UploadedFile(BaseModel):
+    name: str
+    size: int
+    sha256: str = Field(description="computed by the server")
+
+
+class ModelRegistration(BaseModel):
+    """A model whose files were uploaded (PUT .../files/NAME): model.safetensors (or the family's weights
+    file) with config.json and tokenizer files for transformers, adapter_config.json for peft,
+    config.json + scheduler_config.json for diffusers. Unset fields come from the family's files (input
+    spec and diffusion schedule) or, for an adapter, from its base."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Literal["classification", "regression", "causal-lm", "diffusion"] | None = None
+    architecture: str = Field(pattern=ARCHITECTURE, examples=["transformers:causal-lm", "peft:lora", "builtin:mlp"])
+    base: str | None = Field(None, pattern=ID, description="peft:lora: the registered base model")
+    weights: str | None = Field(None, description="the weights file, if not the family's usual name")
+    params: dict[str, Any] = {}
+    task_params: dict[str, Any] | None = None
+    input: InputSpec | None = None
+    method: MethodDefaults | None = None
+    description: str = Field("", max_length=2000)
+    dry_run: bool = Field(False, description="load and step it on a worker, report, but do not register it")
+
+
+class Probe(BaseModel):
+    """What a worker made of the model: loaded as a request would load it and stepped once on a made-up
+    example of its input spec."""
+
+    parameter_count: int
+    perturbed: list[str] = Field(description="the parameters its default method perturbs")
+    perturbed_count: int
+    example_loss: float
+
+
+class ModelRegistered(BaseModel):
+    model: ModelPublic
+    probe: Probe
+    registered: bool = Field(description="false for a dry run: the upload stays staged")
+
+
+class TextCorpus(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = Field(
+        description='an uploaded .jsonl: one {"text"} or {"prompt", "completion"} per line, optional "id"'
+    )
+    model: str = Field(pattern=ID, description="the registered model whose tokenizer encodes it")
+    max_length: int = Field(ge=2, le=1 << 16, description="tokens per record; longer texts lose their end")
+
+
+class DatasetRegistration(BaseModel):
+    """A dataset whose shards were uploaded: .safetensors ("inputs"[, "targets"]) or .npy (with
+    NAME.targets.npy), optionally records.json (ids); or a JSONL text corpus tokenized here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: InputSpec | None = Field(None, description="required unless `text` (then the model's)")
+    shards: list[str] = Field([], description="uploaded shard files, in order")
+    text: TextCorpus | None = None
+    trained: list[str] = []
+    description: str = Field("", max_length=2000)
+    dry_run: bool = False
+
+
+class DatasetRegistered(BaseModel):
+    dataset: DatasetPublic
+    registered: bool
 
 
 class Problem(BaseModel):

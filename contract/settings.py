@@ -42,6 +42,8 @@ class Settings(BaseSettings):
 
     # request limits
     max_body_bytes: int = 8 << 20
+    max_upload_bytes: int = Field(8 << 30, description="one file uploaded to the registry (admin scope)")
+    probe_timeout_s: int = Field(300, description="registration waits this long for a worker to load the model")
     max_test_points: int = 256
     max_top_k: int = 100
     max_memorization_records: int = 64

@@ -129,6 +129,9 @@ ENGINE_FINGERPRINTS = {
         "bef320420aebb128",  # adds precondition kfac/ekfac: what the other settings compute is unchanged
         "3cf9abb8e5ec6074",  # the mirror says when it normalised memorised rows (same scores)
     },
+    # model families (transformers, peft, diffusers); auto takes EK-FAC where no Hessian is affordable and
+    # the last layer is not linear (a tied LM head), instead of a LayerNorm's Hessian or none
+    "2026.12.4": {"1389b2c88d784423"},
 }
 
 

@@ -308,7 +308,9 @@ def test_auto_precondition_prices_the_exact_hessian(problem):
     few = ForwardInf(cnn, Classification(), MirrorConfig(curvature_samples=8)).plan((images, labels))
     assert few.precondition == "hessian" and len(few.fm.theta) == len(list(cnn.parameters()))
     chosen = ForwardInf(cnn, Classification(), MirrorConfig(params=("0.*", "2.*"))).plan((images, labels))
-    assert chosen.precondition == "none"  # the caller chose the parameters: no fallback to the head
+    # the caller chose the parameters: no fallback to the head, but EK-FAC over the chosen layers, said
+    assert chosen.precondition == "ekfac" and sorted(chosen.fm.theta) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert any("EK-FAC" in note for note in chosen.notes)
 
 
 @pytest.mark.parametrize("group", [False, True])

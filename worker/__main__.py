@@ -102,8 +102,9 @@ class WarmWorker(SimpleWorker):
         )
         self.settings = settings
         store = Store(redis, settings)
-        warm = Warm(store, settings.warm_bytes, resolve_device(settings.device))
-        self.context = jobs.Context(settings, Registry(settings.registry_dir), store, warm)
+        registry = Registry(settings.registry_dir)
+        warm = Warm(store, settings.warm_bytes, resolve_device(settings.device), registry)
+        self.context = jobs.Context(settings, registry, store, warm)
         jobs.bind(self.context)
         self._alive = threading.Event()
 

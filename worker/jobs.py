@@ -132,6 +132,40 @@ def reduce(payload: dict) -> dict:
         return finish(job, ctx, summaries)
 
 
+def probe(payload: dict) -> dict:
+    """Registration's dry run: the staged model `payload["id"]` loaded as a request would load it, and one
+    mirrored step (with the model's default perturbed parameters) on a made-up example of its input spec;
+    fails with the reason when any of that does not work."""
+    if _context is None:
+        raise RuntimeError(f"{__name__} runs inside `python -m worker` (no worker context bound)")
+    m = _context.registry.staged_model(payload["id"])
+    if m is None:
+        raise RegistryError(f"model {payload['id']!r}: nothing staged")
+    model, task = _context.warm.load_model(m, torch.float32)
+    spec = m.input
+    shape = [min(spec.max_length or 16, 16) if n == -1 else n for n in spec.shape]
+    if spec.dtype == "int64":
+        example = {"inputs": torch.full((1, *shape), min(1, (spec.vocab_size or 2) - 1), dtype=torch.int64)}
+    else:
+        example = {"inputs": torch.zeros((1, *shape))}
+    if m.task == "classification":
+        example["targets"] = torch.zeros(1, dtype=torch.int64)
+    elif m.task == "regression":
+        with torch.no_grad():
+            example["targets"] = torch.zeros_like(model(example["inputs"]))
+    fi = ForwardInf(model, task, MirrorConfig(precondition="none", params=tuple(m.method.params or ("*",))))
+    step = fi.mirror(example)
+    if not torch.isfinite(step.test_loss).all():
+        raise AttributionInputError("the model's loss on a made-up example of its input spec is not finite")
+    return {
+        "parameters": [name for name, _ in model.named_parameters()],
+        "parameter_count": sum(p.numel() for p in model.parameters()),
+        "perturbed": list(fi.fm.theta),
+        "perturbed_count": sum(p.numel() for p in fi.fm.theta.values()),
+        "example_loss": float(step.test_loss[0]),
+    }
+
+
 def _begin(payload: dict, expected_id) -> tuple[Job, RQJob | None, Context]:
     if _context is None:
         raise RuntimeError(f"{__name__} runs inside `python -m worker` (no worker context bound)")

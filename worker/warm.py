@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from contract.jobs import artifact_id
-from contract.registry import DatasetManifest, ModelManifest, RegistryError, verify
+from contract.registry import DatasetManifest, ModelManifest, Registry, RegistryError, verify
 
-from .forward_inf import AttributionInputError, ForwardInf, Mirror, MirrorConfig, Task, build, make_task
+from .forward_inf import AttributionInputError, ForwardInf, Mirror, MirrorConfig, Task, build, families, make_task
 from .forward_inf.curvature import Curvature, restore
 from .forward_inf.kronecker import Kronecker
 from .store import Store
@@ -58,8 +58,8 @@ def nbytes(value: Any) -> int:
 
 
 class Warm:
-    def __init__(self, store: Store, budget_bytes: int, device: torch.device):
-        self.store, self.budget, self.device = store, budget_bytes, device
+    def __init__(self, store: Store, budget_bytes: int, device: torch.device, registry: Registry | None = None):
+        self.store, self.budget, self.device, self.registry = store, budget_bytes, device, registry
         self.items: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
         self.counters: Counter[str] = Counter()
 
@@ -85,11 +85,17 @@ class Warm:
 
     # -- models --------------------------------------------------------------------------------------
     def model(self, m: ModelManifest, dtype: str) -> tuple[torch.nn.Module, Task]:
-        return self._get(("model", m.digest, dtype), lambda: self._load_model(m, getattr(torch, dtype)))
+        return self._get(("model", m.digest, dtype), lambda: self.load_model(m, getattr(torch, dtype)))
 
-    def _load_model(self, m: ModelManifest, dtype: torch.dtype) -> tuple[torch.nn.Module, Task]:
+    def load_model(self, m: ModelManifest, dtype: torch.dtype) -> tuple[torch.nn.Module, Task]:
+        """The model as its manifest describes it (not kept: model() keeps it warm)."""
         self.counters["model_loads"] += 1
-        if m.architecture.startswith("builtin:"):
+        family = m.architecture.partition(":")[0]
+        if family in families.FAMILIES:  # a library's own folder layout, every file digest-checked
+            base = self.model(self._base(m), str(dtype).removeprefix("torch."))[0] if m.base else None
+            model = families.load(m.architecture, m.verified(), m.weights, m.params, base, m.input.pad_id)
+            return model.to(self.device, dtype).eval(), make_task(m.task, **m.task_params)
+        if family == "builtin":
             model = build(m.architecture, m.params)
         else:  # python:package.module:factory, operator code named in the operator's manifest
             _, module, factory = m.architecture.split(":")
@@ -100,6 +106,14 @@ class Warm:
         except RuntimeError as exc:
             raise RegistryError(f"model {m.id!r}: weights do not fit the architecture: {exc}") from exc
         return model.to(self.device, dtype).eval(), make_task(m.task, **m.task_params)
+
+    def _base(self, m: ModelManifest) -> ModelManifest:
+        """An adapter's base, as it was when the adapter was registered (else its results would change
+        under the same identity)."""
+        base = self.registry.model(m.base) if self.registry else None
+        if base is None or base.digest != m.base_digest:
+            raise RegistryError(f"model {m.id!r}: its base {m.base!r} is gone or changed since it was registered")
+        return base
 
     def engine(self, m: ModelManifest, d: DatasetManifest, config: MirrorConfig) -> ForwardInf:
         """A ForwardInf per (model, training set, settings), kept warm: its measured stacking choice, its

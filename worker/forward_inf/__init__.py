@@ -6,6 +6,7 @@ Pure torch: this package imports nothing from redis, rq, fastapi or the app.
     scores = attribute(model, Classification(), (x_train, y_train), (x_test, y_test), MirrorConfig())
 """
 
+from . import families
 from .config import PRESETS, AttributionInputError, MirrorConfig
 from .engine import ForwardInf, attribute
 from .mirror import Mirror
@@ -27,5 +28,6 @@ __all__ = [
     "Task",
     "attribute",
     "build",
+    "families",
     "make_task",
 ]

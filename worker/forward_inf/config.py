@@ -67,8 +67,9 @@ class MirrorConfig:
             parameter subsets) or "auto": the exact Hessian where it is affordable (at most
             AUTO_HESSIAN_PARAMS perturbed parameters and AUTO_HESSIAN_FLOPS to build: one Hessian-vector
             product per parameter over `curvature_samples` points); else, when all parameters are
-            perturbed, the Hessian of the last layer only (the step then moves that layer alone); else
-            "none". The step is taken along H^-1 g, so `linear` scores become influence-function scores
+            perturbed and the last layer is a linear or convolution layer, that layer's Hessian (the step
+            then moves that layer alone); else "ekfac" where the perturbed parameters hold such layers
+            (a transformer whose head is tied to its embedding, a LoRA adapter); else "none". The step is taken along H^-1 g, so `linear` scores become influence-function scores
             lr * g_i . H^-1 g_j (curvature.py). "kfac" / "ekfac": Kronecker-factored (eigenvalue-corrected)
             curvature of the nn.Linear and nn.Conv2d layers (kronecker.py), for models of any size; their
             other parameters (embeddings, norms) are then left unperturbed. Estimated once per (model,
@@ -120,6 +121,7 @@ class MirrorConfig:
             )
         if isinstance(self.params, str):
             object.__setattr__(self, "params", (self.params,))
+        object.__setattr__(self, "params", tuple(self.params))  # a list from JSON means the same
         if not self.params:
             raise AttributionInputError("params: at least one name glob is needed")
 

@@ -104,13 +104,14 @@ class ForwardInf:
 
         last = self._last_module()
         head = Functional(self.model, (f"{last}.*",)) if last else None
+        head_factored = head is not None and bool(factored_layers(self.model, list(head.theta)))
         size = sum(p.numel() for p in self.fm.theta.values())
         if affordable(self.fm, counter.get_total_flops()):
             self.precondition = "hessian"
             self.notes.append(f"precondition='auto' chose the exact Hessian of the {size} perturbed parameters")
         elif (
             self.config.params == ("*",)
-            and head is not None
+            and head_factored
             and affordable(head, 2 * sum(p.numel() for p in head.theta.values()))
         ):
             self.fm, self.precondition = head, "hessian"
@@ -118,6 +119,13 @@ class ForwardInf:
                 f"precondition='auto': the exact Hessian of all {size} parameters is over budget, so the Hessian of "
                 f"the last layer ({last!r}) is used and only that layer is perturbed"
             )
+        elif factored_layers(self.model, list(self.fm.theta)):
+            self.precondition = "ekfac"
+            self.notes.append(
+                f"precondition='auto': no affordable Hessian for {size} parameters (nor a linear last layer's), so "
+                "EK-FAC curvature of the perturbed linear and convolution layers is used"
+            )
+            self._factored_only()
         else:
             self.precondition = "none"
             self.notes.append(
@@ -133,13 +141,13 @@ class ForwardInf:
         left = [n for n in self.fm.theta if n not in kept]
         if not kept:
             raise AttributionInputError(
-                f"precondition={self.precondition!r} needs nn.Linear or nn.Conv2d layers among the perturbed "
+                f"precondition={self.precondition!r} needs linear or convolution layers among the perturbed "
                 f"parameters ({', '.join(list(self.fm.theta)[:6])})"
             )
         if left:
             self.fm = Functional(self.model, tuple(kept))
             self.notes.append(
-                f"precondition={self.precondition!r}: {len(left)} parameters outside nn.Linear/nn.Conv2d layers "
+                f"precondition={self.precondition!r}: {len(left)} parameters outside linear and convolution layers "
                 f"have no Kronecker factors and are not perturbed ({', '.join(left[:6])}{', ...' if len(left) > 6 else ''})"
             )
 

@@ -1,7 +1,7 @@
 """Kronecker-factored curvature (K-FAC, EK-FAC) for the mirrored step of models too large for the exact
 Hessian: George et al. 2018 (arXiv 1806.03884), Grosse et al. 2023 (arXiv 2308.03296).
 
-For an nn.Linear layer (or an nn.Conv2d, its input unfolded into patches) with weight gradient
+For an nn.Linear layer (or transformers' Conv1D, or an nn.Conv2d, its input unfolded into patches) with weight gradient
 G_n = sum_t g_t a_t^T for example n (a: the layer's input with a 1 appended for the bias, g: the loss
 gradient at its output, t: positions), the curvature of the mean training loss over that layer's
 parameters is approximated by the empirical Fisher's Kronecker factors
@@ -15,7 +15,7 @@ per-example gradient E[(Q_G^T G_n Q_A)^2]. The preconditioned gradient of a laye
     Q_G ( (Q_G^T V Q_A) / (values + damping) ) Q_A^T          V = [grad W | grad b]
 
 the exact inverse of the damped approximation (tests/test_engine.py checks both against explicit
-matrices). Layers are independent (block-diagonal). Parameters outside nn.Linear / nn.Conv2d layers
+matrices). Layers are independent (block-diagonal). Parameters outside these layers
 (embeddings, norms) have no Kronecker form: ForwardInf.plan leaves them unperturbed and says so.
 """
 
@@ -37,18 +37,29 @@ class Layer:
     module: str
     weight: str
     bias: str | None
+    transposed: bool = False  # weight stored (in, out): transformers' Conv1D (GPT-2)
+
+
+def _is_conv1d(module: torch.nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's attention and MLP): a linear layer y = x W + b, W of shape (in, out),
+    recognised by form so the engine need not import transformers."""
+    return (
+        type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2
+    )
 
 
 def factored_layers(model: torch.nn.Module, names) -> list[Layer]:
-    """The nn.Linear and nn.Conv2d layers (zero padding, no groups) whose weight is among `names`."""
+    """The nn.Linear, transformers Conv1D and nn.Conv2d layers (zero padding, no groups) whose weight is
+    among `names`."""
     layers = []
     for name, module in model.named_modules():
         conv_ok = isinstance(module, torch.nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-        if not (isinstance(module, torch.nn.Linear) or conv_ok):
+        if not (isinstance(module, torch.nn.Linear) or conv_ok or _is_conv1d(module)):
             continue
         weight, bias = f"{name}.weight", f"{name}.bias"
         if weight in names:
-            layers.append(Layer(name, weight, bias if module.bias is not None and bias in names else None))
+            has_bias = getattr(module, "bias", None) is not None and bias in names
+            layers.append(Layer(name, weight, bias if has_bias else None, _is_conv1d(module)))
     return layers
 
 
@@ -71,14 +82,15 @@ class Kronecker:
         out = {}
         for layer in self.layers:
             qa, qg = self.bases[layer.module]
-            weight = grads[layer.weight]
+            weight = grads[layer.weight].transpose(1, 2) if layer.transposed else grads[layer.weight]
             v = weight.flatten(2)  # (k, out, in): a conv's (out, c, kh, kw) as (out, c*kh*kw)
             if layer.bias is not None:
                 v = torch.cat([v, grads[layer.bias][..., None]], dim=2)
             wide = v.to(qa.dtype)
             rotated = qg.T @ wide @ qa / (self.values[layer.module] + self.damping)
             back = (qg @ rotated @ qa.T).to(v.dtype)
-            out[layer.weight] = back[..., : weight[0, 0].numel()].reshape(weight.shape)
+            solved = back[..., : weight[0, 0].numel()].reshape(weight.shape)
+            out[layer.weight] = solved.transpose(1, 2) if layer.transposed else solved
             if layer.bias is not None:
                 out[layer.bias] = back[..., -1]
         return out

@@ -655,10 +655,12 @@ class Registry:
 
 
 def _staged_files(folder: Path, manifest: str) -> dict[str, str]:
-    """Name -> sha256 of every uploaded file in a staging folder (its manifest aside)."""
+    """Name -> sha256 of every uploaded file in a staging folder (its manifest and unfinished uploads aside),
+    each hashed once per version."""
     if not folder.is_dir():
         raise RegistryError(f"{folder.name}: nothing was uploaded")
-    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != manifest}
+    done = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != manifest and p.suffix != ".part"]
+    return {p.name: _digest(p, *_version(p)) for p in done}
 
 
 def _count(path: Path) -> int:

@@ -337,3 +337,37 @@ def test_registration_refuses_what_would_not_run(service, tmp_path):
     assert api.post("/v1/admin/models/nothing", json={"architecture": "builtin:mlp"}).status_code == 422
     bad = api.put("/v1/admin/models/x/files/..%2Fescape.json", content=b"{}")
     assert bad.status_code in (404, 422)
+
+
+def test_a_torchvision_resnet_registers_and_attributes_like_the_engine(service, tmp_path):
+    """Runs where a torchvision built for the installed torch imports (not the default install: PyPI has
+    no CPU build of it for torch 2.13.0; the README says how)."""
+    torchvision = pytest.importorskip("torchvision")
+    api, registry = service
+    torch.manual_seed(0)
+    (tmp_path / "resnet").mkdir()
+    save_file(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "resnet" / "weights.safetensors")
+    spec = {"shape": [3, 32, 32], "num_classes": 10}
+    body = {
+        "architecture": "torchvision:resnet18",
+        "task": "classification",
+        "input": spec,
+        "params": {"num_classes": 10},
+    }
+    made = register(api, "resnet", tmp_path / "resnet", **body)
+    assert made["probe"]["parameter_count"] == 11_181_642
+    gen = torch.Generator().manual_seed(5)
+    (tmp_path / "shards").mkdir()
+    images, labels = torch.rand(24, 3, 32, 32, generator=gen), torch.randint(0, 10, (24,), generator=gen)
+    save_file({"inputs": images, "targets": labels}, tmp_path / "shards" / "train.safetensors")
+    upload(api, "datasets", "cifar-like", tmp_path / "shards")
+    assert (
+        api.post("/v1/admin/datasets/cifar-like", json={"input": spec, "shards": ["train.safetensors"]}).status_code
+        == 200
+    )
+    job = finished(
+        api, {"model": "resnet", "dataset": "cifar-like", "test": {"dataset": "cifar-like", "indices": [0, 7]}}
+    )
+    test = {k: torch.from_numpy(v) for k, v in registry.dataset("cifar-like").read([0, 7]).items()}
+    expected = direct(registry, "resnet", "cifar-like", job, test)
+    np.testing.assert_allclose(scores_of(api, job), expected.numpy(), rtol=1e-4, atol=1e-6)

@@ -64,16 +64,17 @@ async def upload_file(
     except RegistryError as exc:
         raise _refused(exc) from None
     partial, digest, size = path.with_name(path.name + ".part"), hashlib.sha256(), 0
-    with open(partial, "wb") as f:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > settings.max_upload_bytes:
-                f.close()
-                partial.unlink()
-                raise PayloadTooLarge(f"{name}: larger than ATTR_MAX_UPLOAD_BYTES={settings.max_upload_bytes}")
-            digest.update(chunk)
-            f.write(chunk)
-    partial.replace(path)
+    try:
+        with open(partial, "wb") as f:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > settings.max_upload_bytes:
+                    raise PayloadTooLarge(f"{name}: larger than ATTR_MAX_UPLOAD_BYTES={settings.max_upload_bytes}")
+                digest.update(chunk)
+                f.write(chunk)
+        partial.replace(path)
+    finally:  # refused or cut off mid-stream: nothing half-written stays staged
+        partial.unlink(missing_ok=True)
     return UploadedFile(name=name, size=size, sha256=digest.hexdigest())
 
 

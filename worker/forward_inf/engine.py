@@ -122,8 +122,8 @@ class ForwardInf:
         elif factored_layers(self.model, list(self.fm.theta)):
             self.precondition = "ekfac"
             self.notes.append(
-                f"precondition='auto': no affordable Hessian for {size} parameters (nor a linear last layer's), so "
-                "EK-FAC curvature of the perturbed linear and convolution layers is used"
+                f"precondition='auto': neither the Hessian of the {size} perturbed parameters nor one of a linear "
+                "last layer is affordable, so EK-FAC curvature of the perturbed linear and convolution layers is used"
             )
             self._factored_only()
         else:

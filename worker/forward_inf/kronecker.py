@@ -149,6 +149,17 @@ def _inputs_and_grads(fm: Functional, task, layers: list[Layer], batch) -> dict[
     return out
 
 
+def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and eigenvectors of a symmetric PSD factor. LAPACK's eigh can fail to converge on a
+    rank-deficient one (many zero eigenvalues: a wide layer fitted on few positions, e.g. ResNet-18's last
+    convolutions); its SVD is then the same decomposition (U S U^T) and always converges."""
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:
+        u, s, _ = torch.linalg.svd(matrix)
+        return s, u
+
+
 def estimate_kronecker(fm: Functional, task, batches, kind: str, damping: float) -> Kronecker:
     """Fit the factors on `batches` (prepared, on the device): one pass for A and G; EK-FAC a second for
     its eigenvalues."""
@@ -169,8 +180,8 @@ def estimate_kronecker(fm: Functional, task, batches, kind: str, damping: float)
     bases, values = {}, {}
     for layer in layers:
         a_sum, g_sum, positions = sums[layer.module]
-        a_values, qa = torch.linalg.eigh(a_sum / positions)
-        g_values, qg = torch.linalg.eigh(g_sum / examples)
+        a_values, qa = _eigh(a_sum / positions)
+        g_values, qg = _eigh(g_sum / examples)
         bases[layer.module] = (qa, qg)
         values[layer.module] = torch.outer(g_values.clamp_min(0), a_values.clamp_min(0))
     if kind == "ekfac":

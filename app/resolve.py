@@ -29,9 +29,10 @@ from contract.jobs import (
 )
 from contract.method import MethodConflict, resolve_method
 from contract.problems import InvalidInput, NotFound, PayloadTooLarge
-from contract.registry import DatasetManifest, ModelManifest, Registry
+from contract.registry import DatasetManifest, ModelManifest, Registry, RegistryError
 from contract.schemas import (
     AttributionCreate,
+    ChatCompletion,
     DatasetTest,
     InlineTest,
     LeakageCreate,
@@ -120,7 +121,13 @@ def encode_text(test: TextTest, model: ModelManifest) -> InlineTest:
     prompt too long for `max_length` loses its beginning; a completion that does not fit is refused."""
     if model.task != "causal-lm" or model.input.text is None:
         raise InvalidInput(f"model {model.id!r} does not take text", _loc("test", "texts"))
-    tokens = [(model.encode(t.prompt), model.encode(t.completion)) for t in test.texts]
+    tokens = []
+    for n, t in enumerate(test.texts):
+        try:
+            prompt = model.chat([m.model_dump() for m in t.messages]) if isinstance(t, ChatCompletion) else t.prompt
+        except RegistryError as exc:
+            raise InvalidInput(f"test.texts[{n}].messages: {exc}", _loc("test", "texts", n, "messages")) from None
+        tokens.append((model.encode(prompt), model.encode(t.completion)))
     limit, pad = model.input.max_length, model.input.pad_id
     for n, (prompt, completion) in enumerate(tokens):
         if limit is not None and len(completion) > limit - 1:

@@ -40,6 +40,7 @@ FILE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # an uploaded file's name
 STAGING = ".staging"  # under the registry root: entries being registered over HTTP
 UPLOAD_SUFFIXES = (".safetensors", ".json", ".jsonl", ".npy", ".txt", ".md")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 WEIGHTS = (
     "model.safetensors",
     "adapter_model.safetensors",
@@ -121,6 +122,20 @@ class ModelManifest(BaseModel):
         if self.input.text == "tokenizer":
             return self._tokenizer().decode(list(ids), skip_special_tokens=False)
         return bytes(t for t in ids if 0 <= t < 256).decode("utf-8", "replace")
+
+    def chat(self, messages: list[dict]) -> str:
+        """A conversation rendered by the model's chat template (tokenizer_config.json's `chat_template`), as
+        transformers' apply_chat_template renders it (sandboxed Jinja), ending with the generation prompt."""
+        if "tokenizer_config.json" not in self.files:
+            raise RegistryError(f"model {self.id!r} has no chat template (no tokenizer_config.json)")
+        path = verify(self.path / "tokenizer_config.json", self.files["tokenizer_config.json"])
+        template, tokens = _chat_template(path, *_version(path))
+        from jinja2 import TemplateError
+
+        try:
+            return template.render(messages=messages, add_generation_prompt=True, **tokens)
+        except TemplateError as exc:  # the template's own raise_exception, or a sandbox refusal
+            raise RegistryError(f"the chat template refused the conversation: {exc}") from exc
 
     def _tokenizer(self):
         """The model's tokenizer.json as a tokenizers.Tokenizer (torch-free), parsed once per version."""
@@ -363,6 +378,33 @@ def _tokenizer(path: Path, size: int, mtime_ns: int):
         raise RegistryError(f"{path.name}: not a tokenizers file: {exc}") from exc
 
 
+@lru_cache(maxsize=16)
+def _chat_template(path: Path, size: int, mtime_ns: int):
+    """tokenizer_config.json's chat template compiled in Jinja's immutable sandbox (the template is data from
+    the model's folder: it must not reach Python), with its special tokens (bos_token, ...) to render with."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    config = json.loads(path.read_text())
+    source = config.get("chat_template")
+    if isinstance(source, list):  # several named templates: the default one
+        source = next((t["template"] for t in source if t.get("name") == "default"), None)
+    if not isinstance(source, str):
+        raise RegistryError(f"{path.name}: no chat_template")
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
+    env.globals["raise_exception"] = raise_exception
+    tokens = {k: v.get("content") if isinstance(v, dict) else v for k, v in config.items() if k.endswith("_token")}
+    try:
+        return env.from_string(source), tokens
+    except TemplateError as exc:
+        raise RegistryError(f"{path.name}: chat_template does not compile: {exc}") from exc
+
+
 @lru_cache(maxsize=64)
 def _parse_records(path: Path, size: int, mtime_ns: int) -> tuple[tuple[str, ...], dict[str, int]]:
     ids = tuple(json.loads(path.read_text()))
@@ -468,6 +510,14 @@ class Registry:
         folder = self.staging(kind, id)
         folder.mkdir(parents=True, exist_ok=True)
         return folder / name
+
+    def inherit(self, id: str, base: ModelManifest, names: tuple[str, ...]) -> None:
+        """Copy the base's files `names` (verified) into a staged adapter that did not upload its own (its
+        tokenizer: text requests and reports use the adapter's folder alone)."""
+        folder = self.staging("model", id)
+        for name in names:
+            if name in base.files and not (folder / name).exists():
+                shutil.copyfile(verify(base.path / name, base.files[name]), folder / name)
 
     def staged_model(self, id: str) -> ModelManifest | None:
         return self._manifest("model", id, staged=True)

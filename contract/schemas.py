@@ -41,13 +41,30 @@ class Completion(BaseModel):
     completion: str = Field(min_length=1, max_length=4096, description="the text whose likelihood is attributed")
 
 
-class TextTest(BaseModel):
-    """Test points as text, for a causal LM with a byte-level vocabulary: the loss is the negative
-    log-likelihood of each completion's tokens given its prompt."""
+class ChatTurn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: str = Field(min_length=1, max_length=64, examples=["system", "user", "assistant"])
+    content: str = Field(max_length=4096)
+
+
+class ChatCompletion(BaseModel):
+    """A conversation, rendered with the model's chat template (its tokenizer_config.json) as the prompt,
+    and the assistant reply whose likelihood is attributed."""
 
     model_config = ConfigDict(extra="forbid")
 
-    texts: list[Completion] = Field(min_length=1)
+    messages: list[ChatTurn] = Field(min_length=1, max_length=64)
+    completion: str = Field(min_length=1, max_length=4096, description="the assistant's reply")
+
+
+class TextTest(BaseModel):
+    """Test points as text, for a causal LM that takes text (UTF-8 bytes or its own tokenizer): the loss is
+    the negative log-likelihood of each completion's tokens given its prompt (or rendered conversation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[Completion | ChatCompletion] = Field(min_length=1)
 
 
 class DatasetTest(BaseModel):

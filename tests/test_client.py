@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import http.server
 import json
+import shutil
 import subprocess
 import threading
 import time
@@ -15,8 +16,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from attribution_client import AsyncClient, Client, InvalidInput, NotFound, verify
+from contract.registry import Registry
 from contract.schemas import AnalysisPublic, AttributionPublic
 from tests.conftest import wait_for
 from tests.test_analyses import browse
@@ -130,7 +133,7 @@ def test_the_cli_exits_3_when_the_job_it_follows_is_canceled(live):
     assert followed.wait(60) == 3
 
 
-def test_every_cli_command_end_to_end(live, tmp_path):
+def test_every_cli_command_end_to_end(live, tmp_path, registry_dir):
     run = cli("attribute", *BIG.values(), "--test-dataset", "digits-test", "--indices", "0,1", "--top-k", "2",
               "--method", json.dumps(FINITE), "--json", base=live)  # fmt: skip
     assert run.returncode == 0, run.stderr
@@ -181,6 +184,32 @@ def test_every_cli_command_end_to_end(live, tmp_path):
     assert models.returncode == 0 and "digits-mlp" in models.stdout
     assert json.loads(cli("models", "show", "digits-mlp", base=live).stdout)["id"] == "digits-mlp"
     assert "digits-big" in cli("datasets", "list", base=live).stdout
+
+    # registration: a model folder and a dataset's shards uploaded, a worker's dry run, then deletion
+    mlp = Registry(registry_dir).model("digits-mlp")
+    (tmp_path / "mlp").mkdir()
+    shutil.copyfile(mlp.path / mlp.weights, tmp_path / "mlp" / "weights.safetensors")
+    fields = {"task": "classification", "input": mlp.input.model_dump(exclude_none=True), "params": mlp.params}
+    made = cli("models", "register", "mlp-copy", str(tmp_path / "mlp"), "--architecture", mlp.architecture,
+               "--fields", json.dumps(fields), base=live)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["probe"]["parameter_count"] == sum(
+        a.size for a in load_file(mlp.path / mlp.weights).values()
+    )
+    np.save(tmp_path / "few.npy", np.zeros((5, 64), np.float32))
+    np.save(tmp_path / "few.targets.npy", np.arange(5))
+    data = cli("datasets", "register", "few", str(tmp_path / "few.npy"), str(tmp_path / "few.targets.npy"),
+               "--input", json.dumps(fields["input"]), base=live)  # fmt: skip
+    assert data.returncode == 0 and json.loads(data.stdout)["dataset"]["size"] == 5, data.stderr
+    run = cli("attribute", "mlp-copy", "few", "--test-dataset", "few", "--indices", "0", "--json", base=live)
+    assert run.returncode == 0 and AttributionPublic.model_validate_json(run.stdout).status == "finished"
+    assert cli("models", "delete", "mlp-copy", base=live).returncode == 0
+    assert cli("models", "show", "mlp-copy", base=live).returncode == 4
+    pickle = tmp_path / "pickled"
+    pickle.mkdir()
+    (pickle / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+    refused = cli("models", "register", "pickled", str(pickle), "--architecture", "builtin:mlp", base=live)
+    assert refused.returncode == 4 and "pickle" in refused.stderr
 
     # documented exit codes: 3 canceled (by someone else while followed), 4 refused, 5 unreachable
     no_wait = cli("attribute", *BIG.values(), "--test-dataset", "digits-test", "--indices", "9",

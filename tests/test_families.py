@@ -17,7 +17,9 @@ from conftest import start_worker, wait_for
 from safetensors.torch import save_file
 from torch.func import functional_call, grad
 
+from app.resolve import encode_text
 from contract.registry import Registry
+from contract.schemas import TextTest
 from worker.corpus import fact_corpus
 from worker.forward_inf import ForwardInf, MirrorConfig, families, make_task
 
@@ -205,6 +207,8 @@ def test_transformers_models_register_over_http_and_attribute_like_the_engine(se
     corpus = fact_corpus(entities=12, paraphrases=2, distractors=1)
     vocab = bpe_tokenizer(corpus.sentences, tmp_path / "gpt2")
     gpt2(tmp_path / "gpt2", vocab)
+    chat = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    (tmp_path / "gpt2" / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat}))
 
     # a pickle checkpoint is refused at the door, with what to do instead
     refused = api.put("/v1/admin/models/tiny-gpt2/files/pytorch_model.bin", content=b"\x80\x04K\x01.")
@@ -247,6 +251,15 @@ def test_transformers_models_register_over_http_and_attribute_like_the_engine(se
     page = api.get(asked["links"]["report"])
     assert page.status_code == 200 and completion.strip(" .") in page.text  # tokens decoded by the model's tokenizer
 
+    # chat-style: the conversation rendered by the model's own template is the prompt
+    conversation = {"messages": [{"role": "user", "content": prompt}], "completion": completion}
+    rendered = encode_text(TextTest(texts=[conversation]), registry.model("tiny-gpt2")).inputs[0]
+    gpt = registry.model("tiny-gpt2")
+    whole = gpt.encode(f"<|user|>{prompt}\n<|assistant|>") + gpt.encode(completion)
+    assert rendered[: min(len(whole), 32)] == whole[-32:]  # a prompt too long for 32 tokens loses its beginning
+    body = {"model": "tiny-gpt2", "dataset": "facts-text", "test": {"texts": [conversation]}}
+    assert finished(api, body)["result"]["rows"][0]["proponents"]
+
     # a LoRA adapter over it: only the adapter's parameters are perturbed; the base is shared warm
     lora(tmp_path / "gpt2", tmp_path / "adapter")
     adapter = register(api, "tiny-gpt2-lora", tmp_path / "adapter", architecture="peft:lora", base="tiny-gpt2")
@@ -255,6 +268,7 @@ def test_transformers_models_register_over_http_and_attribute_like_the_engine(se
         api, {"model": "tiny-gpt2-lora", "dataset": "facts-text", "test": {"dataset": "facts-text", "indices": [1]}}
     )
     assert job["execution"]["parameters"] == adapter["probe"]["perturbed"]
+    assert finished(api, {**body, "model": "tiny-gpt2-lora"})["status"] == "finished"  # the base's tokenizer
     test = {k: torch.from_numpy(v) for k, v in registry.dataset("facts-text").read([1]).items()}
     expected = direct(registry, "tiny-gpt2-lora", "facts-text", job, test)
     np.testing.assert_allclose(scores_of(api, job), expected.numpy(), rtol=1e-4, atol=1e-6)
@@ -281,6 +295,9 @@ def test_transformers_models_register_over_http_and_attribute_like_the_engine(se
     test = {k: torch.from_numpy(v) for k, v in registry.dataset("bert-train").read([0, 5]).items()}
     expected = direct(registry, "tiny-bert", "bert-train", job, test)
     np.testing.assert_allclose(scores_of(api, job), expected.numpy(), rtol=1e-4, atol=1e-6)
+
+    not_text = api.post("/v1/attributions", json={**body, "model": "tiny-bert", "dataset": "bert-train"})
+    assert not_text.status_code == 422 and "does not take text" in not_text.json()["detail"]
 
     # replacing a model gives it a new identity: the same request is computed again, not served stale
     old = api.get("/v1/models/tiny-bert").json()["digest"]

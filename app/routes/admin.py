@@ -20,7 +20,7 @@ from fastapi import APIRouter, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from contract.problems import InvalidInput, NotFound, PayloadTooLarge
-from contract.registry import FILE, ID, RegistryError
+from contract.registry import FILE, ID, TOKENIZER_FILES, RegistryError
 from contract.schemas import (
     DatasetRegistered,
     DatasetRegistration,
@@ -95,6 +95,7 @@ async def register_model(
             "task_params": base.task_params,
         }
         fields = {**inherited, "method": {"params": ["*lora_*"]}, **fields, "base_digest": base.digest}
+        registry.inherit(entry_id, base, TOKENIZER_FILES)
     folder = registry.staging("model", entry_id)
     fields = {**_family_defaults(body.architecture, folder), **fields}
     if "task" not in fields or "input" not in fields:

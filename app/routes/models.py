@@ -1,4 +1,4 @@
-"""Registered models and datasets (read-only: the operator manages the registry on disk)."""
+"""Registered models and datasets, as read (registration: app/routes/admin.py, or the operator on disk)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Hugging Face models in the engine: fact tracing with a GPT-2-architecture model and its own BPE
 tokenizer (full and LoRA), and the cost of one query on a 124M-parameter GPT-2 configuration.
 
-    python -m bench.families [--queries 60] [--epochs 40] [--timing-records 32]
+    python -m bench.families [--queries 60] [--epochs 40] [--timing-records 32] [--only facts|timing]
 
 Fact tracing (worker/corpus.py, 200 entities): a byte-level BPE tokenizer (`tokenizers`, 512 tokens)
 trained on the corpus; a GPT-2 (transformers, 4 layers, width 128) trained on it here; a LoRA adapter
@@ -10,7 +10,9 @@ Queries "X lives in" + " C."; ground truth: the sentences stating that fact. MRR
 Forward-INF settings (the engine in-process: the service returns the same scores, tests/test_families.py),
 explicit per-example gradient dot products and BM25. Timing: GPT-2 124M (random weights), sequences of 128
 tokens, k = 1 and 8 test points: wall seconds and peak RSS of one query over `--timing-records` sequences,
-scaled linearly to 10k (the sweep is one forward pass per record per k).
+scaled linearly to 10k (the sweep is one forward pass per record per k). Peak RSS is the process's
+lifetime peak, so each row's is an upper bound set by the rows before it: run one row per process for its
+own (`--only timing --ks 8 --preconditions none`).
 """
 
 from __future__ import annotations
@@ -151,8 +153,8 @@ def timing(args) -> None:
     print(
         "| k | precondition | setup s | mirror + sweep s | per 10k records (scaled) s | peak RSS MB |\n|---|---|---|---|---|---|"
     )
-    for k in (1, 8):
-        for precondition in ("none", "auto"):
+    for k in args.ks:
+        for precondition in args.preconditions:
             start = time.perf_counter()
             fi = ForwardInf(model, task, MirrorConfig(precondition=precondition, batch_size=8, curvature_samples=n))
             fi.prepare(train)
@@ -170,12 +172,15 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=60)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--timing-records", type=int, default=32)
-    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--only", choices=("facts", "timing"), help="one part (peak RSS is the process's)")
+    parser.add_argument("--ks", type=lambda v: [int(k) for k in v.split(",")], default=[1, 8], help="timing: k values")
+    parser.add_argument("--preconditions", type=lambda v: v.split(","), default=["none", "auto"])
     args = parser.parse_args()
     torch.set_num_threads(2)
-    with tempfile.TemporaryDirectory() as tmp:
-        fact_tracing(args, Path(tmp))
-    if not args.skip_timing:
+    if args.only != "timing":
+        with tempfile.TemporaryDirectory() as tmp:
+            fact_tracing(args, Path(tmp))
+    if args.only != "facts":
         timing(args)
 
 

@@ -219,10 +219,15 @@ def _attribution(result, scores, records, queries) -> str:
     return "".join(parts)
 
 
+def _match(e: dict) -> str:
+    similar = "" if e["similarity"] is None else f" · similarity {e['similarity']:.3f}"
+    return f'<div class="muted">distance {e["distance"]:.2g}{similar}</div>'
+
+
 def _leakage(result, scores, records, queries) -> str:
     a, cal = result["analysis"], result["analysis"]["calibration"]
     best = np.array([r["best"]["distance"] for r in a["rows"]])
-    rows = sorted(a["rows"], key=lambda r: r["best"]["distance"])[:ROWS]
+    rows = sorted(a["rows"], key=lambda r: (not r["leaked"], r["best"]["distance"]))[:ROWS]
     records.load(e["index"] for r in rows for e in r["evidence"])
     query_html = queries([r["row"] for r in rows])
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in cal.items())
@@ -237,12 +242,12 @@ def _leakage(result, scores, records, queries) -> str:
     ]
     for r in rows:
         j = r["row"]
-        verdict = '<span class="bad">leaked</span>' if r["leaked"] else '<span class="ok">not found</span>'
+        verdict = (
+            f'<span class="bad">leaked: {r["match"]}</span>' if r["leaked"] else '<span class="ok">not found</span>'
+        )
         parts.append(
             f'<div class="row"><div class="query"><b>test point {j}</b>{query_html.get(j, "")}'
-            f"<div>{verdict}</div></div>"
-            + records.cards(r["evidence"], lambda e: f'<div class="muted">{e["distance"]:.2g}</div>')
-            + "</div>"
+            f"<div>{verdict}</div></div>" + records.cards(r["evidence"], _match) + "</div>"
         )
     return "".join(parts)
 

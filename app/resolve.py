@@ -88,6 +88,7 @@ def resolve(kind: str, request: Request, registry: Registry, settings: Settings)
         return LeakageJob(
             test=test_points(request.test, registry, model, settings),
             calibration_records=request.calibration_records,
+            false_flag_rate=request.false_flag_rate,
             **common,
         )
     if isinstance(request, MislabeledCreate):

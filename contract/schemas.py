@@ -233,7 +233,7 @@ class JobPage(BaseModel):
 
 # -- analyses ------------------------------------------------------------------------------------------
 class LeakageCreate(JobCreate):
-    """Which test points are (likely) present in the training set."""
+    """Which test points are (likely) present in the training set, as exact copies or near duplicates."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -249,6 +249,11 @@ class LeakageCreate(JobCreate):
     test: InlineTest | DatasetTest | TextTest
     calibration_records: Annotated[int, Field(strict=True, ge=16, le=1024)] = Field(
         128, description="training records used as queries to calibrate the decision threshold"
+    )
+    false_flag_rate: Annotated[float, Field(ge=0.001, le=0.2)] = Field(
+        0.005,
+        description="near duplicates: the share of clean test points the similarity threshold may flag (measured "
+        "on training records against the rest)",
     )
 
 
@@ -305,24 +310,45 @@ class Match(BaseModel):
     record_id: str
     index: int
     distance: float = Field(description="relative difference of the two records' responses; 0 = identical")
+    similarity: float | None = Field(
+        None,
+        description="input-space similarity: the largest Pearson correlation of the two inputs over small "
+        "re-alignments (images: shifts and a zoom); 1 = the same up to brightness and contrast; null where the "
+        "model's inputs are token ids",
+    )
 
 
 class LeakageRow(BaseModel):
     row: int
     test: TestPoint
     leaked: bool
+    match: Literal["copy", "near-duplicate"] | None = Field(
+        description="copy: the best match responds to the mirrored step as the test point does (an exact "
+        "copy); near-duplicate: its input is more similar than the calibrated threshold; null: not found"
+    )
     best: Match
-    evidence: list[Match] = Field(description="the 5 closest training records")
+    evidence: list[Match] = Field(description="the 5 closest training records, copies first, then by similarity")
 
 
 class LeakageCalibration(BaseModel):
-    threshold: float = Field(description="a test point is flagged when its best distance is at most this")
+    threshold: float = Field(description="a test point is a copy when its best distance is at most this")
     method: str
     records: int = Field(description="training records used as calibration queries")
     duplicate_distance: float = Field(description="largest distance of a record to itself (numerical noise)")
     chance_distance: float = Field(description="1st percentile of a record's distance to its nearest other record")
-    expected_recall: float = Field(description="share of calibration records found as their own duplicate")
-    expected_false_flag_rate: float = Field(description="share of calibration records flagged against others")
+    expected_recall: float = Field(description="share of calibration records found as their own copy")
+    similarity_threshold: float | None = Field(
+        None, description="a test point is a near duplicate when its best similarity is above this (null: no input)"
+    )
+    similarity_method: str | None = None
+    near_duplicate_recall: dict[str, float] = Field(
+        {},
+        description="per kind of change, the share of the calibration records' changed versions whose similarity "
+        "to their original is above the threshold",
+    )
+    expected_false_flag_rate: float = Field(
+        description="share of calibration records (those without a copy in the set) flagged against the others"
+    )
 
 
 class LeakageResult(BaseModel):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
 from contract.schemas import AnalysisPublic
@@ -57,6 +58,34 @@ def test_leakage_flags_planted_test_images(client, worker):
     # the same analysis again is answered from the cache
     again = client.post("/v1/analyses/leakage", json={**AUDIT, "test": test})
     assert again.status_code == 200 and again.json()["cached"]
+
+
+def test_leakage_finds_changed_copies_as_near_duplicates(client, worker, truth):
+    """Training images darkened or moved by a pixel are found as near duplicates of their originals;
+    held-out images are not; each row's evidence is graded by input similarity."""
+    originals = [3, 10, 200, 700, 1300]
+    x = truth["inputs"][originals].reshape(-1, 8, 8)
+    darker, moved = x * 0.7, torch.roll(x, 1, dims=2)
+    moved[..., 0] = 0
+    clean = truth["test_inputs"][AUDIT_PLANTED : AUDIT_PLANTED + 20]
+    inputs = torch.cat([darker.flatten(1), moved.flatten(1), clean])
+    targets = (
+        truth["targets"][originals].repeat(2).tolist()
+        + truth["test_targets"][AUDIT_PLANTED : AUDIT_PLANTED + 20].tolist()
+    )
+    test = {"inputs": inputs.tolist(), "targets": targets}
+    out = finished(client, worker, "leakage", {**AUDIT, "test": test})
+    rows, cal = out["result"]["rows"], out["result"]["calibration"]
+    changed, held_out = rows[:10], rows[10:]
+    assert [r["match"] for r in changed] == ["near-duplicate"] * 10
+    assert [r["best"]["index"] for r in changed] == originals * 2
+    assert all(r["best"]["similarity"] > cal["similarity_threshold"] for r in changed)
+    assert sum(r["leaked"] for r in held_out) <= 1
+    assert all(r["match"] is None for r in held_out if not r["leaked"])
+    similarities = [m["similarity"] for m in changed[0]["evidence"]]
+    assert similarities == sorted(similarities, reverse=True)  # graded, the best first
+    assert set(cal["near_duplicate_recall"]) == {"noise", "brightness", "contrast", "shift", "crop"}
+    assert cal["near_duplicate_recall"]["brightness"] == 1.0 and 0 < cal["expected_false_flag_rate"] <= 0.02
 
 
 def test_mislabeled_ranks_flipped_labels_first(client, worker, truth):

@@ -16,12 +16,14 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from contract.jobs import LeakageJob, MemorizationJob, MislabeledJob
 from contract.schemas import LeakageResult, MemorizationResult, MislabeledResult
 
 COPY_DISTANCE = 1e-3  # memorization: records this close to the audited one are its exact copies
 EVIDENCE = 5
+NULL_QUERIES = 1024  # leakage: training records whose nearest other record calibrates the similarity threshold
 
 
 @dataclass
@@ -30,7 +32,9 @@ class Evidence:
     exact duplicate gets); own_loss: (rows,) its loss; base: (N,) training losses; rows past `n` are
     calibration queries: the training records `calibration`. `records` are the training indices of
     the first n rows when they are training records (memorization); `tests` what the first n rows are
-    (contract.jobs.echo: leakage's rows say it)."""
+    (contract.jobs.echo: leakage's rows say it). Leakage, where the model's inputs are float vectors:
+    `inputs` the training inputs, `query_inputs` the rows' own, `image_shape` and `input_range` from the
+    model's input spec."""
 
     scores: torch.Tensor
     own: torch.Tensor
@@ -42,6 +46,10 @@ class Evidence:
     labels: torch.Tensor | None = None
     records: torch.Tensor | None = None
     tests: list[dict] | None = None
+    inputs: torch.Tensor | None = None
+    query_inputs: torch.Tensor | None = None
+    image_shape: list[int] | None = None
+    input_range: tuple[float, float] | None = None
 
 
 def distance(scores: torch.Tensor, own: torch.Tensor, base: torch.Tensor, own_loss: torch.Tensor) -> torch.Tensor:
@@ -52,7 +60,91 @@ def distance(scores: torch.Tensor, own: torch.Tensor, base: torch.Tensor, own_lo
     return torch.maximum(response, loss)
 
 
+def _shift(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """(n, C, H, W) images moved by (dy, dx) pixels, the edge filled with zeros."""
+    h, w, s = img.shape[-2], img.shape[-1], max(abs(dy), abs(dx))
+    return F.pad(img, (s, s, s, s))[..., s - dy : s - dy + h, s - dx : s - dx + w]
+
+
+def _zoom(img: torch.Tensor, m: int) -> torch.Tensor:
+    """m > 0: the centre without an m-pixel border, enlarged back to size; m < 0: shrunk inside one."""
+    h, w = img.shape[-2:]
+    if m > 0:
+        return F.interpolate(img[..., m : h - m, m : w - m], size=(h, w), mode="bilinear", align_corners=False)
+    inner = F.interpolate(img, size=(h + 2 * m, w + 2 * m), mode="bilinear", align_corners=False, antialias=True)
+    return F.pad(inner, (-m, -m, -m, -m))
+
+
+def aligned(x: torch.Tensor, image_shape: list[int] | None) -> torch.Tensor:
+    """(A, n, d): the inputs x (n, d) and, for images, their small re-alignments: shifts of up to
+    max(1, H // 16) pixels each way, and a zoom in and out by max(1, H // 8) pixels per side."""
+    if not image_shape:
+        return x[None]
+    img = x.reshape(len(x), -1, *image_shape[-2:])
+    s, m = max(1, img.shape[-2] // 16), max(1, img.shape[-2] // 8)
+    views = [_shift(img, dy, dx) for dy in range(-s, s + 1) for dx in range(-s, s + 1)] + [
+        _zoom(img, m),
+        _zoom(img, -m),
+    ]
+    return torch.stack([v.reshape(len(x), -1) for v in views])
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    """Rows centred and scaled to unit norm: their dot products are Pearson correlations."""
+    v = v - v.mean(-1, keepdim=True)
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class Similarity:
+    """Input-space similarity to a training set's records: the largest Pearson correlation of the two
+    inputs when either is re-aligned (images, as they are: `aligned`) or of the features standardized by
+    the training set's spread (other vectors, whose features have their own units). 1 = the same up to
+    brightness and contrast; symmetric, so a changed copy is found whichever side was changed."""
+
+    def __init__(self, train: torch.Tensor, image_shape: list[int] | None):
+        self.image_shape, train = image_shape, train.flatten(1).float()
+        self.mean, self.std = (train.mean(0), train.std(0).clamp_min(1e-12)) if not image_shape else (0.0, 1.0)
+        self.train = self._scaled(train)
+
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.flatten(1).float() - self.mean) / self.std
+
+    def _both(self, x: torch.Tensor, y: torch.Tensor, pair) -> torch.Tensor:
+        """The larger of pair(aligned x, y) and pair(x, aligned y), over the alignments."""
+        one = pair(_unit(aligned(x, self.image_shape)), _unit(y)).amax(0)
+        return torch.maximum(one, pair(_unit(x), _unit(aligned(y, self.image_shape))).amax(0))
+
+    def __call__(self, x: torch.Tensor, block: int = 4096) -> torch.Tensor:
+        """(rows, N) each query's similarity with every training record."""
+        x = self._scaled(x)
+        return torch.cat([self._both(x, t, lambda a, b: a @ b.mT) for t in self.train.split(block)], dim=1)
+
+    def pairs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(n,) the similarity of x[i] with y[i]."""
+        return self._both(self._scaled(x), self._scaled(y), lambda a, b: (a * b).sum(-1))
+
+
+def variants(x: torch.Tensor, image_shape: list[int] | None, lo: float, hi: float) -> dict[str, torch.Tensor]:
+    """Changed versions of records x (n, d) that a leak typically is: pixel noise (5% of the input range),
+    brightness (x 0.7), contrast (x 0.7 about the mean) and, for images, a 1-pixel shift and a crop."""
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    mean = x.mean(1, keepdim=True)
+    out = {
+        "noise": (x + 0.05 * (hi - lo) * noise).clamp(lo, hi),
+        "brightness": lo + (x - lo) * 0.7,
+        "contrast": mean + (x - mean) * 0.7,
+    }
+    if image_shape:
+        img = x.reshape(len(x), -1, *image_shape[-2:])
+        out["shift"] = _shift(img, 1, 0).reshape(x.shape)
+        out["crop"] = _zoom(img, max(1, img.shape[-2] // 8)).reshape(x.shape)
+    return out
+
+
 def leakage(e: Evidence, job: LeakageJob) -> dict:
+    """A test point is in the training set as a *copy* when a record responds to its mirrored step as
+    it does itself (model distance, any input), or as a *near duplicate* when a record's input is more
+    similar to it than all but `false_flag_rate` of the training records' nearest others are (float inputs)."""
     dist = distance(e.scores.double(), e.own.double(), e.base.double(), e.own_loss.double())
     calib, c = dist[e.n :], len(e.calibration)
     rows = torch.arange(c)
@@ -61,34 +153,91 @@ def leakage(e: Evidence, job: LeakageJob) -> dict:
     others[rows, e.calibration] = math.inf
     noise = max(float(itself.max()), 1e-9)
     nearest_other = others.min(1).values
-    nearest_other = nearest_other[nearest_other > noise]  # the rest have true copies in the training set
-    chance = float(nearest_other.quantile(0.01)) if len(nearest_other) else math.inf
+    clean = nearest_other > noise  # the rest have true copies in the training set
+    chance = float(nearest_other[clean].quantile(0.01)) if clean.any() else math.inf
     threshold = math.sqrt(noise * chance) if chance > noise else noise
+    false_flags = float((nearest_other[clean] <= threshold).double().mean()) if clean.any() else 0.0
     calibration = {
         "threshold": threshold,
         "method": f"geometric mean of the largest distance of a training record to itself and the 1st percentile of "
         f"its distance to the nearest other record, both measured with {c} training records as queries "
-        f"({c - len(nearest_other)} of which have an exact copy in the training set and are left out of the latter)",
+        f"({c - int(clean.sum())} of which have a copy in the training set and are left out of the latter)",
         "records": c,
         "duplicate_distance": noise,
         "chance_distance": chance,
         "expected_recall": float((itself <= threshold).double().mean()),
-        "expected_false_flag_rate": float((nearest_other <= threshold).double().mean()) if len(nearest_other) else 0.0,
     }
-    near = dist[: e.n].topk(min(EVIDENCE, dist.shape[1]), dim=1, largest=False)
+    sim = None
+    if e.inputs is not None:
+        similar = Similarity(e.inputs, e.image_shape)
+        sim = similar(e.query_inputs)
+        spread = torch.linspace(0, len(e.inputs) - 1, min(NULL_QUERIES, len(e.inputs))).round().long().unique()
+        null = similar(e.inputs[spread])
+        null[torch.arange(len(spread)), spread] = -math.inf
+        null = null.amax(1)
+        null = null[null < 1 - 1e-6]  # the rest have copies in the training set
+        ranked = null.sort(descending=True).values
+        near = float(ranked[min(int(job.false_flag_rate * len(null)), len(null) - 1)]) if len(null) else 1.0
+        false_flags += float((null > near).double().mean()) if len(null) else 0.0
+        lo, hi = e.input_range or (float(e.inputs.min()), float(e.inputs.max()))
+        originals = e.inputs[spread].flatten(1).float()
+        calibration |= {
+            "similarity_threshold": near,
+            "similarity_method": f"the similarity that {job.false_flag_rate:.1%} of {len(null)} training records spread "
+            "over the set exceed with their most similar other record (records with copies left out); "
+            + ("the largest Pearson correlation over shifts and a zoom" if e.image_shape else "standardized features"),
+            "near_duplicate_recall": {
+                kind: float((similar.pairs(changed, originals) > near).double().mean())
+                for kind, changed in variants(originals, e.image_shape, lo, hi).items()
+            },
+        }
+    calibration["expected_false_flag_rate"] = false_flags
+
+    k = min(EVIDENCE, dist.shape[1])
     out = []
     for j in range(e.n):
+        candidates = dist[j].topk(k, largest=False).indices.tolist()
+        if sim is not None:
+            candidates += [i for i in sim[j].topk(k).indices.tolist() if i not in candidates]
         matches = [
-            {"record_id": e.record_ids[i], "index": i, "distance": d}
-            for d, i in zip(near.values[j].tolist(), near.indices[j].tolist(), strict=True)
+            {
+                "record_id": e.record_ids[i],
+                "index": i,
+                "distance": float(dist[j, i]),
+                "similarity": None if sim is None else float(sim[j, i]),
+            }
+            for i in candidates
         ]
-        flagged = matches[0]["distance"] <= threshold
-        out.append({"row": j, "test": e.tests[j], "leaked": flagged, "best": matches[0], "evidence": matches})
+        matches.sort(key=lambda m: (m["distance"] > threshold, -(m["similarity"] or 0.0), m["distance"]))
+        best = matches[0]
+        kind = (
+            "copy"
+            if best["distance"] <= threshold
+            else "near-duplicate"
+            if sim is not None and best["similarity"] > calibration["similarity_threshold"]
+            else None
+        )
+        out.append(
+            {
+                "row": j,
+                "test": e.tests[j],
+                "leaked": kind is not None,
+                "match": kind,
+                "best": best,
+                "evidence": matches[:k],
+            }
+        )
     leaked = sum(r["leaked"] for r in out)
+    copies = sum(r["match"] == "copy" for r in out)
     summary = (
-        f"{leaked} of {e.n} test points are likely present in the training set (best match within {threshold:.2g}; "
-        f"calibration: {calibration['expected_recall']:.0%} of duplicates found, "
-        f"{calibration['expected_false_flag_rate']:.1%} false flags)."
+        f"{leaked} of {e.n} test points are likely present in the training set: {copies} as copies"
+        + (
+            f", {leaked - copies} as near duplicates (input similarity above {calibration['similarity_threshold']:.4f})"
+            if sim is not None
+            else ""
+        )
+        + f"; calibration: {calibration['expected_recall']:.0%} of copies found, "
+        f"{calibration['expected_false_flag_rate']:.1%} false flags."
     )
     return LeakageResult(summary=summary, leaked=leaked, rows=out, calibration=calibration).model_dump(mode="json")
 

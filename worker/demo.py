@@ -6,8 +6,12 @@ downloaded. Training is deterministic (seeded, single-threaded-safe full-batch o
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .forward_inf import build
@@ -61,6 +65,25 @@ SPEC = {"shape": [64], "dtype": "float32", "range": [0.0, 1.0], "num_classes": 1
 MLP = {"in_features": 64, "hidden": [64], "out_features": 10}
 
 
+def add_model(registry, id: str, model: nn.Module, description: str) -> None:
+    """Register a digits classifier (the demo's input spec and MLP shape) from its trained module."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+        registry.add_model(id, "classification", "builtin:mlp", weights, SPEC, MLP, description=description)
+
+
+def add_dataset(registry, id: str, x: torch.Tensor, y: torch.Tensor, parts: int = 1, **kw) -> None:
+    """Register digits images x with labels y as `parts` shards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        bounds = np.linspace(0, len(y), parts + 1).astype(int)
+        shards = []
+        for n, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            shards.append(Path(tmp) / f"{id}-{n}.safetensors")
+            save_file({"inputs": x[lo:hi].contiguous(), "targets": y[lo:hi].contiguous()}, shards[-1])
+        registry.add_dataset(id, shards, SPEC, **kw)
+
+
 def build_demo_registry(registry) -> None:
     """The demo registry, trained here in seconds on scikit-learn's digits:
 
@@ -69,55 +92,34 @@ def build_demo_registry(registry) -> None:
     - for the governance analyses, `digits-audit-mlp` trained on `digits-audit-train`, a training set
       with known problems (see audit_data), and `digits-audit-test` (400 images, the first 40 planted).
     """
-    import tempfile
-    from pathlib import Path
+    x, y, x_test, y_test = digits()
+    add_model(registry, "digits-mlp", digits_mlp(x, y), "MLP 64-64-10 trained on scikit-learn's digits (8x8, [0, 1])")
+    add_dataset(registry, "digits-train", x, y, 2, trained=["digits-mlp"], description="digits, training split (1,437)")
+    add_dataset(registry, "digits-test", x_test, y_test, description="digits, held-out split (360 images)")
 
-    from safetensors.torch import save_file
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-
-        def add_model(id: str, model: nn.Module, description: str) -> None:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "weights.safetensors")
-            registry.add_model(
-                id, "classification", "builtin:mlp", tmp / "weights.safetensors", SPEC, MLP, description=description
-            )
-
-        def add_dataset(id: str, x, y, parts: int = 1, **kw) -> None:
-            bounds = np.linspace(0, len(y), parts + 1).astype(int)
-            shards = []
-            for n, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-                save_file(
-                    {"inputs": x[lo:hi].contiguous(), "targets": y[lo:hi].contiguous()}, tmp / f"{id}-{n}.safetensors"
-                )
-                shards.append(tmp / f"{id}-{n}.safetensors")
-            registry.add_dataset(id, shards, SPEC, **kw)
-
-        x, y, x_test, y_test = digits()
-        add_model("digits-mlp", digits_mlp(x, y), "MLP 64-64-10 trained on scikit-learn's digits (8x8, [0, 1])")
-        add_dataset("digits-train", x, y, 2, trained=["digits-mlp"], description="digits, training split (1,437)")
-        add_dataset("digits-test", x_test, y_test, description="digits, held-out split (360 images)")
-
-        audit = audit_data()
-        add_model(
-            "digits-audit-mlp",
-            digits_mlp(audit["inputs"], audit["targets"]),
-            "MLP 64-64-10 trained on digits-audit-train (10% flipped labels, planted test images, copies)",
-        )
-        add_dataset(
-            "digits-audit-train",
-            audit["inputs"],
-            audit["targets"],
-            2,
-            trained=["digits-audit-mlp"],
-            description="digits with known problems: 10% labels flipped, 40 test images planted, 20 records x4",
-        )
-        add_dataset(
-            "digits-audit-test",
-            audit["test_inputs"],
-            audit["test_targets"],
-            description="digits held out from the audit model (400 images; the first 40 were planted in training)",
-        )
+    audit = audit_data()
+    add_model(
+        registry,
+        "digits-audit-mlp",
+        digits_mlp(audit["inputs"], audit["targets"]),
+        "MLP 64-64-10 trained on digits-audit-train (10% flipped labels, planted test images, copies)",
+    )
+    add_dataset(
+        registry,
+        "digits-audit-train",
+        audit["inputs"],
+        audit["targets"],
+        2,
+        trained=["digits-audit-mlp"],
+        description="digits with known problems: 10% labels flipped, 40 test images planted, 20 records x4",
+    )
+    add_dataset(
+        registry,
+        "digits-audit-test",
+        audit["test_inputs"],
+        audit["test_targets"],
+        description="digits held out from the audit model (400 images; the first 40 were planted in training)",
+    )
 
 
 AUDIT_PLANTED, AUDIT_DUPLICATED, AUDIT_COPIES, AUDIT_FLIP = 40, 20, 3, 0.10

@@ -197,11 +197,7 @@ def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int
     t = time.perf_counter()
     model_m = _current(ctx.registry.model(job.model.id), job.model, "model")
     data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
-    test = _test_points(job.points, ctx, model_m, job.dtype)
-    calibration = calibration_records(job, data_m)
-    if len(calibration):  # training records as extra queries, for the analyses' thresholds
-        extra = ctx.warm.examples(data_m, calibration.tolist())
-        test = {k: _concat(v, extra[k].to(v)) for k, v in test.items()}
+    test = _queries(job, ctx, model_m, data_m)
     fi = engine(ctx, model_m, data_m, job.method, job.dtype)
     reporter.timing["load_s"] = time.perf_counter() - t
 
@@ -284,6 +280,17 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
             shards = range(len(data_m.shards))
             labels = torch.from_numpy(np.concatenate([data_m.rows(n, keys=("targets",))["targets"] for n in shards]))
         base = torch.cat([_stored_base(ctx, model_m, data_m, n, job.dtype) for n in range(len(data_m.shards))])
+        vectors = {}
+        if isinstance(job, LeakageJob) and model_m.input.dtype == "float32":  # near duplicates: input similarity
+            shards = range(len(data_m.shards))
+            vectors = {
+                "inputs": torch.from_numpy(
+                    np.concatenate([data_m.rows(n, keys=("inputs",))["inputs"] for n in shards])
+                ),
+                "query_inputs": _test_points(job.points, ctx, model_m, job.dtype)["inputs"].cpu(),
+                "image_shape": model_m.input.image_shape,
+                "input_range": model_m.input.range,
+            }
         evidence = Evidence(
             scores=scores,
             own=torch.tensor(first["self_score"]),
@@ -295,12 +302,24 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
             labels=labels,
             records=torch.tensor(job.points.indices) if isinstance(job.points, RecordPoints) else None,
             tests=tests,
+            **vectors,
         )
         result["analysis"] = ANALYSES[job.kind](evidence, job)
         result["shape"] = [evidence.n, data_m.size]  # the calibration rows are the analysis' own business
         timing["store_s"] += time.perf_counter() - t
     ctx.store.put_result(job.key, result)
     return {"key": job.key, "shape": result["shape"], "parts": len(summaries)}
+
+
+def _queries(job: Job, ctx: Context, model_m: ModelManifest, data_m: DatasetManifest) -> dict:
+    """The request's rows as a batch: its test points, then the training records an analysis adds as
+    calibration queries (for its thresholds)."""
+    test = _test_points(job.points, ctx, model_m, job.dtype)
+    calibration = calibration_records(job, data_m)
+    if len(calibration):
+        extra = ctx.warm.examples(data_m, calibration.tolist())
+        test = {k: _concat(v, extra[k].to(v)) for k, v in test.items()}
+    return test
 
 
 def _echo(ctx: Context, points: RecordPoints | InlinePoints) -> list[dict]:

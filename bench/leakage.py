@@ -1,0 +1,109 @@
+"""Near-duplicate leakage over HTTP, per kind of change, with the shipped defaults.
+
+    python -m bench.leakage
+
+For each kind, the audit training set (worker/demo.py: audit_data) is rebuilt with its 40 planted test
+images changed that way (exact, pixel noise at 5% and 10% of the range, brightness x 0.7, contrast x 0.7,
+a 1-pixel shift, a 1-pixel crop enlarged back), an MLP is trained on it and both are registered; the
+leakage analysis then runs on all 400 test images (40 planted, 360 clean). Then the other way round for
+noise, shift and crop: the demo's audit model and set (exact plants), the 40 test points changed. Reported per kind: recall
+(planted flagged), the false-flag rate (clean flagged) against the rate the service expects, top-1 (the
+best match is the planted record) for the service and for the input-space nearest neighbour (Euclidean,
+the plain baseline), and how many of the planted were found as copies (the model's response) and as near
+duplicates (input similarity).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from contract.registry import Registry
+from worker.analyses import _shift
+from worker.demo import AUDIT_PLANTED, add_dataset, add_model, audit_data, digits_mlp
+from worker.registry import main as registry_main
+
+from .service import run_to_end, service
+
+TRAIN = 1397  # the audit set's clean records; the planted test images follow them
+
+
+def changes() -> dict:
+    noise = torch.randn((AUDIT_PLANTED, 64), generator=torch.Generator().manual_seed(1))
+    img = lambda x: x.reshape(-1, 1, 8, 8)  # noqa: E731
+    moves = torch.tensor([(0, 1), (1, 0), (0, -1), (-1, 0)])
+    return {
+        "exact": lambda x: x,
+        "noise 5%": lambda x: (x + 0.05 * noise).clamp(0, 1),
+        "noise 10%": lambda x: (x + 0.10 * noise).clamp(0, 1),
+        "brightness x0.7": lambda x: x * 0.7,
+        "contrast x0.7": lambda x: ((x - 0.5) * 0.7 + 0.5).clamp(0, 1),
+        "shift 1 px": lambda x: torch.cat([_shift(img(x[i : i + 1]), *moves[i % 4].tolist()) for i in range(len(x))]),
+        "crop 1 px": lambda x: F.interpolate(img(x)[..., 1:7, 1:7], size=(8, 8), mode="bilinear").flatten(1),
+    }
+
+
+def main() -> None:
+    audit = audit_data()
+    test, labels = audit["test_inputs"], audit["test_targets"]
+    planted = torch.arange(TRAIN, TRAIN + AUDIT_PLANTED)
+    kinds = changes()
+    expected = {"noise 5%": "noise", "brightness x0.7": "brightness", "contrast x0.7": "contrast"}
+    expected |= {"shift 1 px": "shift", "crop 1 px": "crop"}
+    with tempfile.TemporaryDirectory() as tmp:
+        registry_main(["--root", tmp, "demo"])
+        registry = Registry(Path(tmp))
+        runs = []  # (what, changed training inputs, request body)
+        for n, (kind, change) in enumerate(kinds.items()):
+            x = audit["inputs"].clone()
+            x[planted] = change(test[:AUDIT_PLANTED]).flatten(1).float()
+            add_model(registry, f"leak-{n}-mlp", digits_mlp(x, audit["targets"]), f"audit MLP, plants: {kind}")
+            add_dataset(registry, f"leak-{n}-train", x, audit["targets"], trained=[f"leak-{n}-mlp"])
+            every = {"dataset": "digits-audit-test", "indices": list(range(400))}
+            runs.append(
+                (kind, "training copy", x, {"model": f"leak-{n}-mlp", "dataset": f"leak-{n}-train", "test": every})
+            )
+        for kind in ("noise 5%", "shift 1 px", "crop 1 px"):  # the other side changed: the test point
+            changed = torch.cat([kinds[kind](test[:AUDIT_PLANTED]).flatten(1).float(), test[AUDIT_PLANTED:]])
+            inline = {"inputs": changed.tolist(), "targets": labels.tolist()}
+            runs.append(
+                (
+                    kind,
+                    "test point",
+                    audit["inputs"],
+                    {"model": "digits-audit-mlp", "dataset": "digits-audit-train", "test": inline},
+                )
+            )
+        print(
+            "| change | changed | recall | false flags (expected) | top-1 | top-1 input NN | as copy / near duplicate | "
+            "expected recall (kind) | s |\n|---|---|---|---|---|---|---|---|---|"
+        )
+        with service(Path(tmp), warm=False, ATTR_MAX_TEST_POINTS="512") as client:
+            for kind, side, x, body in runs:
+                seconds, job = run_to_end(client, body, "/v1/analyses/leakage")
+                rows, cal = job["result"]["rows"], job["result"]["calibration"]
+                found = sum(r["leaked"] for r in rows[:AUDIT_PLANTED]) / AUDIT_PLANTED
+                false = sum(r["leaked"] for r in rows[AUDIT_PLANTED:]) / (400 - AUDIT_PLANTED)
+                top1 = sum(r["best"]["index"] == TRAIN + r["row"] for r in rows[:AUDIT_PLANTED]) / AUDIT_PLANTED
+                queries = (
+                    torch.tensor(body["test"]["inputs"][:AUDIT_PLANTED])
+                    if side == "test point"
+                    else test[:AUDIT_PLANTED]
+                )
+                nn = (torch.cdist(queries, x).argmin(1) == planted).double().mean()
+                copies = sum(r["match"] == "copy" for r in rows[:AUDIT_PLANTED])
+                near = sum(r["match"] == "near-duplicate" for r in rows[:AUDIT_PLANTED])
+                said = cal["near_duplicate_recall"].get(expected.get(kind, ""), None)
+                print(
+                    f"| {kind} | {side} | {found:.3f} | {false:.2%} ({cal['expected_false_flag_rate']:.2%}) | "
+                    f"{top1:.3f} | {nn:.3f} | {copies} / {near} | {'' if said is None else f'{said:.3f}'} | "
+                    f"{seconds:.1f} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

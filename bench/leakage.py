@@ -15,6 +15,7 @@ duplicates (input similarity).
 
 from __future__ import annotations
 
+import random
 import tempfile
 from pathlib import Path
 
@@ -23,7 +24,9 @@ import torch.nn.functional as F
 
 from contract.registry import Registry
 from worker.analyses import _shift
+from worker.corpus import fact_corpus
 from worker.demo import AUDIT_PLANTED, add_dataset, add_model, audit_data, digits_mlp
+from worker.generative import SIZES
 from worker.registry import main as registry_main
 
 from .service import run_to_end, service
@@ -101,6 +104,46 @@ def main() -> None:
                     f"| {kind} | {side} | {found:.3f} | {false:.2%} ({cal['expected_false_flag_rate']:.2%}) | "
                     f"{top1:.3f} | {nn:.3f} | {copies} / {near} | {'' if said is None else f'{said:.3f}'} | "
                     f"{seconds:.1f} |",
+                    flush=True,
+                )
+
+    text()
+
+
+def text() -> None:
+    """The tiny fact-corpus GPT (worker/generative.py): 40 of its training sentences changed (upper case,
+    doubled spaces, one word replaced) among 100 sentences of the same templates about other entities."""
+    corpus = fact_corpus(SIZES[False]["entities"])
+    clean = [t for t in fact_corpus(SIZES[False]["entities"], seed=1).sentences if t not in corpus.sentences][:100]
+    picked = list(range(0, len(corpus.sentences), len(corpus.sentences) // 40))[:40]
+    rng = random.Random(2)
+    words = sorted({w for t in corpus.sentences for w in t.split()})
+
+    def replaced(t: str) -> str:
+        w = t.split()
+        w[rng.randrange(len(w))] = rng.choice(words)
+        return " ".join(w)
+
+    kinds = {"case": str.upper, "whitespace": lambda t: "  ".join(t.split()), "one word": replaced}
+    print(
+        "\n| text change | recall | false flags (expected) | top-1 | expected recall (kind) | s |\n|---|---|---|---|---|---|"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        registry_main(["--root", tmp, "demo", "--generative"])
+        with service(Path(tmp), warm=False, ATTR_MAX_TEST_POINTS="512") as client:
+            for kind, change in kinds.items():
+                sentences = [change(corpus.sentences[i]) for i in picked] + clean
+                texts = [{"prompt": t.rsplit(" ", 1)[0], "completion": " " + t.rsplit(" ", 1)[1]} for t in sentences]
+                body = {"model": "facts-gpt", "dataset": "facts-corpus", "test": {"texts": texts}}
+                seconds, job = run_to_end(client, body, "/v1/analyses/leakage")
+                rows, cal = job["result"]["rows"], job["result"]["calibration"]
+                found = sum(r["leaked"] for r in rows[:40]) / 40
+                false = sum(r["leaked"] for r in rows[40:]) / len(clean)
+                top1 = sum(r["best"]["index"] == i for r, i in zip(rows, picked, strict=False)) / 40
+                said = cal["near_duplicate_recall"].get(kind.replace("one ", ""))
+                print(
+                    f"| {kind} | {found:.3f} | {false:.2%} ({cal['expected_false_flag_rate']:.2%}) | {top1:.3f} | "
+                    f"{said:.3f} | {seconds:.1f} |",
                     flush=True,
                 )
 

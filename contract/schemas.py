@@ -347,7 +347,9 @@ class LeakageCalibration(BaseModel):
         "to their original is above the threshold",
     )
     expected_false_flag_rate: float = Field(
-        description="share of calibration records (those without a copy in the set) flagged against the others"
+        description="the copy rule's share of calibration records (without a copy in the set) flagged against the "
+        "others, plus the near rule's chance that a new clean query exceeds the threshold, (k + 1) / (n + 1) for "
+        "the (k + 1)-th largest of n calibration values"
     )
 
 

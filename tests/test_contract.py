@@ -132,7 +132,7 @@ ENGINE_FINGERPRINTS = {
     # model families (transformers, peft, diffusers); auto takes EK-FAC where no Hessian is affordable and
     # the last layer is not linear (a tied LM head), instead of a LayerNorm's Hessian or none
     "2026.12.4": {"1c2d33dceaa87f07"},
-    "2026.12.5": {"fa4d5224444b0002"},
+    "2026.12.5": {"94f1b10847a6820c"},
 }
 
 

@@ -45,16 +45,29 @@ def test_lm_fact_tracing_over_http(client, worker):
     assert mrr >= 0.3  # chance: a proponent among 3 of ~260 sentences, MRR ~0.03
 
     # a leakage analysis takes text too (its calibration rows, training sentences, are padded to fit), with
-    # the leakage preset's step over the model's own defaults (LM_METHOD: lr 1e-3), resolved at POST
+    # the leakage preset's step over the model's own defaults (LM_METHOD: lr 1e-3), resolved at POST; two
+    # training sentences shouted and spaced out are found as near duplicates of themselves
+    shouted = []
+    for i in (5, 50):
+        *head, last = corpus.sentences[i].split()
+        shouted.append({"prompt": "  ".join(head).upper(), "completion": " " + last.upper()})
     leak = client.post(
         "/v1/analyses/leakage",
-        json={"model": "facts-gpt", "dataset": "facts-corpus", "test": {"texts": texts[:2]}, "calibration_records": 16},
+        json={
+            "model": "facts-gpt",
+            "dataset": "facts-corpus",
+            "test": {"texts": texts[:2] + shouted},
+            "calibration_records": 16,
+        },
     )
     assert leak.status_code == 202 and leak.json()["method"]["lr"] == 0.05 != LM_METHOD["lr"]
     assert leak.json()["method"]["score"] == "signed"  # what the analysis reads, not the preset's "match"
     worker.work(burst=True)
     leaked = client.get(leak.json()["links"]["self"]).json()
     assert leaked["status"] == "finished" and leaked["execution"]["method"]["lr"] == 0.05
+    rows, cal = leaked["result"]["rows"], leaked["result"]["calibration"]
+    assert [(r["match"], r["best"]["index"]) for r in rows[2:]] == [("near-duplicate", 5), ("near-duplicate", 50)]
+    assert cal["near_duplicate_recall"]["case"] == cal["near_duplicate_recall"]["whitespace"] == 1.0
 
     report = client.get(done["links"]["report"]).text
     first = texts[0]

@@ -13,6 +13,8 @@ noise (~1e-6); the nearest different digit is ~1e-2 away (audit set, calibration
 from __future__ import annotations
 
 import math
+import random
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +52,8 @@ class Evidence:
     query_inputs: torch.Tensor | None = None
     image_shape: list[int] | None = None
     input_range: tuple[float, float] | None = None
+    texts: list[str] | None = None
+    query_texts: list[str] | None = None
 
 
 def distance(scores: torch.Tensor, own: torch.Tensor, base: torch.Tensor, own_loss: torch.Tensor) -> torch.Tensor:
@@ -98,12 +102,14 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
 class Similarity:
     """Input-space similarity to a training set's records: the largest Pearson correlation of the two
     inputs when either is re-aligned (images, as they are: `aligned`) or of the features standardized by
-    the training set's spread (other vectors, whose features have their own units). 1 = the same up to
-    brightness and contrast; symmetric, so a changed copy is found whichever side was changed."""
+    the training set's spread (other vectors, whose features have their own units; `standardize=False`
+    keeps them: text profiles). 1 = the same up to brightness and contrast; symmetric, so a changed copy
+    is found whichever side was changed."""
 
-    def __init__(self, train: torch.Tensor, image_shape: list[int] | None):
+    def __init__(self, train: torch.Tensor, image_shape: list[int] | None, standardize: bool = True):
         self.image_shape, train = image_shape, train.flatten(1).float()
-        self.mean, self.std = (train.mean(0), train.std(0).clamp_min(1e-12)) if not image_shape else (0.0, 1.0)
+        standardize = standardize and not image_shape
+        self.mean, self.std = (train.mean(0), train.std(0).clamp_min(1e-12)) if standardize else (0.0, 1.0)
         self.train = self._scaled(train)
 
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,6 +147,71 @@ def variants(x: torch.Tensor, image_shape: list[int] | None, lo: float, hi: floa
     return out
 
 
+def text_profile(texts: list[str], buckets: int = 4096) -> torch.Tensor:
+    """(n, buckets) counts of each text's character trigrams, hashed, after case folding and with runs
+    of whitespace as one space: texts that differ only in case or spacing have the same profile."""
+    out = torch.zeros(len(texts), buckets)
+    for i, text in enumerate(texts):
+        text = " ".join(text.casefold().split())
+        for j in range(max(1, len(text) - 2)):
+            out[i, zlib.crc32(text[j : j + 3].encode()) % buckets] += 1
+    return out
+
+
+def text_variants(texts: list[str]) -> dict[str, list[str]]:
+    """Changed versions of texts that a leak typically is: upper case, other spacing, one word replaced
+    by another word of the texts (seeded)."""
+    rng = random.Random(0)
+    words = sorted({w for t in texts for w in t.split()}) or [""]
+
+    def one_word(text: str) -> str:
+        w = text.split() or [""]
+        w[rng.randrange(len(w))] = rng.choice(words)
+        return " ".join(w)
+
+    return {
+        "case": [t.upper() for t in texts],
+        "whitespace": ["  ".join(t.split()) + " \n" for t in texts],
+        "word": [one_word(t) for t in texts],
+    }
+
+
+def _near(e: Evidence, false_flag_rate: float) -> tuple[torch.Tensor, dict, float]:
+    """Near duplicates: (test points x records) input similarity, the calibration's account (threshold
+    and recall per kind of change) and its false-flag rate (the null: up to NULL_QUERIES training records spread over the set against
+    the others)."""
+    n = len(e.texts) if e.texts is not None else len(e.inputs)
+    spread = torch.linspace(0, n - 1, min(NULL_QUERIES, n)).round().long().unique()
+    if e.texts is not None:
+        similar = Similarity(text_profile(e.texts), None, standardize=False)
+        originals = [e.texts[i] for i in spread.tolist()]
+        changes = {kind: text_profile(v) for kind, v in text_variants(originals).items()}
+        queries, originals, how = text_profile(e.query_texts), text_profile(originals), "hashed character trigrams"
+    else:
+        similar = Similarity(e.inputs, e.image_shape)
+        lo, hi = e.input_range or (float(e.inputs.min()), float(e.inputs.max()))
+        originals = e.inputs[spread].flatten(1).float()
+        changes, queries = variants(originals, e.image_shape, lo, hi), e.query_inputs
+        how = "the largest Pearson correlation over shifts and a zoom" if e.image_shape else "standardized features"
+    sim, null = similar(queries), similar(originals)
+    null[torch.arange(len(spread)), spread] = -math.inf
+    null = null.amax(1)
+    null = null[null < 1 - 1e-6]  # the rest have copies in the training set
+    ranked = null.sort(descending=True).values
+    k = min(int(false_flag_rate * len(null)), len(null) - 1)  # a new clean query exceeds the (k+1)-th largest
+    threshold = float(ranked[k]) if len(null) else 1.0  # of n such values with probability (k+1) / (n+1)
+    account = {
+        "similarity_threshold": threshold,
+        "similarity_method": f"the similarity that {false_flag_rate:.1%} of {len(null)} training records spread over "
+        f"the set exceed with their most similar other record (records with copies left out); {how}",
+        "near_duplicate_recall": {
+            kind: float((similar.pairs(changed, originals) > threshold).double().mean())
+            for kind, changed in changes.items()
+        },
+    }
+    return sim, account, (k + 1) / (len(null) + 1) if len(null) else 0.0
+
+
 def leakage(e: Evidence, job: LeakageJob) -> dict:
     """A test point is in the training set as a *copy* when a record responds to its mirrored step as
     it does itself (model distance, any input), or as a *near duplicate* when a record's input is more
@@ -168,29 +239,10 @@ def leakage(e: Evidence, job: LeakageJob) -> dict:
         "expected_recall": float((itself <= threshold).double().mean()),
     }
     sim = None
-    if e.inputs is not None:
-        similar = Similarity(e.inputs, e.image_shape)
-        sim = similar(e.query_inputs)
-        spread = torch.linspace(0, len(e.inputs) - 1, min(NULL_QUERIES, len(e.inputs))).round().long().unique()
-        null = similar(e.inputs[spread])
-        null[torch.arange(len(spread)), spread] = -math.inf
-        null = null.amax(1)
-        null = null[null < 1 - 1e-6]  # the rest have copies in the training set
-        ranked = null.sort(descending=True).values
-        near = float(ranked[min(int(job.false_flag_rate * len(null)), len(null) - 1)]) if len(null) else 1.0
-        false_flags += float((null > near).double().mean()) if len(null) else 0.0
-        lo, hi = e.input_range or (float(e.inputs.min()), float(e.inputs.max()))
-        originals = e.inputs[spread].flatten(1).float()
-        calibration |= {
-            "similarity_threshold": near,
-            "similarity_method": f"the similarity that {job.false_flag_rate:.1%} of {len(null)} training records spread "
-            "over the set exceed with their most similar other record (records with copies left out); "
-            + ("the largest Pearson correlation over shifts and a zoom" if e.image_shape else "standardized features"),
-            "near_duplicate_recall": {
-                kind: float((similar.pairs(changed, originals) > near).double().mean())
-                for kind, changed in variants(originals, e.image_shape, lo, hi).items()
-            },
-        }
+    if e.inputs is not None or e.texts is not None:
+        sim, account, near_false_flags = _near(e, job.false_flag_rate)
+        calibration |= account
+        false_flags += near_false_flags
     calibration["expected_false_flag_rate"] = false_flags
 
     k = min(EVIDENCE, dist.shape[1])

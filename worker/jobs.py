@@ -280,17 +280,7 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
             shards = range(len(data_m.shards))
             labels = torch.from_numpy(np.concatenate([data_m.rows(n, keys=("targets",))["targets"] for n in shards]))
         base = torch.cat([_stored_base(ctx, model_m, data_m, n, job.dtype) for n in range(len(data_m.shards))])
-        vectors = {}
-        if isinstance(job, LeakageJob) and model_m.input.dtype == "float32":  # near duplicates: input similarity
-            shards = range(len(data_m.shards))
-            vectors = {
-                "inputs": torch.from_numpy(
-                    np.concatenate([data_m.rows(n, keys=("inputs",))["inputs"] for n in shards])
-                ),
-                "query_inputs": _test_points(job.points, ctx, model_m, job.dtype)["inputs"].cpu(),
-                "image_shape": model_m.input.image_shape,
-                "input_range": model_m.input.range,
-            }
+        inputs = _leakage_inputs(job, ctx, model_m, data_m) if isinstance(job, LeakageJob) else {}
         evidence = Evidence(
             scores=scores,
             own=torch.tensor(first["self_score"]),
@@ -302,7 +292,7 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
             labels=labels,
             records=torch.tensor(job.points.indices) if isinstance(job.points, RecordPoints) else None,
             tests=tests,
-            **vectors,
+            **inputs,
         )
         result["analysis"] = ANALYSES[job.kind](evidence, job)
         result["shape"] = [evidence.n, data_m.size]  # the calibration rows are the analysis' own business
@@ -320,6 +310,28 @@ def _queries(job: Job, ctx: Context, model_m: ModelManifest, data_m: DatasetMani
         extra = ctx.warm.examples(data_m, calibration.tolist())
         test = {k: _concat(v, extra[k].to(v)) for k, v in test.items()}
     return test
+
+
+def _leakage_inputs(job: LeakageJob, ctx: Context, model_m: ModelManifest, data_m: DatasetManifest) -> dict:
+    """What leakage compares besides the model's response (Evidence's fields): the training and test
+    inputs as vectors, or as text where the model reads text; nothing for other token inputs."""
+    train = np.concatenate([data_m.rows(n, keys=("inputs",))["inputs"] for n in range(len(data_m.shards))])
+    test = _test_points(job.points, ctx, model_m, job.dtype)["inputs"].cpu()
+    spec = model_m.input
+    if spec.dtype == "float32":
+        return {
+            "inputs": torch.from_numpy(train),
+            "query_inputs": test,
+            "image_shape": spec.image_shape,
+            "input_range": spec.range,
+        }
+    if spec.text is None:
+        return {}
+
+    def text(ids) -> str:
+        return model_m.decode([int(t) for t in ids if t != spec.pad_id])
+
+    return {"texts": [text(row) for row in train], "query_texts": [text(row) for row in test.tolist()]}
 
 
 def _echo(ctx: Context, points: RecordPoints | InlinePoints) -> list[dict]:

@@ -65,15 +65,18 @@ class Method(BaseModel):
         "models); diag: diagonal Fisher; kfac/ekfac: Kronecker-factored, any size (nn.Linear and nn.Conv2d layers "
         "only; others are left unperturbed); auto: the exact Hessian where affordable",
     )
-    damping: Annotated[float, Field(strict=True, ge=0, le=1e6)] = Field(
-        1e-2, description="added to the curvature's diagonal"
+    damping: Annotated[float, Field(strict=True, ge=0, le=1e6)] | Literal["auto"] = Field(
+        "auto",
+        description="added to the curvature's diagonal; auto: the weight decay the model's own gradient implies "
+        "(at an optimum of loss + decay/2 |W|^2 the gradient is -decay W), at least a small fraction of the curvature's mean "
+        "eigenvalue; the value used is in the job's execution",
     )
 
     @model_validator(mode="after")
     def _combine(self):
         if self.score == "cosine" and self.mode != "linear":
             raise ValueError("score='cosine' needs mode='linear' (a unit-norm first-order step)")
-        if self.precondition != "none" and self.damping <= 0:
+        if self.precondition != "none" and self.damping != "auto" and self.damping <= 0:
             raise ValueError("precondition needs damping > 0 (a classifier's curvature is singular without it)")
         return self
 

@@ -14,6 +14,39 @@ def data():
     return digits()
 
 
+@pytest.mark.parametrize("precondition", ["hessian", "kfac"])
+def test_auto_damping_is_the_weight_decay_the_model_was_trained_with(data, precondition):
+    """At the optimum of mean cross-entropy + lam/2 |W|^2 the loss gradient is -lam W: damping "auto"
+    reads lam off the model, so the step is the exact influence function's without being told lam."""
+    x, y, x_test, y_test = data
+    x, y = x[:300].double(), y[:300]
+    test = (x_test[:3].double(), y_test[:3])
+    for lam in (1e-2, 1e-3):
+        model = fit_logistic(x, y, lam=lam)
+        fi = ForwardInf(model, Classification(), MirrorConfig(precondition=precondition, dtype="float64"))
+        scores = fi.prepare((x, y)).scores(test)
+        ran = fi.execution()
+        assert ran["curvature"]["damping"] == pytest.approx(lam, rel=1e-3)
+        assert any(note.startswith("damping 'auto'") for note in ran["notes"])
+        told = attribute(model, Classification(), (x, y), test, fi.config.replace(damping=lam))
+        torch.testing.assert_close(scores, told, rtol=1e-3, atol=1e-9)
+
+
+def test_auto_damping_away_from_an_l2_optimum(data):
+    """An MLP trained by Adam without weight decay: its gradient is not along -W, so the exact Hessian is
+    damped by the measured default and EK-FAC by -g.W/|W|^2 (docs/benchmarks.md, "Damping")."""
+    from worker.forward_inf.curvature import DAMPING_DEFAULT
+
+    x, y, _, _ = data
+    x, y = x[:300], y[:300]
+    model = digits_mlp(x, y, hidden=8, epochs=100)
+    hessian = ForwardInf(model, Classification(), MirrorConfig(precondition="hessian")).prepare((x, y)).execution()
+    ekfac = ForwardInf(model, Classification(), MirrorConfig(precondition="ekfac")).prepare((x, y)).execution()
+    assert hessian["curvature"]["damping"] == DAMPING_DEFAULT
+    assert "not at an L2 optimum" in " ".join(hessian["notes"]) and "not at an L2 optimum" in " ".join(ekfac["notes"])
+    assert 0 < ekfac["curvature"]["damping"] < DAMPING_DEFAULT
+
+
 @pytest.mark.slow
 def test_convex_leave_one_out_correlation(data):
     x, y, x_test, y_test = data

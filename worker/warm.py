@@ -140,7 +140,8 @@ class Warm:
             arrays, meta = self.store.get_blob(name)
             tensors = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
             names, damping, samples = json.loads(meta["names"]), float(meta["damping"]), int(meta["samples"])
-            return restore(meta["kind"], names, fi.model, tensors, damping, samples, int(meta["clipped"]))
+            rule = meta.get("rule", "")
+            return restore(meta["kind"], names, fi.model, tensors, damping, samples, int(meta["clipped"]), rule)
 
         computed: list[Curvature | Kronecker] = []
 
@@ -148,7 +149,7 @@ class Warm:
             self.counters["curvature_estimates"] += 1
             c = estimate()
             meta = {"kind": c.kind, "names": json.dumps(c.names), "damping": repr(c.damping)}
-            meta.update(samples=str(c.samples), clipped=str(c.clipped))
+            meta.update(samples=str(c.samples), clipped=str(c.clipped), rule=c.rule)
             self.store.put_blob(name, {k: v.cpu().numpy() for k, v in c.tensors().items()}, meta)
             computed.append(c)
 

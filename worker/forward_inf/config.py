@@ -75,7 +75,9 @@ class MirrorConfig:
             nn.Linear, transformers Conv1D and nn.Conv2d layers (kronecker.py), for models of any size; their
             other parameters (embeddings, norms) are then left unperturbed. Estimated once per (model,
             training set).
-        damping: added to the curvature's diagonal (plays the role of the training's weight decay).
+        damping: added to the curvature's diagonal (plays the role of the training's weight decay);
+            "auto" reads that decay off the model (curvature.auto_damping), at least 1e-3 x the curvature's
+            mean eigenvalue.
         curvature_samples: training points (spread evenly over the set) the curvature is estimated from.
         safeguard: for memorised test points under SGD, "normalize" rescales the gradient to unit norm
             before the step, so the row still ranks training points; "none" leaves it (rows near zero).
@@ -100,15 +102,15 @@ class MirrorConfig:
     memorized_loss: float = 1e-4
     safeguard: Safeguard = "normalize"
     precondition: Literal["auto", "none", "diag", "hessian", "kfac", "ekfac"] = "auto"
-    damping: float = 1e-2
+    damping: float | Literal["auto"] = "auto"
     curvature_samples: int = 4096
 
     def __post_init__(self) -> None:
         for name, choices in _choices(type(self)).items():
             if getattr(self, name) not in choices:
                 raise AttributionInputError(f"{name}={getattr(self, name)!r}: expected one of {choices}")
-        if not self.damping >= 0:
-            raise AttributionInputError(f"damping={self.damping}: must be >= 0")
+        if self.damping != "auto" and not (isinstance(self.damping, int | float) and self.damping >= 0):
+            raise AttributionInputError(f"damping={self.damping!r}: must be 'auto' or a number >= 0")
         if not self.lr > 0:
             raise AttributionInputError(f"lr={self.lr}: must be > 0")
         for name in ("steps", "batch_size", "max_param_sets", "curvature_samples"):
@@ -116,7 +118,7 @@ class MirrorConfig:
                 raise AttributionInputError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.score == "cosine" and self.mode != "linear":
             raise AttributionInputError("score='cosine' needs mode='linear' (a unit-norm first-order step)")
-        if self.precondition != "none" and self.damping <= 0:
+        if self.precondition != "none" and self.damping != "auto" and self.damping <= 0:
             raise AttributionInputError(
                 "precondition needs damping > 0 (a classifier's curvature is singular without it)"
             )

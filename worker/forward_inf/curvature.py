@@ -13,6 +13,10 @@ curvature is estimated once per (model, training set) and reused:
     For models (or parameter subsets, e.g. params=["head.*"]) of up to `MAX_HESSIAN_PARAMS` parameters.
   - "diag": the diagonal empirical Fisher, mean_i g_i^2, plus damping (one pass of per-example
     gradients over the training set, once).
+
+Damping "auto" (`auto_damping`): the weight decay the model was trained with, read off the model itself
+(at an optimum of loss + lambda/2 |W|^2 the mean loss gradient is -lambda W); for models not at such an
+optimum, the measured best of two rules per curvature kind.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from .kronecker import Kronecker
 from .mirror import Functional, Params
 
 MAX_HESSIAN_PARAMS = 20_000
+DAMPING_FLOOR = 1e-3  # damping "auto": at least this fraction of the curvature's mean eigenvalue
+DAMPING_DEFAULT = 1e-2  # damping "auto" for an exact Hessian or diagonal of a model not at an L2 optimum
+AT_OPTIMUM = 0.99  # damping "auto": the gradient's cosine with -W that marks an L2 optimum
 
 
 def flatten(params: Params, names: list[str]) -> torch.Tensor:  # (k, *shape) each -> (k, P)
@@ -53,13 +60,14 @@ class Curvature:
     kind: str
     names: list[str]
     raw: torch.Tensor  # (P, P) Hessian or (P,) Fisher diagonal, undamped
-    damping: float
+    damping: float | None  # None: not factored yet (see damped)
     samples: int = 0
     factor: torch.Tensor | None = None
     clipped: int = 0
+    rule: str = ""  # damping "auto": how auto_damping chose it; "" = as given
 
     def __post_init__(self):
-        if self.factor is not None:
+        if self.factor is not None or self.damping is None:
             return
         if self.kind == "hessian":
             eye = torch.eye(self.raw.shape[0], dtype=self.raw.dtype, device=self.raw.device)
@@ -82,6 +90,13 @@ class Curvature:
                 )
             self.factor = self.raw + self.damping
 
+    def damped(self, damping: float, rule: str = "") -> Curvature:
+        return Curvature(self.kind, self.names, self.raw, damping, self.samples, rule=rule)
+
+    def mean_eigenvalue(self) -> float:
+        diagonal = self.raw.diagonal() if self.kind == "hessian" else self.raw
+        return float(diagonal.mean())
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """What a later process needs to rebuild it (restore): the factor, never the raw estimate."""
         return {"factor": self.factor}
@@ -97,15 +112,46 @@ class Curvature:
         return unflatten(solved.to(flat.dtype), grads, self.names)
 
 
-def restore(kind: str, names: list[str], model, tensors: dict, damping: float, samples: int, clipped: int):
+def restore(kind: str, names: list[str], model, tensors: dict, damping: float, samples: int, clipped: int, rule: str):
     """A curvature saved with `.tensors()` (and its fields), for `model`."""
     if kind in ("kfac", "ekfac"):
-        return Kronecker.restore(kind, names, model, tensors, damping, samples)
-    return Curvature(kind, names, torch.empty(0), damping, samples, factor=tensors["factor"], clipped=clipped)
+        return Kronecker.restore(kind, names, model, tensors, damping, samples, rule)
+    return Curvature(kind, names, torch.empty(0), damping, samples, tensors["factor"], clipped, rule)
 
 
-def estimate(fm: Functional, task, batches, kind: str, damping: float) -> Curvature:
-    """Mean curvature of the training loss over all training batches (prepared, on the device)."""
+def auto_damping(fm: Functional, task, batches, curvature: Curvature | Kronecker) -> tuple[float, str]:
+    """(damping, how it was chosen), from the mean training-loss gradient g over `batches` and the weight matrices W
+    (biases are rarely decayed). At an optimum of loss + lambda/2 |W|^2, g = -lambda W: where g points
+    along -W (cosine >= AT_OPTIMUM) lambda = -g . W / |W|^2 is the weight decay the model was trained
+    with, and the damping. Otherwise (Adam without decay, or stopped early: cosines 0.37 to 0.58 on the
+    bench's networks) Kronecker curvature takes that same ratio, measured the better damping there, and
+    the exact Hessian or diagonal DAMPING_DEFAULT (docs/benchmarks.md, "Damping"). Never below
+    DAMPING_FLOOR x the curvature's mean eigenvalue."""
+    weights = [n for n, t in fm.theta.items() if t.dim() >= 2]
+    theta = {n: t.detach().requires_grad_(True) for n, t in fm.theta.items()}
+    total, count = [torch.zeros_like(theta[n]) for n in weights], 0
+    for batch in batches:
+        loss = task.loss(fm.caller(theta), batch).sum()
+        for acc, g in zip(total, torch.autograd.grad(loss, [theta[n] for n in weights]), strict=True):
+            acc += g.detach()
+        count += batch["inputs"].shape[0]
+    g = torch.cat([t.double().flatten() for t in total]) / max(count, 1)  # the mean gradient
+    w = torch.cat([fm.theta[n].detach().double().flatten() for n in weights])
+    cosine = float(-(g @ w) / (g.norm() * w.norm())) if g.norm() * w.norm() > 0 else 0.0
+    decay = max(0.0, float(-(g @ w) / (w @ w))) if w.norm() > 0 else 0.0
+    floor = DAMPING_FLOOR * curvature.mean_eigenvalue()
+    if cosine >= AT_OPTIMUM:
+        damping, why = decay, f"the weight decay the model was trained with (gradient cosine with -W {cosine:.4f})"
+    elif isinstance(curvature, Kronecker):
+        damping, why = decay, f"-g.W/|W|^2 (not at an L2 optimum: gradient cosine with -W {cosine:.2f})"
+    else:
+        damping, why = DAMPING_DEFAULT, f"the default (not at an L2 optimum: gradient cosine with -W {cosine:.2f})"
+    return max(damping, floor), why
+
+
+def estimate(fm: Functional, task, batches, kind: str, damping: float | None) -> Curvature:
+    """Mean curvature of the training loss over all training batches (prepared, on the device); not
+    factored while `damping` is None (then `.damped(d)`)."""
     names = list(fm.theta)
     sizes = [fm.theta[n].numel() for n in names]
     total = sum(sizes)

@@ -15,7 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import AUTO_HESSIAN_FLOPS, AUTO_HESSIAN_PARAMS, AttributionInputError, MirrorConfig
-from .curvature import Curvature, estimate
+from .curvature import Curvature, auto_damping, estimate
 from .data import Batch, Examples
 from .kronecker import Kronecker, estimate_kronecker, factored_layers
 from .mirror import Functional, Mirror, mirror_step
@@ -191,6 +191,8 @@ class ForwardInf:
         notes = list(self.notes)
         if c is not None and c.clipped:
             notes.append(f"the Hessian had {c.clipped} negative eigenvalues; they were set to 0 before damping")
+        if c is not None and c.rule:
+            notes.append(f"damping 'auto' = {c.damping:.3g}: {c.rule}")
         return {
             "precondition": self.precondition,
             "parameters": list(self.fm.theta),
@@ -246,7 +248,7 @@ class ForwardInf:
         return (
             c is not None
             and c.kind == self.precondition
-            and c.damping == self.config.damping
+            and (bool(c.rule) if self.config.damping == "auto" else not c.rule and c.damping == self.config.damping)
             and c.names == list(self.fm.theta)
         )
 
@@ -273,9 +275,10 @@ class ForwardInf:
                 if taken >= limit:
                     return
 
-        if self.precondition in KRONECKER:
-            return estimate_kronecker(self.fm, self.task, spread(), self.precondition, self.config.damping)
-        return estimate(self.fm, self.task, spread(), self.precondition, self.config.damping)
+        auto = self.config.damping == "auto"
+        fit = estimate_kronecker if self.precondition in KRONECKER else estimate
+        curvature = fit(self.fm, self.task, spread(), self.precondition, None if auto else self.config.damping)
+        return curvature.damped(*auto_damping(self.fm, self.task, spread(), curvature)) if auto else curvature
 
     def mirror(self, test) -> Mirror:
         """The mirrored step(s) on the test points (all of them at once)."""

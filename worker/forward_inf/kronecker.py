@@ -21,7 +21,7 @@ matrices). Layers are independent (block-diagonal). Parameters outside these lay
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -72,10 +72,17 @@ class Kronecker:
     layers: list[Layer]
     bases: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (Q_A, Q_G)
     values: dict[str, torch.Tensor]  # module -> eigenvalues in that basis, undamped
-    damping: float
+    damping: float | None  # None: not chosen yet (see damped)
     samples: int = 0
     clipped: int = 0  # always 0: every eigenvalue of a Kronecker-factored Fisher is >= 0
     factor: None = field(default=None, repr=False)  # the Hessian's field; a Kronecker curvature has none
+    rule: str = ""  # damping "auto": how curvature.auto_damping chose it; "" = as given
+
+    def damped(self, damping: float, rule: str = "") -> Kronecker:
+        return replace(self, damping=damping, rule=rule)
+
+    def mean_eigenvalue(self) -> float:
+        return float(sum(v.sum() for v in self.values.values()) / sum(v.numel() for v in self.values.values()))
 
     def solve(self, grads: Params) -> Params:
         """(curvature + damping)^-1 g for each row of (k, *shape) gradients, layer by layer."""
@@ -103,11 +110,11 @@ class Kronecker:
         return out
 
     @classmethod
-    def restore(cls, kind, names, model, tensors, damping, samples) -> Kronecker:
+    def restore(cls, kind, names, model, tensors, damping, samples, rule) -> Kronecker:
         layers = factored_layers(model, names)
         bases = {m.module: (tensors[f"{m.module}/qa"], tensors[f"{m.module}/qg"]) for m in layers}
         values = {m.module: tensors[f"{m.module}/values"] for m in layers}
-        return cls(kind, list(names), layers, bases, values, damping, samples)
+        return cls(kind, list(names), layers, bases, values, damping, samples, rule=rule)
 
 
 def _inputs_and_grads(fm: Functional, task, layers: list[Layer], batch) -> dict[str, tuple]:
@@ -160,7 +167,7 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return s, u
 
 
-def estimate_kronecker(fm: Functional, task, batches, kind: str, damping: float) -> Kronecker:
+def estimate_kronecker(fm: Functional, task, batches, kind: str, damping: float | None) -> Kronecker:
     """Fit the factors on `batches` (prepared, on the device): one pass for A and G; EK-FAC a second for
     its eigenvalues."""
     names = list(fm.theta)

@@ -6,11 +6,13 @@ For each kind, the audit training set (worker/demo.py: audit_data) is rebuilt wi
 images changed that way (exact, pixel noise at 5% and 10% of the range, brightness x 0.7, contrast x 0.7,
 a 1-pixel shift, a 1-pixel crop enlarged back), an MLP is trained on it and both are registered; the
 leakage analysis then runs on all 400 test images (40 planted, 360 clean). Then the other way round for
-noise, shift and crop: the demo's audit model and set (exact plants), the 40 test points changed. Reported per kind: recall
-(planted flagged), the false-flag rate (clean flagged) against the rate the service expects, top-1 (the
-best match is the planted record) for the service and for the input-space nearest neighbour (Euclidean,
-the plain baseline), and how many of the planted were found as copies (the model's response) and as near
-duplicates (input similarity).
+noise, shift and crop: the demo's audit model and set (exact plants), the 40 test points changed.
+Reported per kind: recall (planted flagged), the false-flag rate (clean flagged) against the rate the
+service expects, top-1 (the best match is the planted record) for the service and for the input-space
+nearest neighbour (Euclidean, the plain baseline), and how many of the planted were found as copies
+(the model's response) and as near duplicates (input similarity). Last, text (`text`): the demo's tiny
+fact-corpus GPT, 40 of its training sentences changed in case, spacing or one word, among 100 sentences
+of the same templates about other entities (none of them also a training sentence).
 """
 
 from __future__ import annotations

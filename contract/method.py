@@ -67,9 +67,9 @@ class Method(BaseModel):
     )
     damping: Annotated[float, Field(strict=True, ge=0, le=1e6)] | Literal["auto"] = Field(
         "auto",
-        description="added to the curvature's diagonal; auto: the weight decay the model's own gradient implies "
-        "(at an optimum of loss + decay/2 |W|^2 the gradient is -decay W), at least a small fraction of the curvature's mean "
-        "eigenvalue; the value used is in the job's execution",
+        description="added to the curvature's diagonal; auto: the weight decay the model was trained with, read "
+        "off its gradient (at an optimum of loss + decay/2 |W|^2 the gradient is -decay W), else a measured rule per "
+        "curvature kind; the value used and why are in the job's execution",
     )
 
     @model_validator(mode="after")

@@ -35,8 +35,8 @@ class Evidence:
     calibration queries: the training records `calibration`. `records` are the training indices of
     the first n rows when they are training records (memorization); `tests` what the first n rows are
     (contract.jobs.echo: leakage's rows say it). Leakage, where the model's inputs are float vectors:
-    `inputs` the training inputs, `query_inputs` the rows' own, `image_shape` and `input_range` from the
-    model's input spec."""
+    `inputs` the training inputs, `query_inputs` the test points', `image_shape` and `input_range` from
+    the model's input spec; where they are text, `texts` and `query_texts` instead."""
 
     scores: torch.Tensor
     own: torch.Tensor
@@ -178,8 +178,8 @@ def text_variants(texts: list[str]) -> dict[str, list[str]]:
 
 def _near(e: Evidence, false_flag_rate: float) -> tuple[torch.Tensor, dict, float]:
     """Near duplicates: (test points x records) input similarity, the calibration's account (threshold
-    and recall per kind of change) and its false-flag rate (the null: up to NULL_QUERIES training records spread over the set against
-    the others)."""
+    and recall per kind of change) and its false-flag rate. The null: up to NULL_QUERIES training
+    records spread over the set, each against the others."""
     n = len(e.texts) if e.texts is not None else len(e.inputs)
     spread = torch.linspace(0, n - 1, min(NULL_QUERIES, n)).round().long().unique()
     if e.texts is not None:

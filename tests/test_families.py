@@ -388,3 +388,12 @@ def test_a_torchvision_resnet_registers_and_attributes_like_the_engine(service, 
     test = {k: torch.from_numpy(v) for k, v in registry.dataset("cifar-like").read([0, 7]).items()}
     expected = direct(registry, "resnet", "cifar-like", job, test)
     np.testing.assert_allclose(scores_of(api, job), expected.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_calibration_rows_of_token_models_are_padded_with_the_models_pad_id():
+    """A leakage or memorization request's calibration rows (training records) are stacked under its test
+    points; shorter token sequences are padded with the model's pad id (masks with 0), not a real token."""
+    from worker.jobs import _concat
+
+    stacked = _concat(torch.tensor([[7, 8, 9]]), torch.tensor([[4]]), pad=3)
+    assert stacked.tolist() == [[7, 8, 9], [4, 3, 3]]

@@ -308,7 +308,8 @@ def _queries(job: Job, ctx: Context, model_m: ModelManifest, data_m: DatasetMani
     calibration = calibration_records(job, data_m)
     if len(calibration):
         extra = ctx.warm.examples(data_m, calibration.tolist())
-        test = {k: _concat(v, extra[k].to(v)) for k, v in test.items()}
+        pads = {"inputs": model_m.input.pad_id}  # token ids pad with the model's pad id, masks with 0
+        test = {k: _concat(v, extra[k].to(v), pads.get(k, 0)) for k, v in test.items()}
     return test
 
 
@@ -452,10 +453,10 @@ def _test_points(points: InlinePoints | RecordPoints, ctx: Context, model_m, dty
     return batch
 
 
-def _concat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Rows of a then b; token sequences (and their masks) of different lengths are padded with 0, which
-    a causal LM's target mask leaves out of the loss."""
+def _concat(a: torch.Tensor, b: torch.Tensor, pad: int) -> torch.Tensor:
+    """Rows of a then b; token sequences (and their masks) of different lengths are padded with `pad`
+    on the right (a model's attention mask and a causal LM's target mask leave it out)."""
     if a.dim() == 2 and not a.is_floating_point() and a.shape[1] != b.shape[1]:
         width = max(a.shape[1], b.shape[1])
-        a, b = (torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in (a, b))
+        a, b = (torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad) for t in (a, b))
     return torch.cat([a, b])

@@ -120,13 +120,13 @@ def restore(kind: str, names: list[str], model, tensors: dict, damping: float, s
 
 
 def auto_damping(fm: Functional, task, batches, curvature: Curvature | Kronecker) -> tuple[float, str]:
-    """(damping, how it was chosen), from the mean training-loss gradient g over `batches` and the weight matrices W
-    (biases are rarely decayed). At an optimum of loss + lambda/2 |W|^2, g = -lambda W: where g points
+    """(damping, how it was chosen), from the mean training-loss gradient g over `batches` and the
+    weight matrices W (biases are rarely decayed). At an optimum of loss + lambda/2 |W|^2, g = -lambda W: where g points
     along -W (cosine >= AT_OPTIMUM) lambda = -g . W / |W|^2 is the weight decay the model was trained
     with, and the damping. Otherwise (Adam without decay, or stopped early: cosines 0.37 to 0.58 on the
     bench's networks) Kronecker curvature takes that same ratio, measured the better damping there, and
     the exact Hessian or diagonal DAMPING_DEFAULT (docs/benchmarks.md, "Damping"). Never below
-    DAMPING_FLOOR x the curvature's mean eigenvalue."""
+    DAMPING_FLOOR x the curvature's mean eigenvalue, nor zero (a flat curvature at g.W >= 0)."""
     weights = [n for n, t in fm.theta.items() if t.dim() >= 2]
     theta = {n: t.detach().requires_grad_(True) for n, t in fm.theta.items()}
     total, count = [torch.zeros_like(theta[n]) for n in weights], 0
@@ -146,7 +146,7 @@ def auto_damping(fm: Functional, task, batches, curvature: Curvature | Kronecker
         damping, why = decay, f"-g.W/|W|^2 (not at an L2 optimum: gradient cosine with -W {cosine:.2f})"
     else:
         damping, why = DAMPING_DEFAULT, f"the default (not at an L2 optimum: gradient cosine with -W {cosine:.2f})"
-    return max(damping, floor), why
+    return max(damping, floor) or DAMPING_DEFAULT, why
 
 
 def estimate(fm: Functional, task, batches, kind: str, damping: float | None) -> Curvature:

@@ -1,7 +1,7 @@
 """Attribution quality and speed against the field, side by side on the same checkpoints.
 
-    python -m bench.quality            # the full run: 100 LDS models, 100 test points, three setups
-    python -m bench.quality --quick    # a few minutes: 24 LDS models, 40 test points, no CNN
+    python -m bench.quality            # the full run: 100 LDS models, 100 test points, four setups
+    python -m bench.quality --quick    # a few minutes: 24 LDS models, 40 test points, no CNN or ResNet
 
 Needs the bench extra (`EXTRAS=worker,test,bench ./scripts/install`: dattri, captum, traker, matplotlib;
 peers are not runtime dependencies); Kronfluence is an optional peer, run when installed (kronfluence()).
@@ -11,7 +11,9 @@ Ground truth is cached under bench/out/ (not committed) and rebuilt with --regen
 Tasks (scikit-learn's bundled data; digits in the demo split):
   LDS         linear datamodeling score (TRAK, arXiv 2303.14186): models retrained on random 50% subsets;
               per test point, Spearman between summed scores of each subset and that model's margin.
-              Setups: digits MLP, digits CNN, breast_cancer MLP (all bundled with scikit-learn).
+              Setups: digits MLP, digits CNN, breast_cancer MLP (all bundled with scikit-learn), and a
+              121k-parameter ResNet on digits at 32x32 (50 LDS models): hours on 2 CPU cores (its ground
+              truth took 31 min, one Forward-INF query of 100 test points 471 s), meant for a GPU.
   LOO         convex L2 logistic regression on 300 points: Pearson with exact leave-one-out effects.
   mislabeled  per setup: 10% of training labels flipped, model retrained; rank training points by how
               much they hurt a clean reference set (100 held-out points); ROC AUC.

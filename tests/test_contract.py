@@ -133,7 +133,7 @@ ENGINE_FINGERPRINTS = {
     # the last layer is not linear (a tied LM head), instead of a LayerNorm's Hessian or none
     "2026.12.4": {"1c2d33dceaa87f07"},
     "2026.12.5": {"94f1b10847a6820c"},
-    "2026.12.6": {"ba1acac8beac07de"},
+    "2026.12.6": {"ba1acac8beac07de", "89042bdf6e467281"},
 }
 
 

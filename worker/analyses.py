@@ -115,19 +115,22 @@ class Similarity:
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         return (x.flatten(1).float() - self.mean) / self.std
 
-    def _both(self, x: torch.Tensor, y: torch.Tensor, pair) -> torch.Tensor:
-        """The larger of pair(aligned x, y) and pair(x, aligned y), over the alignments."""
-        one = pair(_unit(aligned(x, self.image_shape)), _unit(y)).amax(0)
-        return torch.maximum(one, pair(_unit(x), _unit(aligned(y, self.image_shape))).amax(0))
+    def _both(self, x: torch.Tensor, x_aligned: torch.Tensor, y: torch.Tensor, pair) -> torch.Tensor:
+        """The larger of pair(aligned x, y) and pair(x, aligned y), over the alignments (x, x_aligned: unit)."""
+        one = pair(x_aligned, _unit(y)).amax(0)
+        return torch.maximum(one, pair(x, _unit(aligned(y, self.image_shape))).amax(0))
 
     def __call__(self, x: torch.Tensor, block: int = 4096) -> torch.Tensor:
         """(rows, N) each query's similarity with every training record."""
         x = self._scaled(x)
-        return torch.cat([self._both(x, t, lambda a, b: a @ b.mT) for t in self.train.split(block)], dim=1)
+        x_unit, x_aligned = _unit(x), _unit(aligned(x, self.image_shape))  # once, for every block
+        blocks = self.train.split(block)
+        return torch.cat([self._both(x_unit, x_aligned, t, lambda a, b: a @ b.mT) for t in blocks], dim=1)
 
     def pairs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(n,) the similarity of x[i] with y[i]."""
-        return self._both(self._scaled(x), self._scaled(y), lambda a, b: (a * b).sum(-1))
+        x = self._scaled(x)
+        return self._both(_unit(x), _unit(aligned(x, self.image_shape)), self._scaled(y), lambda a, b: (a * b).sum(-1))
 
 
 def variants(x: torch.Tensor, image_shape: list[int] | None, lo: float, hi: float) -> dict[str, torch.Tensor]:

@@ -316,9 +316,11 @@ def _queries(job: Job, ctx: Context, model_m: ModelManifest, data_m: DatasetMani
 def _leakage_inputs(job: LeakageJob, ctx: Context, model_m: ModelManifest, data_m: DatasetManifest) -> dict:
     """What leakage compares besides the model's response (Evidence's fields): the training and test
     inputs as vectors, or as text where the model reads text; nothing for other token inputs."""
+    spec = model_m.input
+    if spec.dtype != "float32" and spec.text is None:
+        return {}  # read nothing: token ids without text have only the copy rule
     train = np.concatenate([data_m.rows(n, keys=("inputs",))["inputs"] for n in range(len(data_m.shards))])
     test = _test_points(job.points, ctx, model_m, job.dtype)["inputs"].cpu()
-    spec = model_m.input
     if spec.dtype == "float32":
         return {
             "inputs": torch.from_numpy(train),
@@ -326,8 +328,6 @@ def _leakage_inputs(job: LeakageJob, ctx: Context, model_m: ModelManifest, data_
             "image_shape": spec.image_shape,
             "input_range": spec.range,
         }
-    if spec.text is None:
-        return {}
 
     def text(ids) -> str:
         return model_m.decode([int(t) for t in ids if t != spec.pad_id])

@@ -268,7 +268,7 @@ def _mislabeled(result, scores, records, queries) -> str:
         + f"<h2>review list (first {min(LIST, len(a['review']))} of {a['review_size']})</h2>"
         + records.cards(
             a["review"][:LIST],
-            lambda e: f'<div>#{e["rank"]}</div><div class="muted">p(label) {e["p_label"]:.2g}</div>',
+            lambda e: f'<div>#{e["rank"]}</div><div class="muted">p(wrong) {e["p_wrong"]:.2g}</div>',
         )
     )
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from contract.jobs import RankBy
 from worker.demo import AUDIT_PLANTED, audit_data
 from worker.registry import main as registry_main
 
@@ -49,7 +51,7 @@ def main() -> None:
             )
             print(f"  calibration: {job['result']['calibration']}")
 
-            for rank_by in ("loss", "harm", "combined"):
+            for rank_by in get_args(RankBy):
                 body = {**AUDIT, "reference": REFERENCE, "rank_by": rank_by, "review_size": len(flipped)}
                 seconds, job = run_to_end(client, body, "/v1/analyses/mislabeled")
                 rank = np.empty(len(flipped))
@@ -59,7 +61,8 @@ def main() -> None:
             listed = [s["index"] for s in job["result"]["review"]]
             print(
                 f"  default review list: {len(listed)} records, precision {flipped[listed].mean():.3f} "
-                f"(expected by the service: {job['result']['expected_precision']:.3f}); 139 labels flipped"
+                f"(expected by the service: {job['result']['expected_precision']:.3f}), recall "
+                f"{flipped[listed].sum() / flipped.sum():.3f}; 139 labels flipped"
             )
 
             rng = np.random.default_rng(0)

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .jobs import RankBy
 from .method import Method, MethodDefaults, MethodSettings
 from .registry import ARCHITECTURE, ID, InputSpec
 
@@ -272,14 +273,15 @@ class MislabeledCreate(JobCreate):
         }
     )
     reference: DatasetTest = Field(description="clean, correctly labelled records (e.g. a vetted held-out set)")
-    rank_by: Literal["loss", "harm", "combined"] = Field(
-        "combined",
-        description="loss: the record's own training loss; harm: how much a step on the reference set "
-        "raises the record's loss (Forward-INF group mode, cosine score); combined: the sum of both ranks. "
-        "Default by measurement (docs/benchmarks.md): combined is the most robust across models.",
+    rank_by: RankBy = Field(
+        "posterior",
+        description="posterior: p_wrong, the probability that the label is wrong given the record's loss at "
+        "the temperature fitted on the reference set and its harm; loss: the record's own training loss; harm: "
+        "how much a step on the reference set raises the record's loss (Forward-INF group mode, cosine score); "
+        "combined: the sum of the loss and harm ranks. Default by measurement (docs/benchmarks.md).",
     )
     review_size: Annotated[int, Field(strict=True, ge=1, le=10_000)] | None = Field(
-        None, description="length of the review list; default: the expected number of wrong labels"
+        None, description="length of the review list; default: the expected number of wrong labels (sum of p_wrong)"
     )
 
 
@@ -369,6 +371,9 @@ class Suspect(BaseModel):
     loss: float = Field(description="the record's training loss under the model")
     p_label: float = Field(description="probability the model gives the recorded label (exp(-loss))")
     harm: float = Field(description="how much the reference set's loss rises with this record (Forward-INF)")
+    p_wrong: float = Field(
+        description="probability that the recorded label is wrong (loss at the fitted temperature, and harm)"
+    )
 
 
 class ClassSummary(BaseModel):
@@ -384,8 +389,9 @@ class MislabeledResult(BaseModel):
     summary: str
     rank_by: str
     review_size: int
-    expected_wrong: float = Field(description="sum over all records of 1 - p_label (the model's own estimate)")
+    expected_wrong: float = Field(description="sum over all records of p_wrong")
     expected_precision: float = Field(description="share of the review list expected to be mislabelled")
+    temperature: float = Field(description="the temperature that fits the model's probabilities to the reference set")
     precision_method: str
     review: list[Suspect]
     classes: list[ClassSummary]

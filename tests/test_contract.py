@@ -134,6 +134,9 @@ ENGINE_FINGERPRINTS = {
     "2026.12.4": {"1c2d33dceaa87f07"},
     "2026.12.5": {"94f1b10847a6820c"},
     "2026.12.6": {"ba1acac8beac07de", "89042bdf6e467281"},
+    # mislabeled: p_wrong (the loss at a temperature fitted on the reference, updated by harm) ranks, sizes
+    # and prices the review list
+    "2026.12.7": {"8fa26fb4378757e3"},
 }
 
 

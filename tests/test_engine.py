@@ -156,6 +156,22 @@ def test_relative_score_is_the_log_loss_change(problem):
     torch.testing.assert_close(fi.scores((x[:3], y[:3])), plain / fi.base[None])
 
 
+@pytest.mark.parametrize("truth", [0.5, 2.5])
+def test_tempered_losses_fit_the_temperature_that_generated_the_labels(problem, truth):
+    """Reference labels drawn from softmax(logits / truth): the fitted T is truth to within 5%, and the
+    training losses are the cross-entropy of the model's logits over T."""
+    model, x, y = problem
+    torch.manual_seed(1)
+    ref_x = 3 * torch.randn(20_000, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ref_y = torch.distributions.Categorical(logits=model(ref_x) / truth).sample()
+    fi = ForwardInf(model, Classification(), MirrorConfig.preset("testing")).prepare((x, y))
+    temperature, losses = fi.tempered_losses((ref_x, ref_y))
+    assert abs(temperature / truth - 1) < 0.05
+    with torch.no_grad():
+        torch.testing.assert_close(losses, F.cross_entropy(model(x) / temperature, y, reduction="none"))
+
+
 def test_regression_task(problem):
     model, x, _ = problem
     targets = torch.randn(40, 3, dtype=torch.float64)

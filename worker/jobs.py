@@ -35,6 +35,7 @@ from contract.jobs import (
     InlinePoints,
     Job,
     LeakageJob,
+    MislabeledJob,
     ModelRef,
     RecordPoints,
     echo,
@@ -209,11 +210,14 @@ def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int
     config = fi.config
     passes = -(-mirror.test_loss.shape[0] // config.max_param_sets)
     per_shard = [passes * -(-s.size // config.batch_size) for s in data_m.shards[first:stop]]
-    total, parts = sum(per_shard), []
+    total, parts, tempered = sum(per_shard), [], []
     for i, n in enumerate(range(first, stop)):
         before = sum(per_shard[:i])
         prepare_shard(ctx, fi, model_m, data_m, n, job.dtype)
         parts.append(fi.sweep(mirror, lambda done, _t, before=before: reporter(before + done, total)))
+        if isinstance(job, MislabeledJob):  # the same temperature in every part: fitted on the same reference
+            temperature, losses = fi.tempered_losses(test)
+            tempered.append(losses)
     scores = torch.cat(parts, dim=1).float()  # (rows, width)
     reporter.timing["sweep_s"] = time.perf_counter() - t
     if not torch.isfinite(scores).all():
@@ -235,6 +239,12 @@ def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int
         "memorized": mirror.memorized.tolist(),
         "batches": total,
     }
+    if tempered:
+        losses = torch.cat(tempered)[None].float().cpu().numpy()
+        summary["tempered"] = {
+            "temperature": temperature,
+            "block": ctx.store.put_block(_tempered(job.key), lo, losses).model_dump(),
+        }
     if isinstance(job, AttributionJob):  # each row's best and worst of this part, by global index
         k = min(ctx.settings.max_top_k, scores.shape[1])
         high, low = scores.topk(k, dim=1), scores.topk(k, dim=1, largest=False)
@@ -280,7 +290,11 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
             shards = range(len(data_m.shards))
             labels = torch.from_numpy(np.concatenate([data_m.rows(n, keys=("targets",))["targets"] for n in shards]))
         base = torch.cat([_stored_base(ctx, model_m, data_m, n, job.dtype) for n in range(len(data_m.shards))])
-        inputs = _leakage_inputs(job, ctx, model_m, data_m) if isinstance(job, LeakageJob) else {}
+        extra = _leakage_inputs(job, ctx, model_m, data_m) if isinstance(job, LeakageJob) else {}
+        if isinstance(job, MislabeledJob):
+            parts = [Block(**s["tempered"]["block"]) for s in summaries]
+            tempered = np.concatenate([ctx.store.get_block(_tempered(job.key), b, 1) for b in parts], axis=1)
+            extra = {"tempered": torch.from_numpy(tempered[0]), "temperature": first["tempered"]["temperature"]}
         evidence = Evidence(
             scores=scores,
             own=torch.tensor(first["self_score"]),
@@ -292,13 +306,19 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
             labels=labels,
             records=torch.tensor(job.points.indices) if isinstance(job.points, RecordPoints) else None,
             tests=tests,
-            **inputs,
+            **extra,
         )
         result["analysis"] = ANALYSES[job.kind](evidence, job)
         result["shape"] = [evidence.n, data_m.size]  # the calibration rows are the analysis' own business
         timing["store_s"] += time.perf_counter() - t
     ctx.store.put_result(job.key, result)
     return {"key": job.key, "shape": result["shape"], "parts": len(summaries)}
+
+
+def _tempered(key: str) -> str:
+    """Where a mislabeled job's parts keep their training losses at the fitted temperature (one row per
+    block, beside the scores: in the result's own folder when on disk)."""
+    return f"{key}/tempered"
 
 
 def _queries(job: Job, ctx: Context, model_m: ModelManifest, data_m: DatasetManifest) -> dict:

@@ -20,7 +20,7 @@ from .data import Batch, Examples
 from .kronecker import Kronecker, estimate_kronecker, factored_layers
 from .mirror import Functional, Mirror, mirror_step
 from .sweep import Progress, sweep
-from .tasks import TEST_INDEX_OFFSET, Task
+from .tasks import TEST_INDEX_OFFSET, Task, fit_temperature
 
 __all__ = ["ForwardInf", "attribute"]
 KRONECKER = ("kfac", "ekfac")
@@ -290,6 +290,23 @@ class ForwardInf:
             raise AttributionInputError("precondition is set: call prepare(train) first (it estimates the curvature)")
         solve = self.curvature.solve if self.precondition != "none" else None
         return mirror_step(self.fm, self.task, batch, self.config, solve)
+
+    def tempered_losses(self, reference) -> tuple[float, torch.Tensor]:
+        """Classification: the temperature T that best fits the model's probabilities to `reference`
+        (held-out points with true labels; Guo et al. 2017), and the bound training set's losses at it,
+        cross-entropy of logits / T. T > 1: the model is over-confident on unseen data (and more so on the
+        training points it memorised); T < 1: under-confident."""
+        if self.train is None:
+            raise AttributionInputError("call prepare(train) before tempered_losses(reference)")
+        examples = Examples(reference, 1 << 62, "reference set")
+        with torch.no_grad():
+            batch = next(self._batches(examples, TEST_INDEX_OFFSET))
+            temperature = fit_temperature(self._checked_forward(batch, examples.what), batch["targets"])
+            losses = [
+                self.task.criterion(self.task.forward(self.fm.caller(self.fm.theta), b) / temperature, b)
+                for b in self._batches(self.train, validate=False)
+            ]
+        return temperature, torch.cat(losses)
 
     def scores(self, test, progress: Progress | None = None) -> torch.Tensor:
         """(n_test, n_train) scores, or (1, n_train) in group mode; positive = the training point

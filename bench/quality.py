@@ -5,7 +5,8 @@
 
 Needs the bench extra (`EXTRAS=worker,test,bench ./scripts/install`: dattri, captum, traker, matplotlib;
 peers are not runtime dependencies); Kronfluence is an optional peer, run when installed (kronfluence()).
-`--only a,b` runs the LDS of just the methods whose names contain a or b.
+`--only a,b` runs just the methods whose names contain a or b, `--setups a,b` just those setups, and
+`--part lds|tasks` just the LDS or just the mislabeled and leakage tasks (and LOO).
 Ground truth is cached under bench/out/ (not committed) and rebuilt with --regenerate.
 
 Tasks (scikit-learn's bundled data; digits in the demo split):
@@ -46,6 +47,7 @@ from scipy.stats import rankdata, spearmanr
 from sklearn.metrics import roc_auc_score
 
 from bench.groundtruth import fit_logistic, leave_one_out
+from worker.analyses import p_wrong
 from worker.demo import digits, digits_mlp, train_classifier
 from worker.forward_inf import Classification, ForwardInf, MirrorConfig, build
 
@@ -449,11 +451,15 @@ def skipped(setup: str, name: str, quick: bool) -> str | None:
 ONLY: list[str] = []  # --only: run just the methods whose names contain one of these
 
 
+def chosen(name: str) -> bool:
+    return not ONLY or any(part in name for part in ONLY)
+
+
 def lds_rows(setup, model, data, last, ks, masks, margins_, quick):
     x, y, x_test, y_test = data
     rows = []
     for name in [*OURS, *PEERS]:
-        if ONLY and not any(part in name for part in ONLY):
+        if not chosen(name):
             continue
         if why := skipped(setup, name, quick):
             print(f"  {setup} | {name}: skipped, {why}", flush=True)
@@ -499,20 +505,23 @@ def mislabeled_task(setup, data, train_fn, last, quick) -> dict[str, float]:
         loss = F.cross_entropy(model(x), noisy, reduction="none")
     auc["training loss alone (no attribution)"] = roc_auc_score(is_flipped, loss.numpy())
     for name in [*GOVERNANCE, "Forward-INF mislabeled preset", *PEERS]:
-        if skipped(setup, name, quick) or "explicit" in name:
+        if skipped(setup, name, quick) or "explicit" in name or not chosen(name):
             continue
         if name.startswith("Forward-INF"):
             config = MirrorConfig.preset("mislabeled") if name.endswith("mislabeled preset") else OURS[name]
             config = config.replace(group=True, params=(last,) if config.params == ("LAST",) else config.params)
-            support = ForwardInf(model, Classification(), config).prepare((x, noisy)).scores(reference)[0]
+            fi = ForwardInf(model, Classification(), config).prepare((x, noisy))
+            support = fi.scores(reference)[0]
         else:
             support = run_method(name, model, (x, noisy), reference, [100], last)[0].sum(0)
         auc[name] = roc_auc_score(is_flipped, -support.numpy())
         print(f"  {setup} | mislabeled | {name}: AUC {auc[name]:.3f}", flush=True)
-        if name.endswith("mislabeled preset"):  # the service's rank_by="combined": both ranks summed
+        if name.endswith("mislabeled preset"):  # the service's rankings from the loss and this harm
             combined = rankdata(loss.numpy()) + rankdata(-support.numpy())
-            auc["training loss + mislabeled preset, ranks summed (the service's default)"] = roc_auc_score(
-                is_flipped, combined
+            auc["training loss + mislabeled preset, ranks summed (`combined`)"] = roc_auc_score(is_flipped, combined)
+            tempered = fi.tempered_losses(reference)[1]
+            auc["p_wrong: tempered loss updated by the preset's harm (`posterior`, the default)"] = roc_auc_score(
+                is_flipped, p_wrong(tempered.double(), -support.double()).numpy()
             )
     return auc
 
@@ -527,7 +536,7 @@ def leakage_task(setup, data, train_fn, last, quick) -> dict[str, tuple[float, f
     duplicate = torch.arange(len(x), len(x_leak))
     rates = {}
     for name in ["Forward-INF leakage preset", *GOVERNANCE, *PEERS]:
-        if skipped(setup, name, quick) or "explicit" in name:
+        if skipped(setup, name, quick) or "explicit" in name or not chosen(name):
             continue
         if name == "Forward-INF leakage preset":
             scores = ForwardInf(model, Classification(), MirrorConfig.preset("leakage")).prepare((x_leak, y_leak))
@@ -583,7 +592,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--regenerate", action="store_true")
-    parser.add_argument("--only", default="", help="LDS only, of the methods whose names contain one of these (a,b)")
+    parser.add_argument("--only", default="", help="just the methods whose names contain one of these (a,b)")
+    parser.add_argument("--part", choices=("all", "lds", "tasks"), default="all", help="tasks: mislabeled and leakage")
+    parser.add_argument("--setups", default="", help="just the setups whose names contain one of these (a,b)")
     args = parser.parse_args()
     ONLY.extend(part for part in args.only.split(",") if part)
     began = time.perf_counter()
@@ -597,17 +608,23 @@ def main() -> None:
     for setup, (load, train_fn, last) in SETUPS.items():
         if args.quick and ("CNN" in setup or setup == RESNET):
             continue
+        if args.setups and not any(part in setup for part in args.setups.split(",")):
+            continue
         data = load()
         x, y, x_test, y_test = data
-        ks = [1, 10, min(n_test, len(y_test))]
-        models = n_models if args.quick else MODELS.get(setup, n_models)
-        masks, margins_ = lds_truth(setup, train_fn, x, y, x_test[:n_test], y_test[:n_test], models, args.regenerate)
-        model = train_fn(x, y)
-        rows += lds_rows(setup, model, (x, y, x_test[:n_test], y_test[:n_test]), last, ks, masks, margins_, args.quick)
-        if not ONLY:
+        if args.part != "tasks":
+            ks = [1, 10, min(n_test, len(y_test))]
+            models = n_models if args.quick else MODELS.get(setup, n_models)
+            masks, margins_ = lds_truth(
+                setup, train_fn, x, y, x_test[:n_test], y_test[:n_test], models, args.regenerate
+            )
+            model = train_fn(x, y)
+            data_ = (x, y, x_test[:n_test], y_test[:n_test])
+            rows += lds_rows(setup, model, data_, last, ks, masks, margins_, args.quick)
+        if args.part != "lds":
             auc[setup] = mislabeled_task(setup, data, train_fn, last, args.quick)
             leak[setup] = leakage_task(setup, data, train_fn, last, args.quick)
-    loo = {} if ONLY else loo_task()
+    loo = loo_task() if args.part != "lds" and not ONLY else {}
 
     print("\n## LDS, time and memory\n")
     print("| setup | method | LDS | setup s | query s, k=1 | k=10 | k=all (n) | peak MB |")
@@ -632,7 +649,7 @@ def main() -> None:
         cells = [f"{leak[s][name][0]:.3f} / {leak[s][name][1]:.3f}" if name in leak[s] else "-" for s in setups]
         print(f"| {name} | {' | '.join(cells)} |")
     print(f"\n# {(time.perf_counter() - began) / 60:.1f} min")
-    if not ONLY:  # a partial run leaves the committed plot alone
+    if not ONLY and args.part == "all" and not args.setups:  # a partial run leaves the committed plot alone
         plot(rows, "quick" if args.quick else "full")
 
 

@@ -113,8 +113,10 @@ def test_mislabeled_ranks_flipped_labels_first(client, worker, truth):
     assert abs(precision - result["expected_precision"]) <= 0.15 and recall >= 0.7  # 0.876 vs 0.759, 0.863 here
     assert {c["label"] for c in result["classes"]} == set(range(10))
     assert sum(c["in_review"] for c in result["classes"]) == len(listed)
-    p_wrong = [s["p_wrong"] for s in result["review"]]
-    assert p_wrong == sorted(p_wrong, reverse=True) and result["expected_precision"] == pytest.approx(np.mean(p_wrong))
+    listed_p = [s["p_wrong"] for s in result["review"]]
+    assert listed_p == sorted(listed_p, reverse=True) and result["expected_precision"] == pytest.approx(
+        np.mean(listed_p)
+    )
 
 
 def test_harm_lifts_memorised_flips_that_the_loss_misses():

@@ -110,7 +110,7 @@ def test_mislabeled_ranks_flipped_labels_first(client, worker, truth):
     precision, recall = flipped[listed].mean(), flipped[listed].sum() / flipped.sum()
     print(f"review list of {len(listed)}: precision {precision:.3f}, expected {result['expected_precision']:.3f}, "
           f"recall {recall:.3f}, temperature {result['temperature']:.2f}")  # fmt: skip
-    assert abs(precision - result["expected_precision"]) <= 0.15 and recall >= 0.7  # 0.876 vs 0.759, 0.863 here
+    assert abs(precision - result["expected_precision"]) <= 0.15 and recall >= 0.7  # 0.870 vs 0.757, 0.863 here
     assert {c["label"] for c in result["classes"]} == set(range(10))
     assert sum(c["in_review"] for c in result["classes"]) == len(listed)
     listed_p = [s["p_wrong"] for s in result["review"]]

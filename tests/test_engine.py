@@ -172,6 +172,15 @@ def test_tempered_losses_fit_the_temperature_that_generated_the_labels(problem, 
         torch.testing.assert_close(losses, F.cross_entropy(model(x) / temperature, y, reduction="none"))
 
 
+def test_a_temperature_from_a_handful_of_reference_points_stays_near_one(problem):
+    model, x, y = problem
+    with torch.no_grad():
+        right = model(x).argmax(1)  # labels the model gets right: the likelihood alone wants T -> 0
+    fi = ForwardInf(model, Classification(), MirrorConfig.preset("testing")).prepare((x, y))
+    assert 0.37 < fi.tempered_losses((x[:2], right[:2]))[0] < 1
+    assert fi.tempered_losses((x, right))[0] < fi.tempered_losses((x[:2], right[:2]))[0]
+
+
 def test_regression_task(problem):
     model, x, _ = problem
     targets = torch.randn(40, 3, dtype=torch.float64)

@@ -74,13 +74,16 @@ class Classification(Task):
 
 
 TEMPERATURES = torch.logspace(-2, 2, 801, dtype=torch.float64)  # fit_temperature's grid: 1.2% apart
+LOG_TEMPERATURE_SD = 1.0  # fit_temperature's prior: log T ~ N(0, 1), T within 0.37..2.7 at one sd
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """The T on TEMPERATURES that minimises the mean cross-entropy of logits / T against targets."""
-    z = logits.detach().double()
-    nll = torch.stack([F.cross_entropy(z / t, targets) for t in TEMPERATURES.to(z.device)])
-    return float(TEMPERATURES[int(nll.argmin())])
+    """The T on TEMPERATURES of highest posterior: the summed cross-entropy of logits / T against targets
+    plus the prior's (log T)^2 / 2 sd^2, which keeps T near 1 when there are few targets (two points
+    would otherwise drive it to the grid's end) and is outweighed by a hundred."""
+    z, t = logits.detach().double(), TEMPERATURES.to(logits.device)
+    nll = torch.stack([F.cross_entropy(z / one, targets, reduction="sum") for one in t])
+    return float(t[int((nll + t.log() ** 2 / (2 * LOG_TEMPERATURE_SD**2)).argmin())])
 
 
 class Regression(Task):

@@ -63,7 +63,8 @@ def main() -> None:
             fi = ForwardInf(model, Classification(), MirrorConfig.preset("mislabeled").replace(group=True))
             reference = (x_test[-100:], y_test[-100:])
             scores = fi.prepare((x, noisy)).scores(reference)
-            temperature, tempered = fi.tempered_losses(reference)
+            temperature = fi.temperature(reference)
+            tempered = fi.tempered_losses(temperature)
             evidence = Evidence(scores, torch.zeros(1), torch.zeros(1), loss, [str(i) for i in range(len(y))], 1,
                                 torch.empty(0, dtype=torch.long), labels=noisy, tempered=tempered,
                                 temperature=temperature)  # fmt: skip

@@ -519,7 +519,7 @@ def mislabeled_task(setup, data, train_fn, last, quick) -> dict[str, float]:
         if name.endswith("mislabeled preset"):  # the service's rankings from the loss and this harm
             combined = rankdata(loss.numpy()) + rankdata(-support.numpy())
             auc["training loss + mislabeled preset, ranks summed (`combined`)"] = roc_auc_score(is_flipped, combined)
-            tempered = fi.tempered_losses(reference)[1]
+            tempered = fi.tempered_losses(fi.temperature(reference))
             auc["p_wrong: tempered loss updated by the preset's harm (`posterior`, the default)"] = roc_auc_score(
                 is_flipped, p_wrong(tempered.double(), -support.double()).numpy()
             )

@@ -137,7 +137,10 @@ ENGINE_FINGERPRINTS = {
     # mislabeled: p_wrong (the loss at a temperature fitted on the reference, updated by harm) ranks, sizes
     # and prices the review list
     "2026.12.7": {"8fa26fb4378757e3"},
-    "2026.12.8": {"c1b42c65b51d85f8"},  # the temperature's fit has a prior on log T (few reference points)
+    "2026.12.8": {
+        "c1b42c65b51d85f8",  # the temperature's fit has a prior on log T (few reference points)
+        "0daaf0d2af41e32f",  # the temperature is fitted once per part, not per shard (same results)
+    },
 }
 
 

@@ -37,7 +37,7 @@ class Evidence:
     (contract.jobs.echo: leakage's rows say it). Leakage, where the model's inputs are float vectors:
     `inputs` the training inputs, `query_inputs` the test points', `image_shape` and `input_range` from
     the model's input spec; where they are text, `texts` and `query_texts` instead. Mislabeled: `tempered`
-    the training losses at the `temperature` fitted on the reference set (ForwardInf.tempered_losses)."""
+    the training losses at the `temperature` fitted on the reference set (ForwardInf.temperature and tempered_losses)."""
 
     scores: torch.Tensor
     own: torch.Tensor

@@ -211,13 +211,14 @@ def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int
     passes = -(-mirror.test_loss.shape[0] // config.max_param_sets)
     per_shard = [passes * -(-s.size // config.batch_size) for s in data_m.shards[first:stop]]
     total, parts, tempered = sum(per_shard), [], []
+    # mislabeled: every part fits the same temperature (the same reference set and model)
+    temperature = fi.temperature(test) if isinstance(job, MislabeledJob) else None
     for i, n in enumerate(range(first, stop)):
         before = sum(per_shard[:i])
         prepare_shard(ctx, fi, model_m, data_m, n, job.dtype)
         parts.append(fi.sweep(mirror, lambda done, _t, before=before: reporter(before + done, total)))
-        if isinstance(job, MislabeledJob):  # the same temperature in every part: fitted on the same reference
-            temperature, losses = fi.tempered_losses(test)
-            tempered.append(losses)
+        if temperature is not None:
+            tempered.append(fi.tempered_losses(temperature))
     scores = torch.cat(parts, dim=1).float()  # (rows, width)
     reporter.timing["sweep_s"] = time.perf_counter() - t
     if not torch.isfinite(scores).all():

@@ -291,22 +291,27 @@ class ForwardInf:
         solve = self.curvature.solve if self.precondition != "none" else None
         return mirror_step(self.fm, self.task, batch, self.config, solve)
 
-    def tempered_losses(self, reference) -> tuple[float, torch.Tensor]:
+    def temperature(self, reference) -> float:
         """Classification: the temperature T that best fits the model's probabilities to `reference`
-        (held-out points with true labels; Guo et al. 2017), and the bound training set's losses at it,
-        cross-entropy of logits / T. T > 1: the model is over-confident on unseen data (and more so on the
-        training points it memorised); T < 1: under-confident."""
-        if self.train is None:
-            raise AttributionInputError("call prepare(train) before tempered_losses(reference)")
+        (held-out points with true labels; Guo et al. 2017; tasks.fit_temperature). T > 1: the model is
+        over-confident on unseen data (and more so on the training points it memorised); T < 1: under-confident."""
         examples = Examples(reference, 1 << 62, "reference set")
+        batch = next(self._batches(examples, TEST_INDEX_OFFSET))
         with torch.no_grad():
-            batch = next(self._batches(examples, TEST_INDEX_OFFSET))
-            temperature = fit_temperature(self._checked_forward(batch, examples.what), batch["targets"])
-            losses = [
-                self.task.criterion(self.task.forward(self.fm.caller(self.fm.theta), b) / temperature, b)
-                for b in self._batches(self.train, validate=False)
-            ]
-        return temperature, torch.cat(losses)
+            return fit_temperature(self._checked_forward(batch, examples.what), batch["targets"])
+
+    def tempered_losses(self, temperature: float) -> torch.Tensor:
+        """The bound training set's losses with the model's outputs divided by `temperature`."""
+        if self.train is None:
+            raise AttributionInputError("call prepare(train) before tempered_losses(temperature)")
+        call = self.fm.caller(self.fm.theta)
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    self.task.criterion(self.task.forward(call, b) / temperature, b)
+                    for b in self._batches(self.train, validate=False)
+                ]
+            )
 
     def scores(self, test, progress: Progress | None = None) -> torch.Tensor:
         """(n_test, n_train) scores, or (1, n_train) in group mode; positive = the training point

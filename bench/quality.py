@@ -5,8 +5,8 @@
 
 Needs the bench extra (`EXTRAS=worker,test,bench ./scripts/install`: dattri, captum, traker, matplotlib;
 peers are not runtime dependencies); Kronfluence is an optional peer, run when installed (kronfluence()).
-`--only a,b` runs just the methods whose names contain a or b, `--setups a,b` just those setups, and
-`--part lds|tasks` just the LDS or just the mislabeled and leakage tasks (and LOO).
+`--only a,b` runs just the methods whose names contain a or b (`=name`: that name alone), `--setups a,b`
+just those setups, and `--part lds|tasks` just the LDS or just the mislabeled and leakage tasks (and LOO).
 Ground truth is cached under bench/out/ (not committed) and rebuilt with --regenerate.
 
 Tasks (scikit-learn's bundled data; digits in the demo split):
@@ -448,11 +448,11 @@ def skipped(setup: str, name: str, quick: bool) -> str | None:
     return None
 
 
-ONLY: list[str] = []  # --only: run just the methods whose names contain one of these
+ONLY: list[str] = []  # --only: run just the methods whose names contain one of these ("=name": that name alone)
 
 
 def chosen(name: str) -> bool:
-    return not ONLY or any(part in name for part in ONLY)
+    return not ONLY or any(part in name if part[0] != "=" else part[1:] == name for part in ONLY)
 
 
 def lds_rows(setup, model, data, last, ks, masks, margins_, quick):
@@ -592,7 +592,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--regenerate", action="store_true")
-    parser.add_argument("--only", default="", help="just the methods whose names contain one of these (a,b)")
+    parser.add_argument(
+        "--only", default="", help="just the methods whose names contain one of these (a,b; =name: that one)"
+    )
     parser.add_argument("--part", choices=("all", "lds", "tasks"), default="all", help="tasks: mislabeled and leakage")
     parser.add_argument("--setups", default="", help="just the setups whose names contain one of these (a,b)")
     args = parser.parse_args()

@@ -13,8 +13,8 @@ Tasks (scikit-learn's bundled data; digits in the demo split):
   LDS         linear datamodeling score (TRAK, arXiv 2303.14186): models retrained on random 50% subsets;
               per test point, Spearman between summed scores of each subset and that model's margin.
               Setups: digits MLP, digits CNN, breast_cancer MLP (all bundled with scikit-learn), and a
-              121k-parameter ResNet on digits at 32x32 (50 LDS models): hours on 2 CPU cores (its ground
-              truth took 31 min, one Forward-INF query of 100 test points 471 s), meant for a GPU.
+              121k-parameter ResNet on digits at 32x32 (50 LDS models): its ground truth takes 31-45 min
+              on 2 CPU cores, the preset ~40 s, EK-FAC of all layers ~11 min (docs/benchmarks.md).
   LOO         convex L2 logistic regression on 300 points: Pearson with exact leave-one-out effects.
   mislabeled  per setup: 10% of training labels flipped, model retrained; rank training points by how
               much they hurt a clean reference set (100 held-out points); ROC AUC.
@@ -78,6 +78,7 @@ OURS = {
     "Forward-INF + EK-FAC of last layer, damping 1e-5": MirrorConfig(
         precondition="ekfac", damping=1e-5, params=("LAST",)
     ),
+    "Forward-INF + EK-FAC of last layer": MirrorConfig(precondition="ekfac", params=("LAST",)),
     "Forward-INF attribution preset (auto curvature)": MirrorConfig(),
     "Forward-INF cosine (unit steps, last-layer norms)": MirrorConfig(score="cosine", precondition="none"),
     "Forward-INF cosine + diag Fisher": MirrorConfig(score="cosine", precondition="diag", damping=1e-3),

@@ -179,8 +179,9 @@ def _choices(cls: type) -> dict[str, tuple]:
 #   peer per setup: Grad-Cos 0.779, dattri TRAK 0.806, Grad-Cos 0.987).
 AUTO_HESSIAN_PARAMS = 5_000  # a 5k x 5k float64 Hessian is 200 MB
 # Cost of the exact Hessian ~ parameters x samples x forward FLOPs of one example (torch's FLOP counter).
-# Measured on 2 CPU cores: digits MLP 6.5e10 -> 12 s; digits CNN 8.9e11 -> 357 s (convolution HVPs are
-# slower per FLOP, and slower still on a busy machine). 1e11 keeps a full-Hessian setup under ~40 s there.
+# Measured on 2 CPU cores: digits MLP 6.5e10 -> 12 s (5-7 s since its products are vmapped in a measured
+# chunk, curvature.hessian_rows); digits CNN 8.9e11 -> 357 s (convolution HVPs are slower per FLOP, and
+# slower still on a busy machine). 1e11 keeps a full-Hessian setup under ~40 s there.
 AUTO_HESSIAN_FLOPS = 1e11
 
 PRESETS: dict[str, dict] = {

@@ -161,6 +161,8 @@ def hessian_rows(hvp, total: int, dtype, device, chunk: int) -> tuple[torch.Tens
     while at < total:
         start = time.perf_counter()
         rows.append(vmap(hvp)(eye[at : at + chunk]))
+        if rows[-1].is_cuda:  # CUDA runs asynchronously: time the work, not its launch
+            torch.cuda.synchronize(rows[-1].device)
         at += rows[-1].shape[0]
         per = (time.perf_counter() - start) / rows[-1].shape[0]
         if growing and per < 0.9 * best and chunk < HVP_CHUNKS[1]:

@@ -14,7 +14,7 @@ Tasks (scikit-learn's bundled data; digits in the demo split):
               per test point, Spearman between summed scores of each subset and that model's margin.
               Setups: digits MLP, digits CNN, breast_cancer MLP (all bundled with scikit-learn), and a
               121k-parameter ResNet on digits at 32x32 (50 LDS models): its ground truth takes 31-45 min
-              on 2 CPU cores, the preset ~40 s, EK-FAC of all layers ~11 min (docs/benchmarks.md).
+              on 2 CPU cores, the preset 31-40 s, EK-FAC of all layers ~11 min (docs/benchmarks.md).
   LOO         convex L2 logistic regression on 300 points: Pearson with exact leave-one-out effects.
   mislabeled  per setup: 10% of training labels flipped, model retrained; rank training points by how
               much they hurt a clean reference set (100 held-out points); ROC AUC.

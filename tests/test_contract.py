@@ -140,7 +140,7 @@ ENGINE_FINGERPRINTS = {
     "2026.12.8": {
         "c1b42c65b51d85f8",  # the temperature's fit has a prior on log T (few reference points)
         "0daaf0d2af41e32f",  # the temperature is fitted once per part, not per shard (same results)
-        "3b65fef951155ef2",  # the Hessian's products are vmapped in a measured chunk (same rows, bitwise)
+        "c4c1163739b113e8",  # the Hessian's products are vmapped in a measured chunk (same rows, bitwise)
     },
 }
 

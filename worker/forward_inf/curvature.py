@@ -151,14 +151,15 @@ def auto_damping(fm: Functional, task, batches, curvature: Curvature | Kronecker
     return max(damping, floor) or DAMPING_DEFAULT, why
 
 
-def hessian_rows(hvp, total: int, dtype, device, chunk: int) -> tuple[torch.Tensor, int]:
-    """(the (total, total) matrix of hvp over the identity's rows, the chunk it settled on). The products are
-    vmapped `chunk` at a time, and the chunk doubles while that makes each product >= 10% faster: too few per
-    call repeat the forward pass that does not depend on the vector, too many overflow the cache (2 CPU
-    cores: the digits MLP is fastest at 32-64, 2x faster than at 256; a CNN's last layer at 128-256)."""
-    eye = torch.eye(total, dtype=dtype, device=device)
+def hessian_rows(hvp, at_point: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
+    """(the (P, P) matrix of hvp over the identity's rows, P = at_point's size; the chunk it settled on).
+    The products are vmapped `chunk` at a time, and the chunk doubles while that makes each product >= 10%
+    faster: too few per call repeat the forward pass that does not depend on the vector, too many overflow
+    the cache (2 CPU cores: the digits MLP is fastest at 32-64, 2x faster than at 256; a CNN's last layer
+    at 128-256)."""
+    eye = torch.eye(at_point.numel(), dtype=at_point.dtype, device=at_point.device)
     rows, at, best, growing = [], 0, float("inf"), True
-    while at < total:
+    while at < len(eye):
         start = time.perf_counter()
         rows.append(vmap(hvp)(eye[at : at + chunk]))
         if rows[-1].is_cuda:  # CUDA runs asynchronously: time the work, not its launch
@@ -200,7 +201,7 @@ def estimate(fm: Functional, task, batches, kind: str, damping: float | None) ->
             def hvp(v, batch_loss=batch_loss):
                 return jvp(grad(batch_loss), (flat0,), (v,))[1]
 
-            part, chunk = hessian_rows(hvp, total, flat0.dtype, flat0.device, chunk)  # (P, P)
+            part, chunk = hessian_rows(hvp, flat0, chunk)  # (P, P)
         else:
 
             def example_loss(flat, example):

@@ -6,7 +6,8 @@ Per bench.quality setup and kind of flip (random: 10% of labels to another class
 classes 1, 3, 4 to 7, 8, 9 on digits, 20% of class 1 to 0 on breast_cancer), the model is retrained on
 the flipped labels, the mislabeled preset's group step is taken on 100 clean held-out points, and the
 service's own analysis (worker.analyses.mislabeled, default settings) ranks the training set. Reported:
-ROC AUC of each ranking (the default first), the temperature fitted on the reference set, and the default
+ROC AUC of each ranking (the default first), the temperature and the range of the class offsets fitted on
+the reference set, and the default
 review list's size, true precision, the precision the service reports, and recall.
 """
 
@@ -47,8 +48,8 @@ def flipped_labels(y: torch.Tensor, kind: str) -> torch.Tensor:
 
 def main() -> None:
     print(
-        f"| setup | flips | ROC AUC {' / '.join(RANKINGS)} | T | default list | true precision | reported | recall |\n"
-        "|---|---|---|---|---|---|---|---|"
+        f"| setup | flips | ROC AUC {' / '.join(RANKINGS)} | T | offsets' range | default list | true precision | reported | recall |\n"
+        "|---|---|---|---|---|---|---|---|---|"
     )
     for setup, (load, train_fn, _) in SETUPS.items():
         if setup == RESNET:  # 45 s per model here; the three small setups make the case
@@ -63,11 +64,11 @@ def main() -> None:
             fi = ForwardInf(model, Classification(), MirrorConfig.preset("mislabeled").replace(group=True))
             reference = (x_test[-100:], y_test[-100:])
             scores = fi.prepare((x, noisy)).scores(reference)
-            temperature = fi.temperature(reference)
-            tempered = fi.tempered_losses(temperature)
+            calibration = fi.calibration(reference)
+            calibrated = fi.calibrated_losses(calibration)
             evidence = Evidence(scores, torch.zeros(1), torch.zeros(1), loss, [str(i) for i in range(len(y))], 1,
-                                torch.empty(0, dtype=torch.long), labels=noisy, tempered=tempered,
-                                temperature=temperature)  # fmt: skip
+                                torch.empty(0, dtype=torch.long), labels=noisy, calibrated=calibrated,
+                                calibrator=calibration)  # fmt: skip
             aucs = []
             for rank_by in RANKINGS:
                 out = mislabeled(evidence, SimpleNamespace(rank_by=rank_by, review_size=len(y)))
@@ -77,7 +78,7 @@ def main() -> None:
             out = mislabeled(evidence, SimpleNamespace(rank_by=DEFAULT, review_size=None))
             listed = [s["index"] for s in out["review"]]
             print(
-                f"| {setup} | {kind} ({wrong.sum()}) | {' / '.join(f'{a:.3f}' for a in aucs)} | {temperature:.2f} | {len(listed)} | "
+                f"| {setup} | {kind} ({wrong.sum()}) | {' / '.join(f'{a:.3f}' for a in aucs)} | {calibration.temperature:.2f} | {max(calibration.bias) - min(calibration.bias):.2f} | {len(listed)} | "
                 f"{wrong[listed].mean():.2f} | {out['expected_precision']:.2f} | {wrong[listed].sum() / wrong.sum():.2f} |",
                 flush=True,
             )

@@ -520,9 +520,9 @@ def mislabeled_task(setup, data, train_fn, last, quick) -> dict[str, float]:
         if name.endswith("mislabeled preset"):  # the service's rankings from the loss and this harm
             combined = rankdata(loss.numpy()) + rankdata(-support.numpy())
             auc["training loss + mislabeled preset, ranks summed (`combined`)"] = roc_auc_score(is_flipped, combined)
-            tempered = fi.tempered_losses(fi.temperature(reference))
-            auc["p_wrong: tempered loss updated by the preset's harm (`posterior`, the default)"] = roc_auc_score(
-                is_flipped, p_wrong(tempered.double(), -support.double()).numpy()
+            calibrated = fi.calibrated_losses(fi.calibration(reference))
+            auc["p_wrong: calibrated loss updated by the preset's harm (`posterior`, the default)"] = roc_auc_score(
+                is_flipped, p_wrong(calibrated.double(), -support.double()).numpy()
             )
     return auc
 

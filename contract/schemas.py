@@ -275,8 +275,8 @@ class MislabeledCreate(JobCreate):
     reference: DatasetTest = Field(description="clean, correctly labelled records (e.g. a vetted held-out set)")
     rank_by: RankBy = Field(
         "posterior",
-        description="posterior: p_wrong, the probability that the label is wrong given the record's loss at "
-        "the temperature fitted on the reference set and its harm; loss: the record's own training loss; harm: "
+        description="posterior: p_wrong, the probability that the label is wrong given the record's loss "
+        "under the temperature and class offsets fitted on the reference set, and its harm; loss: the record's own training loss; harm: "
         "how much a step on the reference set raises the record's loss (Forward-INF group mode, cosine score); "
         "combined: the sum of the loss and harm ranks. Default by measurement (docs/benchmarks.md).",
     )
@@ -372,7 +372,7 @@ class Suspect(BaseModel):
     p_label: float = Field(description="probability the model gives the recorded label (exp(-loss))")
     harm: float = Field(description="how much the reference set's loss rises with this record (Forward-INF)")
     p_wrong: float = Field(
-        description="probability that the recorded label is wrong (loss at the fitted temperature, and harm)"
+        description="probability that the recorded label is wrong (loss under the fitted calibration, and harm)"
     )
 
 
@@ -392,6 +392,10 @@ class MislabeledResult(BaseModel):
     expected_wrong: float = Field(description="sum over all records of p_wrong")
     expected_precision: float = Field(description="share of the review list expected to be mislabelled")
     temperature: float = Field(description="the temperature that fits the model's probabilities to the reference set")
+    class_bias: list[float] = Field(
+        description="per class, the logit offset fitted with the temperature (bias-corrected temperature scaling): "
+        "> 0 where the model predicts that class less often than the reference set's labels say"
+    )
     precision_method: str
     review: list[Suspect]
     classes: list[ClassSummary]

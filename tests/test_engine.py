@@ -157,29 +157,34 @@ def test_relative_score_is_the_log_loss_change(problem):
 
 
 @pytest.mark.parametrize("truth", [0.5, 2.5])
-def test_tempered_losses_fit_the_temperature_that_generated_the_labels(problem, truth):
-    """Reference labels drawn from softmax(logits / truth): the fitted T is truth to within 5%, and the
-    training losses are the cross-entropy of the model's logits over T."""
+def test_calibrated_losses_fit_the_temperature_and_offsets_that_generated_the_labels(problem, truth):
+    """Reference labels drawn from softmax(logits / truth + offsets): the fitted T is truth to within 5%,
+    the fitted offsets are the true ones up to the shift softmax ignores, and the training losses are the
+    cross-entropy of the calibrated logits."""
     model, x, y = problem
     torch.manual_seed(1)
     ref_x = 3 * torch.randn(20_000, 6, dtype=torch.float64)
+    offsets = torch.tensor([0.8, -0.4, -0.4], dtype=torch.float64)  # leans away from class 0 (sums to 0)
     with torch.no_grad():
-        ref_y = torch.distributions.Categorical(logits=model(ref_x) / truth).sample()
+        ref_y = torch.distributions.Categorical(logits=model(ref_x) / truth + offsets).sample()
     fi = ForwardInf(model, Classification(), MirrorConfig.preset("testing")).prepare((x, y))
-    temperature = fi.temperature((ref_x, ref_y))
-    assert abs(temperature / truth - 1) < 0.05
+    fitted = fi.calibration((ref_x, ref_y))
+    assert abs(fitted.temperature / truth - 1) < 0.05
+    bias = torch.tensor(fitted.bias, dtype=torch.float64)
+    torch.testing.assert_close(bias - bias.mean(), offsets, atol=0.1, rtol=0)
     with torch.no_grad():
-        expected = F.cross_entropy(model(x) / temperature, y, reduction="none")
-    torch.testing.assert_close(fi.tempered_losses(temperature), expected)
+        expected = F.cross_entropy(model(x) / fitted.temperature + bias, y, reduction="none")
+    torch.testing.assert_close(fi.calibrated_losses(fitted), expected)
 
 
-def test_a_temperature_from_a_handful_of_reference_points_stays_near_one(problem):
+def test_a_calibration_from_a_handful_of_reference_points_stays_near_the_identity(problem):
     model, x, y = problem
     with torch.no_grad():
         right = model(x).argmax(1)  # labels the model gets right: the likelihood alone wants T -> 0
     fi = ForwardInf(model, Classification(), MirrorConfig.preset("testing")).prepare((x, y))
-    assert 0.37 < fi.temperature((x[:2], right[:2])) < 1
-    assert fi.temperature((x, right)) < fi.temperature((x[:2], right[:2]))
+    few, many = fi.calibration((x[:2], right[:2])), fi.calibration((x, right))
+    assert 0.37 < few.temperature < 1 and max(map(abs, few.bias)) < 1
+    assert many.temperature < few.temperature
 
 
 def test_regression_task(problem):

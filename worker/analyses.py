@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from contract.jobs import LeakageJob, MemorizationJob, MislabeledJob
 from contract.schemas import LeakageResult, MemorizationResult, MislabeledResult
 
+from .forward_inf import Calibration
+
 COPY_DISTANCE = 1e-3  # memorization: records this close to the audited one are its exact copies
 EVIDENCE = 5
 NULL_QUERIES = 1024  # leakage: training records whose nearest other record calibrates the similarity threshold
@@ -36,8 +38,9 @@ class Evidence:
     the first n rows when they are training records (memorization); `tests` what the first n rows are
     (contract.jobs.echo: leakage's rows say it). Leakage, where the model's inputs are float vectors:
     `inputs` the training inputs, `query_inputs` the test points', `image_shape` and `input_range` from
-    the model's input spec; where they are text, `texts` and `query_texts` instead. Mislabeled: `tempered`
-    the training losses at the `temperature` fitted on the reference set (ForwardInf.temperature and tempered_losses)."""
+    the model's input spec; where they are text, `texts` and `query_texts` instead. Mislabeled: `calibrated`
+    the training losses under the `calibrator` fitted on the reference set (ForwardInf.calibration and
+    calibrated_losses)."""
 
     scores: torch.Tensor
     own: torch.Tensor
@@ -55,8 +58,8 @@ class Evidence:
     input_range: tuple[float, float] | None = None
     texts: list[str] | None = None
     query_texts: list[str] | None = None
-    tempered: torch.Tensor | None = None
-    temperature: float | None = None
+    calibrated: torch.Tensor | None = None
+    calibrator: Calibration | None = None
 
 
 def distance(scores: torch.Tensor, own: torch.Tensor, base: torch.Tensor, own_loss: torch.Tensor) -> torch.Tensor:
@@ -307,14 +310,14 @@ def _percentile_rank(v: torch.Tensor) -> torch.Tensor:
     return v.argsort().argsort().double() / max(len(v) - 1, 1)
 
 
-def p_wrong(tempered: torch.Tensor, harm: torch.Tensor) -> torch.Tensor:
-    """P(the recorded label is wrong | tempered loss, harm) per record. The prior is the tempered model's
-    1 - p(label); harm updates it by its likelihood ratio, its density among wrong and right labels
+def p_wrong(calibrated: torch.Tensor, harm: torch.Tensor) -> torch.Tensor:
+    """P(the recorded label is wrong | calibrated loss, harm) per record. The prior is the calibrated
+    model's 1 - p(label); harm updates it by its likelihood ratio, its density among wrong and right labels
     estimated per decile with each record weighted by the prior's p and 1 - p (naive Bayes: harm taken
     as independent of the loss given the label's truth). Memorised flips have a low loss, so the prior
     misses them; the step on the clean reference set still finds them harmful. One round: re-weighting by
     the posterior again (EM) measured worse on every bench.mislabeled case."""
-    prior = (-torch.expm1(-tempered)).clamp(1e-12, 1 - 1e-12)
+    prior = (-torch.expm1(-calibrated)).clamp(1e-12, 1 - 1e-12)
     bins = (_percentile_rank(harm) * HARM_BINS).long().clamp_max(HARM_BINS - 1)
     wrong = torch.zeros(HARM_BINS, dtype=prior.dtype).index_add_(0, bins, prior) / prior.sum()
     right = torch.zeros(HARM_BINS, dtype=prior.dtype).index_add_(0, bins, 1 - prior) / (1 - prior).sum()
@@ -327,7 +330,7 @@ def mislabeled(e: Evidence, job: MislabeledJob) -> dict:
     loss = e.base.double()
     p_label = torch.exp(-loss)
     n = len(loss)
-    p = p_wrong(e.tempered.double(), harm)
+    p = p_wrong(e.calibrated.double(), harm)
     rank_by = job.rank_by
     suspicion = {
         "posterior": p,
@@ -381,9 +384,11 @@ def mislabeled(e: Evidence, job: MislabeledJob) -> dict:
         review_size=size,
         expected_wrong=expected_wrong,
         expected_precision=precision,
-        temperature=e.temperature,
-        precision_method=f"mean over the review list of p_wrong: the model's probability that the recorded label "
-        f"is wrong at temperature {e.temperature:.3g} (fitted on the reference set), updated by the record's harm "
+        temperature=e.calibrator.temperature,
+        class_bias=list(e.calibrator.bias),
+        precision_method="mean over the review list of p_wrong: the model's probability that the recorded label "
+        f"is wrong at temperature {e.calibrator.temperature:.3g} and per-class offsets (both fitted on the "
+        "reference set), updated by the record's harm "
         "(docs/benchmarks.md, 'The mislabeled review list')",
         review=suspects,
         classes=classes,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ from contract.scores import Block
 from contract.settings import Settings
 
 from .analyses import ANALYSES, Evidence
-from .forward_inf import AttributionInputError, ForwardInf, Mirror, MirrorConfig
+from .forward_inf import AttributionInputError, Calibration, ForwardInf, Mirror, MirrorConfig
 from .store import Store
 from .warm import Warm
 
@@ -210,15 +210,15 @@ def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int
     config = fi.config
     passes = -(-mirror.test_loss.shape[0] // config.max_param_sets)
     per_shard = [passes * -(-s.size // config.batch_size) for s in data_m.shards[first:stop]]
-    total, parts, tempered = sum(per_shard), [], []
-    # mislabeled: every part fits the same temperature (the same reference set and model)
-    temperature = fi.temperature(test) if isinstance(job, MislabeledJob) else None
+    total, parts, calibrated = sum(per_shard), [], []
+    # mislabeled: every part fits the same calibration (the same reference set and model)
+    calibrator = fi.calibration(test) if isinstance(job, MislabeledJob) else None
     for i, n in enumerate(range(first, stop)):
         before = sum(per_shard[:i])
         prepare_shard(ctx, fi, model_m, data_m, n, job.dtype)
         parts.append(fi.sweep(mirror, lambda done, _t, before=before: reporter(before + done, total)))
-        if temperature is not None:
-            tempered.append(fi.tempered_losses(temperature))
+        if calibrator is not None:
+            calibrated.append(fi.calibrated_losses(calibrator))
     scores = torch.cat(parts, dim=1).float()  # (rows, width)
     reporter.timing["sweep_s"] = time.perf_counter() - t
     if not torch.isfinite(scores).all():
@@ -240,11 +240,11 @@ def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int
         "memorized": mirror.memorized.tolist(),
         "batches": total,
     }
-    if tempered:
-        losses = torch.cat(tempered)[None].float().cpu().numpy()
-        summary["tempered"] = {
-            "temperature": temperature,
-            "block": ctx.store.put_block(_tempered(job.key), lo, losses).model_dump(),
+    if calibrated:
+        losses = torch.cat(calibrated)[None].float().cpu().numpy()
+        summary["calibrated"] = {
+            "calibration": asdict(calibrator),
+            "block": ctx.store.put_block(_calibrated(job.key), lo, losses).model_dump(),
         }
     if isinstance(job, AttributionJob):  # each row's best and worst of this part, by global index
         k = min(ctx.settings.max_top_k, scores.shape[1])
@@ -293,9 +293,11 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
         base = torch.cat([_stored_base(ctx, model_m, data_m, n, job.dtype) for n in range(len(data_m.shards))])
         extra = _leakage_inputs(job, ctx, model_m, data_m) if isinstance(job, LeakageJob) else {}
         if isinstance(job, MislabeledJob):
-            parts = [Block(**s["tempered"]["block"]) for s in summaries]
-            tempered = np.concatenate([ctx.store.get_block(_tempered(job.key), b, 1) for b in parts], axis=1)
-            extra = {"tempered": torch.from_numpy(tempered[0]), "temperature": first["tempered"]["temperature"]}
+            parts = [Block(**s["calibrated"]["block"]) for s in summaries]
+            losses = np.concatenate([ctx.store.get_block(_calibrated(job.key), b, 1) for b in parts], axis=1)
+            fitted = first["calibrated"]["calibration"]
+            calibrator = Calibration(fitted["temperature"], tuple(fitted["bias"]))
+            extra = {"calibrated": torch.from_numpy(losses[0]), "calibrator": calibrator}
         evidence = Evidence(
             scores=scores,
             own=torch.tensor(first["self_score"]),
@@ -316,10 +318,10 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
     return {"key": job.key, "shape": result["shape"], "parts": len(summaries)}
 
 
-def _tempered(key: str) -> str:
-    """Where a mislabeled job's parts keep their training losses at the fitted temperature (one row per
+def _calibrated(key: str) -> str:
+    """Where a mislabeled job's parts keep their training losses under the fitted calibration (one row per
     block, beside the scores: in the result's own folder when on disk)."""
-    return f"{key}/tempered"
+    return f"{key}/calibrated"
 
 
 def _queries(job: Job, ctx: Context, model_m: ModelManifest, data_m: DatasetManifest) -> dict:

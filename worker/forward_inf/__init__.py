@@ -10,7 +10,7 @@ from . import families
 from .config import PRESETS, AttributionInputError, MirrorConfig
 from .engine import ForwardInf, attribute
 from .mirror import Mirror
-from .tasks import TASKS, CausalLM, Classification, Diffusion, Regression, Task, make_task
+from .tasks import TASKS, Calibration, CausalLM, Classification, Diffusion, Regression, Task, make_task
 from .zoo import ZOO, build
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "TASKS",
     "ZOO",
     "AttributionInputError",
+    "Calibration",
     "CausalLM",
     "Classification",
     "Diffusion",

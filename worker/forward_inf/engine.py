@@ -20,7 +20,7 @@ from .data import Batch, Examples
 from .kronecker import Kronecker, estimate_kronecker, factored_layers
 from .mirror import Functional, Mirror, mirror_step
 from .sweep import Progress, sweep
-from .tasks import TEST_INDEX_OFFSET, Task, fit_temperature
+from .tasks import TEST_INDEX_OFFSET, Calibration, Task, fit_calibration
 
 __all__ = ["ForwardInf", "attribute"]
 KRONECKER = ("kfac", "ekfac")
@@ -291,24 +291,25 @@ class ForwardInf:
         solve = self.curvature.solve if self.precondition != "none" else None
         return mirror_step(self.fm, self.task, batch, self.config, solve)
 
-    def temperature(self, reference) -> float:
-        """Classification: the temperature T that best fits the model's probabilities to `reference`
-        (held-out points with true labels; Guo et al. 2017; tasks.fit_temperature). T > 1: the model is
-        over-confident on unseen data (and more so on the training points it memorised); T < 1: under-confident."""
+    def calibration(self, reference) -> Calibration:
+        """Classification: the temperature and per-class offsets that best fit the model's probabilities
+        to `reference` (held-out points with true labels; tasks.fit_calibration). T > 1: the model is
+        over-confident on unseen data (and more so on the training points it memorised); T < 1:
+        under-confident; an offset > 0: it under-predicts that class."""
         examples = Examples(reference, 1 << 62, "reference set")
         batch = next(self._batches(examples, TEST_INDEX_OFFSET))
         with torch.no_grad():
-            return fit_temperature(self._checked_forward(batch, examples.what), batch["targets"])
+            return fit_calibration(self._checked_forward(batch, examples.what), batch["targets"])
 
-    def tempered_losses(self, temperature: float) -> torch.Tensor:
-        """The bound training set's losses with the model's outputs divided by `temperature`."""
+    def calibrated_losses(self, calibration: Calibration) -> torch.Tensor:
+        """The bound training set's losses with the model's outputs calibrated (Calibration.apply)."""
         if self.train is None:
-            raise AttributionInputError("call prepare(train) before tempered_losses(temperature)")
+            raise AttributionInputError("call prepare(train) before calibrated_losses(calibration)")
         call = self.fm.caller(self.fm.theta)
         with torch.no_grad():
             return torch.cat(
                 [
-                    self.task.criterion(self.task.forward(call, b) / temperature, b)
+                    self.task.criterion(calibration.apply(self.task.forward(call, b)), b)
                     for b in self._batches(self.train, validate=False)
                 ]
             )

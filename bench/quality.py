@@ -522,7 +522,7 @@ def mislabeled_task(setup, data, train_fn, last, quick) -> dict[str, float]:
             auc["training loss + mislabeled preset, ranks summed (`combined`)"] = roc_auc_score(is_flipped, combined)
             calibrated = fi.calibrated_losses(fi.calibration(reference))
             auc["p_wrong: calibrated loss updated by the preset's harm (`posterior`, the default)"] = roc_auc_score(
-                is_flipped, p_wrong(calibrated.double(), -support.double()).numpy()
+                is_flipped, p_wrong(calibrated.double(), -support.double(), classes)[0].numpy()
             )
     return auc
 

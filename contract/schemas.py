@@ -396,6 +396,11 @@ class MislabeledResult(BaseModel):
         description="per class, the logit offset fitted with the temperature (bias-corrected temperature scaling): "
         "> 0 where the model predicts that class less often than the reference set's labels say"
     )
+    label_noise: float | None = Field(
+        description="the rate of uniformly wrong labels that best explains the training labels under the calibrated "
+        "model, where it explains them better than none (the model did not memorise them); null: the model's own "
+        "1 - p(label) is the prior"
+    )
     precision_method: str
     review: list[Suspect]
     classes: list[ClassSummary]

@@ -142,8 +142,9 @@ ENGINE_FINGERPRINTS = {
         "0daaf0d2af41e32f",  # the temperature is fitted once per part, not per shard (same results)
         "c4c1163739b113e8",  # the Hessian's products are vmapped in a measured chunk (same rows, bitwise)
     },
-    # mislabeled: the calibration adds per-class offsets to the temperature (bias-corrected temperature scaling)
-    "2026.12.9": {"6290362c1cdee070"},
+    # mislabeled: the calibration adds per-class offsets to the temperature (bias-corrected temperature scaling),
+    # and a label-noise rate where the model did not memorise its labels
+    "2026.12.9": {"2e86983e8940b018"},
 }
 
 

@@ -304,25 +304,55 @@ def leakage(e: Evidence, job: LeakageJob) -> dict:
 
 
 HARM_BINS = 10  # mislabeled: harm's likelihood ratio is read per decile (20 or 40 bins measured no better)
+NOISE_EVIDENCE = 2.71  # mislabeled: 2 log likelihood ratio that a label-noise rate > 0 explains the labels better
+# (the 5% level of a test at the boundary: chi-square(1) / 2 + 0 / 2; bench.mislabeled: 0 or > 500)
 
 
 def _percentile_rank(v: torch.Tensor) -> torch.Tensor:
     return v.argsort().argsort().double() / max(len(v) - 1, 1)
 
 
-def p_wrong(calibrated: torch.Tensor, harm: torch.Tensor) -> torch.Tensor:
-    """P(the recorded label is wrong | calibrated loss, harm) per record. The prior is the calibrated
-    model's 1 - p(label); harm updates it by its likelihood ratio, its density among wrong and right labels
-    estimated per decile with each record weighted by the prior's p and 1 - p (naive Bayes: harm taken
-    as independent of the loss given the label's truth). Memorised flips have a low loss, so the prior
-    misses them; the step on the clean reference set still finds them harmful. One round: re-weighting by
-    the posterior again (EM) measured worse on every bench.mislabeled case."""
-    prior = (-torch.expm1(-calibrated)).clamp(1e-12, 1 - 1e-12)
+def label_prior(calibrated: torch.Tensor, classes: int) -> tuple[torch.Tensor, float | None]:
+    """(P(the recorded label is wrong | the calibrated model's p = p(label)) per record, the noise rate it
+    assumed or None). Uniform label noise at rate e makes a label y appear with probability
+    (1 - e) p + e r, r = (1 - p) / (C - 1), and wrong with posterior e r / ((1 - e) p + e r). e is fitted
+    by maximum likelihood over the training labels (concave in e: bisection on its slope). A model that
+    has memorised its training labels explains them with e = 0; it has absorbed the label's evidence into
+    p, and the prior is its own 1 - p. Only where some e > 0 explains the labels better by NOISE_EVIDENCE
+    (the model left labels unexplained: it did not memorise them, bench.mislabeled's ResNet) is the noise
+    model's posterior taken; 1 - p there counts every uncertain record as half wrong."""
+    p = torch.exp(-calibrated).clamp(1e-12, 1 - 1e-12)
+    r = (1 - p) / max(classes - 1, 1)
+
+    def slope(e: float) -> float:
+        return float(((r - p) / ((1 - e) * p + e * r)).sum())
+
+    lo, hi = 0.0, 1 - 1 / max(classes, 2)  # at hi every label is equally likely: the labels say nothing
+    if slope(0.0) > 0:
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if slope(mid) > 0 else (lo, mid)
+    e = lo
+    gain = 2 * float(torch.log((1 - e) * p + e * r).sum() - torch.log(p).sum())
+    if e > 0 and gain > NOISE_EVIDENCE:
+        return e * r / ((1 - e) * p + e * r), e
+    return 1 - p, None
+
+
+def p_wrong(calibrated: torch.Tensor, harm: torch.Tensor, classes: int) -> tuple[torch.Tensor, float | None]:
+    """(P(the recorded label is wrong | calibrated loss, harm) per record, the noise rate label_prior
+    assumed). The prior is label_prior's; harm updates it by its likelihood ratio, its density among
+    wrong and right labels estimated per decile with each record weighted by the prior's p and 1 - p
+    (naive Bayes: harm taken as independent of the loss given the label's truth). Memorised flips have a
+    low loss, so the prior misses them; the step on the clean reference set still finds them harmful.
+    One round: re-weighting by the posterior again (EM) measured worse on every bench.mislabeled case."""
+    prior, noise = label_prior(calibrated, classes)
+    prior = prior.clamp(1e-12, 1 - 1e-12)
     bins = (_percentile_rank(harm) * HARM_BINS).long().clamp_max(HARM_BINS - 1)
     wrong = torch.zeros(HARM_BINS, dtype=prior.dtype).index_add_(0, bins, prior) / prior.sum()
     right = torch.zeros(HARM_BINS, dtype=prior.dtype).index_add_(0, bins, 1 - prior) / (1 - prior).sum()
     odds = prior / (1 - prior) * (wrong / right.clamp_min(1e-12))[bins]
-    return odds / (1 + odds)
+    return odds / (1 + odds), noise
 
 
 def mislabeled(e: Evidence, job: MislabeledJob) -> dict:
@@ -330,7 +360,7 @@ def mislabeled(e: Evidence, job: MislabeledJob) -> dict:
     loss = e.base.double()
     p_label = torch.exp(-loss)
     n = len(loss)
-    p = p_wrong(e.calibrated.double(), harm)
+    p, noise = p_wrong(e.calibrated.double(), harm, len(e.calibrator.bias))
     rank_by = job.rank_by
     suspicion = {
         "posterior": p,
@@ -376,6 +406,11 @@ def mislabeled(e: Evidence, job: MislabeledJob) -> dict:
     summary = (
         f"Review {size} of {n} records (ranked by {rank_by}); about {precision:.0%} of them are expected to be "
         f"mislabelled; about {expected_wrong:.0f} wrong labels in all."
+        + (
+            f" The model did not memorise its labels; they fit it as if {noise:.0%} were wrong at random."
+            if noise is not None
+            else ""
+        )
         + (f" Class {worst['label']} has the largest share in review." if worst else "")
     )
     return MislabeledResult(
@@ -386,10 +421,12 @@ def mislabeled(e: Evidence, job: MislabeledJob) -> dict:
         expected_precision=precision,
         temperature=e.calibrator.temperature,
         class_bias=list(e.calibrator.bias),
-        precision_method="mean over the review list of p_wrong: the model's probability that the recorded label "
-        f"is wrong at temperature {e.calibrator.temperature:.3g} and per-class offsets (both fitted on the "
-        "reference set), updated by the record's harm "
-        "(docs/benchmarks.md, 'The mislabeled review list')",
+        label_noise=noise,
+        precision_method="mean over the review list of p_wrong: the probability that the recorded label is wrong "
+        f"given the model's probabilities at temperature {e.calibrator.temperature:.3g} and per-class offsets (both "
+        "fitted on the reference set)"
+        + (f" and a label-noise rate of {noise:.3f} (fitted on the training labels)" if noise is not None else "")
+        + ", updated by the record's harm (docs/benchmarks.md, 'The mislabeled review list')",
         review=suspects,
         classes=classes,
     ).model_dump(mode="json")

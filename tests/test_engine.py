@@ -304,6 +304,22 @@ def test_preconditioned_linear_scores_are_influence_function_scores(problem, kin
     torch.testing.assert_close(scores, expected.T, rtol=1e-6, atol=1e-12)
 
 
+def test_the_curvature_sample_spans_a_set_sorted_by_label(problem):
+    """curvature_samples < N: the estimate is the one over records spaced evenly across the set, not
+    over its first records (a set sorted by label would lose its last classes)."""
+    model, x, y = problem
+    order = y.argsort(stable=True)
+    x, y = x[order], y[order]
+    config = MirrorConfig.preset("testing", precondition="hessian", damping=1e-3, curvature_samples=25)
+    sampled = ForwardInf(model, Classification(), config).estimate_curvature((x, y))
+    chosen = torch.arange(25) * 40 // 25
+    assert chosen[-1] >= 38 and set(y[chosen].tolist()) == set(y.tolist())
+    whole = ForwardInf(model, Classification(), config.replace(curvature_samples=40))
+    explicit = whole.estimate_curvature((x[chosen], y[chosen]))
+    assert sampled.samples == 25
+    torch.testing.assert_close(sampled.raw, explicit.raw)
+
+
 def test_hessian_preconditioning_refuses_a_model_too_large():
     model = build("mlp", {"in_features": 64, "hidden": [512], "out_features": 10})
     x, y = torch.rand(8, 64), torch.randint(0, 10, (8,))

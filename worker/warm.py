@@ -25,6 +25,7 @@ from contract.registry import DatasetManifest, ModelManifest, Registry, Registry
 
 from .forward_inf import AttributionInputError, ForwardInf, Mirror, MirrorConfig, Task, build, families, make_task
 from .forward_inf.curvature import Curvature, restore
+from .forward_inf.data import spread
 from .forward_inf.kronecker import Kronecker
 from .store import Store
 
@@ -188,10 +189,9 @@ class Warm:
         return {k: torch.from_numpy(v).to(self.device) for k, v in d.read(indices).items()}
 
     def sample(self, d: DatasetManifest, limit: int) -> dict[str, torch.Tensor]:
-        """Up to `limit` records spread evenly over the set, every stride-th (the records the engine's
+        """Up to `limit` records spread evenly over the set (data.spread: the records the engine's
         curvature estimate takes from a whole training set), read alone."""
-        stride = max(1, d.size // limit)
-        return self._get(("sample", d.digest, limit), lambda: self.examples(d, list(range(0, d.size, stride))[:limit]))
+        return self._get(("sample", d.digest, limit), lambda: self.examples(d, spread(d.size, limit).tolist()))
 
     # -- base losses ---------------------------------------------------------------------------------
     def norms(self, m: ModelManifest, d: DatasetManifest, n: int, dtype: str, compute: Callable[[], torch.Tensor]):

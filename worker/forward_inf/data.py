@@ -29,6 +29,13 @@ def is_batch(item) -> bool:
     )
 
 
+def spread(size: int, limit: int) -> torch.Tensor:
+    """Indices of min(size, limit) records spaced evenly over 0..size-1: the sample the curvature is
+    estimated from (every record where size <= limit; the whole range however the set is ordered)."""
+    taken = min(size, limit)
+    return torch.arange(taken) * size // max(taken, 1)
+
+
 def as_batch(item) -> Batch:
     """One batch in any accepted form -> {"inputs", ["targets"]}."""
     if isinstance(item, torch.Tensor):

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import AUTO_HESSIAN_FLOPS, AUTO_HESSIAN_PARAMS, AttributionInputError, MirrorConfig
 from .curvature import Curvature, auto_damping, estimate
-from .data import Batch, Examples
+from .data import Batch, Examples, spread
 from .kronecker import Kronecker, estimate_kronecker, factored_layers
 from .mirror import Functional, Mirror, mirror_step
 from .sweep import Progress, sweep
@@ -262,12 +262,12 @@ class ForwardInf:
         examples = Examples(train, max(self.config.batch_size, 2048), "training set")
         limit = self.config.curvature_samples
         size = examples.size()
-        stride = max(1, size // limit) if size else 1
+        chosen = spread(size, limit).to(self.device) if size else None  # unknown size: the first `limit`
 
-        def spread():
+        def sample():
             taken = 0
             for batch in self._batches(examples):
-                keep = batch["index"] % stride == 0
+                keep = torch.isin(batch["index"], chosen) if chosen is not None else slice(None)
                 part = {k: v[keep][: limit - taken] for k, v in batch.items()}
                 taken += part["inputs"].shape[0]
                 if part["inputs"].shape[0]:
@@ -277,8 +277,8 @@ class ForwardInf:
 
         auto = self.config.damping == "auto"
         fit = estimate_kronecker if self.precondition in KRONECKER else estimate
-        curvature = fit(self.fm, self.task, spread(), self.precondition, None if auto else self.config.damping)
-        return curvature.damped(*auto_damping(self.fm, self.task, spread(), curvature)) if auto else curvature
+        curvature = fit(self.fm, self.task, sample(), self.precondition, None if auto else self.config.damping)
+        return curvature.damped(*auto_damping(self.fm, self.task, sample(), curvature)) if auto else curvature
 
     def mirror(self, test) -> Mirror:
         """The mirrored step(s) on the test points (all of them at once)."""

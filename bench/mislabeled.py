@@ -49,7 +49,8 @@ def flipped_labels(y: torch.Tensor, kind: str) -> torch.Tensor:
 
 def main() -> None:
     print(
-        f"| setup | flips | ROC AUC {' / '.join(RANKINGS)} | T | offsets' range | label noise | default list | true precision | reported | recall |\n"
+        f"| setup | flips | ROC AUC {' / '.join(RANKINGS)} | T | offsets' range | label noise | default list | "
+        "true precision | reported | recall |\n"
         "|---|---|---|---|---|---|---|---|---|---|"
     )
     for setup, (load, train_fn, _) in SETUPS.items():
@@ -78,8 +79,10 @@ def main() -> None:
             listed = [s["index"] for s in out["review"]]
             noise = "-" if out["label_noise"] is None else f"{out['label_noise']:.3f}"
             print(
-                f"| {setup} | {kind} ({wrong.sum()}) | {' / '.join(f'{a:.3f}' for a in aucs)} | {calibration.temperature:.2f} | {max(calibration.bias) - min(calibration.bias):.2f} | {noise} | {len(listed)} | "
-                f"{wrong[listed].mean():.2f} | {out['expected_precision']:.2f} | {wrong[listed].sum() / wrong.sum():.2f} |",
+                f"| {setup} | {kind} ({wrong.sum()}) | {' / '.join(f'{a:.3f}' for a in aucs)} | "
+                f"{calibration.temperature:.2f} | {max(calibration.bias) - min(calibration.bias):.2f} | {noise} | "
+                f"{len(listed)} | {wrong[listed].mean():.2f} | {out['expected_precision']:.2f} | "
+                f"{wrong[listed].sum() / wrong.sum():.2f} |",
                 flush=True,
             )
 

@@ -276,9 +276,10 @@ class MislabeledCreate(JobCreate):
     rank_by: RankBy = Field(
         "posterior",
         description="posterior: p_wrong, the probability that the label is wrong given the record's loss "
-        "under the temperature and class offsets fitted on the reference set, and its harm; loss: the record's own training loss; harm: "
-        "how much a step on the reference set raises the record's loss (Forward-INF group mode, cosine score); "
-        "combined: the sum of the loss and harm ranks. Default by measurement (docs/benchmarks.md).",
+        "under the calibration fitted on the reference set (a temperature and class offsets) and its harm; "
+        "loss: the record's own training loss; harm: how much a step on the reference set raises the record's "
+        "loss (Forward-INF group mode, cosine score); combined: the sum of the loss and harm ranks. "
+        "Default by measurement (docs/benchmarks.md).",
     )
     review_size: Annotated[int, Field(strict=True, ge=1, le=10_000)] | None = Field(
         None, description="length of the review list; default: the expected number of wrong labels (sum of p_wrong)"

@@ -9,7 +9,7 @@ taken on 100 clean held-out points, and the service's own analysis (worker.analy
 settings) ranks the training set. Reported: ROC AUC of each ranking (the default first), the
 temperature and the range of the class offsets fitted on the reference set, the label-noise rate the
 prior assumed ("-": none, the model's own 1 - p(label)), and the default review list's size, true
-precision, the precision the service reports, and recall.
+precision, the precision the service reports, and recall; or the service's refusal.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sklearn.metrics import roc_auc_score
 from contract.jobs import RankBy
 from contract.schemas import MislabeledCreate
 from worker.analyses import Evidence, mislabeled
-from worker.forward_inf import Classification, ForwardInf, MirrorConfig
+from worker.forward_inf import AttributionInputError, Classification, ForwardInf, MirrorConfig
 
 from .quality import SETUPS
 
@@ -64,7 +64,11 @@ def main() -> None:
             fi = ForwardInf(model, Classification(), MirrorConfig.preset("mislabeled").replace(group=True))
             reference = (x_test[-100:], y_test[-100:])
             scores = fi.prepare((x, noisy)).scores(reference)
-            calibration = fi.calibration(reference)
+            try:
+                calibration = fi.calibration(reference)
+            except AttributionInputError as refused:  # what the service answers: the job fails with this
+                print(f"| {setup} | {kind} ({wrong.sum()}) | refused: {refused} |", flush=True)
+                continue
             calibrated = fi.calibrated_losses(calibration)
             evidence = Evidence(scores, torch.zeros(1), torch.zeros(1), loss, [str(i) for i in range(len(y))], 1,
                                 torch.empty(0, dtype=torch.long), labels=noisy, calibrated=calibrated,

@@ -143,8 +143,9 @@ ENGINE_FINGERPRINTS = {
         "c4c1163739b113e8",  # the Hessian's products are vmapped in a measured chunk (same rows, bitwise)
     },
     # mislabeled: the calibration adds per-class offsets to the temperature (bias-corrected temperature scaling),
-    # and a label-noise rate where the model did not memorise its labels; the curvature's sample spans the set
-    "2026.12.9": {"f6b6e92d432a1ca2"},
+    # a label-noise rate where the model did not memorise its labels, a refusal where it explains the reference
+    # no better than class frequencies; the curvature's sample spans the set
+    "2026.12.9": {"725e993a110b2e34"},
 }
 
 

@@ -304,6 +304,19 @@ def test_preconditioned_linear_scores_are_influence_function_scores(problem, kin
     torch.testing.assert_close(scores, expected.T, rtol=1e-6, atol=1e-12)
 
 
+def test_a_model_below_chance_on_the_reference_set_is_refused(problem):
+    """A model that answers one class for everything (a collapsed training run) is refused: its
+    probabilities cannot calibrate a label check."""
+    model, x, y = problem
+    with torch.no_grad():
+        model.net[-1].weight.zero_()
+        model.net[-1].bias.copy_(torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64))
+    reference = (x, torch.where(torch.arange(40) < 20, 1, 2))  # the same logits for every point
+    fi = ForwardInf(model, Classification(), MirrorConfig.preset("testing")).prepare((x, y))
+    with pytest.raises(AttributionInputError, match="no better than their class frequencies alone"):
+        fi.calibration(reference)
+
+
 def test_the_curvature_sample_spans_a_set_sorted_by_label(problem):
     """curvature_samples < N: the estimate is the one over records spaced evenly across the set, not
     over its first records (a set sorted by label would lose its last classes)."""

@@ -96,7 +96,10 @@ def fit_calibration(logits: torch.Tensor, targets: torch.Tensor) -> Calibration:
     priors log T ~ N(0, LOG_TEMPERATURE_SD^2) and b ~ N(0, CLASS_BIAS_SD^2), which keep them near (1, 0)
     when there are few targets (two points would otherwise drive T to 0) and are outweighed by a hundred.
     The offsets absorb a model that leans towards some classes, as one trained on class-dependent label
-    noise does; T alone cannot. Convex in (1/T, b) but for the prior; L-BFGS from (1, 0) in float64."""
+    noise does; T alone cannot. Convex in (1/T, b) but for the prior; L-BFGS from (1, 0) in float64.
+    Raises AttributionInputError where, so calibrated, the model explains the targets no better than
+    their class frequencies alone (a collapsed training run): its probabilities then say nothing about
+    which labels are right."""
     z = logits.detach().double()
     log_scale = torch.zeros((), dtype=torch.float64, device=z.device, requires_grad=True)  # log(1 / T)
     bias = torch.zeros(z.shape[1], dtype=torch.float64, device=z.device, requires_grad=True)
@@ -114,7 +117,18 @@ def fit_calibration(logits: torch.Tensor, targets: torch.Tensor) -> Calibration:
 
     with torch.enable_grad():
         lbfgs.step(objective)
-    return Calibration(float(torch.exp(-log_scale.detach())), tuple(bias.detach().tolist()))
+    fitted = Calibration(float(torch.exp(-log_scale.detach())), tuple(bias.detach().tolist()))
+    frequencies = targets.bincount().double() / len(targets)
+    frequencies = frequencies[frequencies > 0]
+    entropy = float(-(frequencies * frequencies.log()).sum())  # the cross-entropy of the frequencies alone
+    nll = float(F.cross_entropy(fitted.apply(z), targets))
+    if len(frequencies) > 1 and nll >= entropy:
+        raise AttributionInputError(
+            f"the model explains the reference set's labels no better than their class frequencies alone "
+            f"(cross-entropy {nll:.3f} calibrated, {entropy:.3f} from the frequencies): its probabilities "
+            "cannot tell a wrong label from a right one (did its training collapse?)"
+        )
+    return fitted
 
 
 class Regression(Task):

@@ -2,7 +2,7 @@
 
     python -m bench.mislabeled
 
-Per bench.quality setup (the ResNet too: ~5 of the ~6 minutes) and kind of flip (random: 10% of labels
+Per bench.quality setup (the ResNet too: most of the ~4 minutes) and kind of flip (random: 10% of labels
 to another class; class: 25% of classes 1, 3, 4 to 7, 8, 9 on digits, 20% of class 1 to 0 on
 breast_cancer), the model is retrained on the flipped labels, the mislabeled preset's group step is
 taken on 100 clean held-out points, and the service's own analysis (worker.analyses.mislabeled, default

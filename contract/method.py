@@ -59,11 +59,13 @@ class Method(BaseModel):
         False, description="one step on the mean loss of all test points, one score row"
     )
     safeguard: Literal["normalize", "none"] = Field("normalize", description="memorised test points under SGD")
-    precondition: Literal["auto", "none", "diag", "hessian", "kfac", "ekfac"] = Field(
+    precondition: Literal["auto", "none", "diag", "hessian", "lowrank", "kfac", "ekfac"] = Field(
         "auto",
         description="step along H^-1 g: linear scores become influence-function scores. hessian: exact (small "
-        "models); diag: diagonal Fisher; kfac/ekfac: Kronecker-factored, any size (nn.Linear and nn.Conv2d layers "
-        "only; others are left unperturbed); auto: the exact Hessian where affordable",
+        "models); lowrank: the Hessian's top eigenpairs down to a tenth of the damping, the rest taken as 0 (its cost "
+        "grows with the eigenvalues above the damping, not with the parameters); diag: diagonal Fisher; kfac/ekfac: "
+        "Kronecker-factored, any size (nn.Linear and nn.Conv2d layers only; others are left unperturbed); auto: the "
+        "low-rank Hessian where affordable",
     )
     damping: Annotated[float, Field(strict=True, ge=0, le=1e6)] | Literal["auto"] = Field(
         "auto",

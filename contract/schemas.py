@@ -175,10 +175,11 @@ class ScoresPage(BaseModel):
 
 
 class CurvatureInfo(BaseModel):
-    kind: Literal["hessian", "diag", "kfac", "ekfac"]
+    kind: Literal["hessian", "lowrank", "diag", "kfac", "ekfac"]
     damping: float
     samples: int = Field(description="training points the curvature was estimated from")
     clipped_eigenvalues: int = Field(description="negative eigenvalues set to 0 before damping (non-convex model)")
+    rank: int | None = Field(None, description="lowrank: the Hessian's eigenpairs kept (the rest taken as 0)")
 
 
 class Execution(BaseModel):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from worker.demo import train_classifier
 from worker.forward_inf import (
     AttributionInputError,
     CausalLM,
@@ -15,6 +16,7 @@ from worker.forward_inf import (
     attribute,
     build,
 )
+from worker.forward_inf.curvature import LOWRANK_TOLERANCE
 
 
 @pytest.fixture
@@ -333,6 +335,50 @@ def test_the_curvature_sample_spans_a_set_sorted_by_label(problem):
     torch.testing.assert_close(sampled.raw, explicit.raw)
 
 
+def test_lowrank_is_the_exact_hessian_where_its_basis_would_grow_past_a_quarter(problem):
+    """83 parameters, damping 1e-6: no basis of under 21 vectors leaves only eigenvalues below 1e-7 out,
+    so the whole matrix is decomposed: the same solve as the exact Hessian's (negative eigenvalues
+    clipped in both)."""
+    model, x, y = problem
+    exact, low = (
+        ForwardInf(model, Classification(), MirrorConfig.preset("testing", precondition=kind, damping=1e-6))
+        .prepare((x, y))
+        .curvature
+        for kind in ("hessian", "lowrank")
+    )
+    torch.manual_seed(1)
+    grads = {n: torch.randn(3, *p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
+    assert len(low.factor) == 83 and low.left_out == 0 and low.clipped == exact.clipped > 0
+    for n, v in low.solve(grads).items():
+        torch.testing.assert_close(v, exact.solve(grads)[n], rtol=1e-6, atol=1e-8)
+
+
+def test_lowrank_leaves_out_only_curvature_well_below_the_damping():
+    """A 771-parameter MLP (12 eigenvalues above the damping, 62 above a tenth of it): the low-rank solve
+    keeps a fraction of the eigenpairs, and its preconditioned gradients are within LOWRANK_TOLERANCE of
+    the exact Hessian's (a left-out eigenvalue l below tolerance x damping gets 1 / d for 1 / (l + d));
+    the execution says the rank and what was left out."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 20)
+    y = x[:, :3].argmax(1)
+    model = train_classifier(build("mlp", {"in_features": 20, "hidden": [32], "out_features": 3}), x, y, epochs=100)
+    model, x = model.double(), x.double()
+    engines = {
+        kind: ForwardInf(
+            model, Classification(), MirrorConfig.preset("testing", precondition=kind, damping=0.05)
+        ).prepare((x, y))
+        for kind in ("hessian", "lowrank")
+    }
+    low = engines["lowrank"].curvature
+    assert len(low.factor) <= 771 // 4 and 0 < low.left_out <= LOWRANK_TOLERANCE * 0.05
+    grads = {n: torch.randn(5, *p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
+    flat = [torch.cat([v.flatten(1) for v in engines[k].curvature.solve(grads).values()], 1) for k in engines]
+    assert ((flat[1] - flat[0]).norm(dim=1) / flat[0].norm(dim=1)).max() <= LOWRANK_TOLERANCE
+    ran = engines["lowrank"].execution()
+    assert ran["curvature"]["rank"] == len(low.factor)
+    assert any(f"top {len(low.factor)} of 771 eigenpairs" in note for note in ran["notes"])
+
+
 def test_hessian_preconditioning_refuses_a_model_too_large():
     model = build("mlp", {"in_features": 64, "hidden": [512], "out_features": 10})
     x, y = torch.rand(8, 64), torch.randint(0, 10, (8,))
@@ -345,11 +391,12 @@ def test_hessian_preconditioning_refuses_a_model_too_large():
     assert scores.shape == (1, 8) and torch.isfinite(scores).all()
 
 
-def test_auto_precondition_prices_the_exact_hessian(problem):
-    """precondition="auto" takes the exact Hessian where building it is cheap, else the last layer's, else none."""
+def test_auto_precondition_prices_the_hessian(problem):
+    """precondition="auto" takes the (low-rank) Hessian where building it is cheap, else the last layer's,
+    else EK-FAC."""
     model, x, y = problem
     fi = ForwardInf(model, Classification(), MirrorConfig()).plan((x, y))
-    assert fi.precondition == "hessian" and list(fi.fm.theta) == [n for n, _ in model.named_parameters()]
+    assert fi.precondition == "lowrank" and list(fi.fm.theta) == [n for n, _ in model.named_parameters()]
 
     # 2.7k parameters, but 2 MFLOP per 20x20 image: the full Hessian over 200 images is ~1e12 FLOPs;
     # the 170-parameter head alone ~6e6
@@ -364,9 +411,9 @@ def test_auto_precondition_prices_the_exact_hessian(problem):
     )
     images, labels = torch.rand(200, 1, 20, 20), torch.randint(0, 10, (200,))
     fi = ForwardInf(cnn, Classification(), MirrorConfig()).plan((images, labels))
-    assert fi.precondition == "hessian" and list(fi.fm.theta) == ["6.weight", "6.bias"]
+    assert fi.precondition == "lowrank" and list(fi.fm.theta) == ["6.weight", "6.bias"]
     few = ForwardInf(cnn, Classification(), MirrorConfig(curvature_samples=8)).plan((images, labels))
-    assert few.precondition == "hessian" and len(few.fm.theta) == len(list(cnn.parameters()))
+    assert few.precondition == "lowrank" and len(few.fm.theta) == len(list(cnn.parameters()))
     chosen = ForwardInf(cnn, Classification(), MirrorConfig(params=("0.*", "2.*"))).plan((images, labels))
     # the caller chose the parameters: no fallback to the head, but EK-FAC over the chosen layers, said
     assert chosen.precondition == "ekfac" and sorted(chosen.fm.theta) == ["0.bias", "0.weight", "2.bias", "2.weight"]

@@ -263,7 +263,7 @@ def test_an_analysis_fans_out_to_the_same_answer(settings, tmp_path, path, body)
     np.testing.assert_array_equal(answers[0][1], answers[1][1])
 
 
-@pytest.mark.parametrize("kind", ["hessian", "diag", "ekfac"])
+@pytest.mark.parametrize("kind", ["hessian", "lowrank", "diag", "ekfac"])
 def test_a_stored_curvature_solves_exactly_as_the_computed_one(settings, kind):
     """One worker computes the curvature, another restores it from the store (a file, here): the same
     solves, bit for bit (a column-major Cholesky factor once came back transposed)."""
@@ -280,7 +280,7 @@ def test_a_stored_curvature_solves_exactly_as_the_computed_one(settings, kind):
     store = Store(
         redis_lib.Redis.from_url(settings.redis_url), settings.model_copy(update={"score_redis_max_bytes": 0})
     )
-    solved = []
+    solved, left_out = [], []
     for _ in range(2):  # a fresh warm cache each time: computed, then restored
         fi = ForwardInf(model, Classification(), config)
         curvature = Warm(store, 1 << 30, torch.device("cpu")).curvature(
@@ -290,6 +290,7 @@ def test_a_stored_curvature_solves_exactly_as_the_computed_one(settings, kind):
             n: torch.randn(3, *p.shape, generator=torch.Generator().manual_seed(0)) for n, p in fi.fm.theta.items()
         }
         solved.append(curvature.solve(grads))
-    assert any(settings.score_dir.glob("blobs/curvature-*.safetensors"))
+        left_out.append(getattr(curvature, "left_out", None))  # lowrank: what its notes report
+    assert any(settings.score_dir.glob("blobs/curvature-*.safetensors")) and left_out[0] == left_out[1]
     for name in solved[0]:
         assert torch.equal(solved[0][name], solved[1][name]), name

@@ -64,9 +64,12 @@ class MirrorConfig:
         memorized_loss: a test point whose loss is below this is treated as memorised (its gradient,
             and so an SGD step, is nearly zero and carries no signal).
         precondition: "none", "diag" (diagonal empirical Fisher), "hessian" (exact, small models or
-            parameter subsets) or "auto": the exact Hessian where it is affordable (at most
-            AUTO_HESSIAN_PARAMS perturbed parameters and AUTO_HESSIAN_FLOPS to build: one Hessian-vector
-            product per parameter over `curvature_samples` points); else, when all parameters are
+            parameter subsets), "lowrank" (the same Hessian's top eigenpairs down to a tenth of the
+            damping, the rest taken as 0: its cost grows with the eigenvalues above the damping, not with
+            the parameters; the exact one where it would need over a quarter of them) or "auto": the
+            low-rank Hessian where the exact one would be affordable (at most AUTO_HESSIAN_PARAMS perturbed
+            parameters and AUTO_HESSIAN_FLOPS to build: one Hessian-vector product per parameter over
+            `curvature_samples` points); else, when all parameters are
             perturbed and the last layer is a linear or convolution layer, that layer's Hessian (the step
             then moves that layer alone); else "ekfac" where the perturbed parameters hold such layers
             (a transformer whose head is tied to its embedding, a LoRA adapter); else "none". The step is
@@ -101,7 +104,7 @@ class MirrorConfig:
     adam_eps: float = 1e-8
     memorized_loss: float = 1e-4
     safeguard: Safeguard = "normalize"
-    precondition: Literal["auto", "none", "diag", "hessian", "kfac", "ekfac"] = "auto"
+    precondition: Literal["auto", "none", "diag", "hessian", "lowrank", "kfac", "ekfac"] = "auto"
     damping: float | Literal["auto"] = "auto"
     curvature_samples: int = 4096
 
@@ -163,10 +166,12 @@ def _choices(cls: type) -> dict[str, tuple]:
 # Chosen by measurement (python -m bench.quality; figures in docs/benchmarks.md):
 # - attribution: the exact first-order score along a curvature-preconditioned step: on the digits MLP
 #   its LDS is 0.395 (the same as dattri's CG and explicit influence functions) against 0.16-0.21 for
-#   every unpreconditioned setting; convex LOO Pearson 0.98 against 0.53. The exact Hessian is taken
+#   every unpreconditioned setting; convex LOO Pearson 0.98 against 0.53. The Hessian is taken
 #   within AUTO_HESSIAN_PARAMS perturbed parameters and AUTO_HESSIAN_FLOPS ("auto"); above that budget
 #   the last layer's: on the digits CNN LDS 0.362 after a 2 s setup, where the full Hessian took 357 s
-#   for 0.347 and the plain step (TracIn-like) gives 0.08. Damping 1e-2 (the convex model's L2).
+#   for 0.347 and the plain step (TracIn-like) gives 0.08. Damping 1e-2 (the convex model's L2). Low
+#   rank ("lowrank": 18 of the MLP's 4,810 eigenvalues exceed that damping): the same LDS from 384
+#   Hessian-vector products instead of 4,810.
 # - leakage: a finite Adam ascent step with the "match" score. A memorised duplicate has a tiny gradient,
 #   so gradient dot products miss it (digits MLP, 20 planted: top-1 0/20); a sign-like Adam step moves
 #   every weight, but the raw loss change favours images with more ink (top-1 0-1/20 for lr 0.005-1.0).
@@ -180,7 +185,7 @@ def _choices(cls: type) -> dict[str, tuple]:
 AUTO_HESSIAN_PARAMS = 5_000  # a 5k x 5k float64 Hessian is 200 MB
 # Cost of the exact Hessian ~ parameters x samples x forward FLOPs of one example (torch's FLOP counter).
 # Measured on 2 CPU cores: digits MLP 6.5e10 -> 12 s (5-7 s since its products are vmapped in a measured
-# chunk, curvature.hessian_rows); digits CNN 8.9e11 -> 357 s (convolution HVPs are slower per FLOP, and
+# chunk, curvature.products); digits CNN 8.9e11 -> 357 s (convolution HVPs are slower per FLOP, and
 # slower still on a busy machine). 1e11 keeps a full-Hessian setup under ~40 s there.
 AUTO_HESSIAN_FLOPS = 1e11
 

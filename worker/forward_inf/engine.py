@@ -15,7 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import AUTO_HESSIAN_FLOPS, AUTO_HESSIAN_PARAMS, AttributionInputError, MirrorConfig
-from .curvature import Curvature, auto_damping, estimate
+from .curvature import Curvature, auto_damping, estimate, floored
 from .data import Batch, Examples, spread
 from .kronecker import Kronecker, estimate_kronecker, factored_layers
 from .mirror import Functional, Mirror, mirror_step
@@ -107,16 +107,16 @@ class ForwardInf:
         head_factored = head is not None and bool(factored_layers(self.model, list(head.theta)))
         size = sum(p.numel() for p in self.fm.theta.values())
         if affordable(self.fm, counter.get_total_flops()):
-            self.precondition = "hessian"
-            self.notes.append(f"precondition='auto' chose the exact Hessian of the {size} perturbed parameters")
+            self.precondition = "lowrank"
+            self.notes.append(f"precondition='auto' chose the Hessian of the {size} perturbed parameters (low rank)")
         elif (
             self.config.params == ("*",)
             and head_factored
             and affordable(head, 2 * sum(p.numel() for p in head.theta.values()))
         ):
-            self.fm, self.precondition = head, "hessian"
+            self.fm, self.precondition = head, "lowrank"
             self.notes.append(
-                f"precondition='auto': the exact Hessian of all {size} parameters is over budget, so the Hessian of "
+                f"precondition='auto': the Hessian of all {size} parameters is over budget, so the Hessian of "
                 f"the last layer ({last!r}) is used and only that layer is perturbed"
             )
         elif factored_layers(self.model, list(self.fm.theta)):
@@ -191,6 +191,16 @@ class ForwardInf:
         notes = list(self.notes)
         if c is not None and c.clipped:
             notes.append(f"the Hessian had {c.clipped} negative eigenvalues; they were set to 0 before damping")
+        if c is not None and c.kind == "lowrank":
+            size = c.vectors.shape[1]
+            notes.append(
+                f"low-rank Hessian: its top {len(c.factor)} of {size} eigenpairs; the rest taken as 0 under the damping"
+                + (
+                    ""
+                    if c.left_out == 0
+                    else f" (estimated at most {c.left_out:.3g}, {c.left_out / c.damping:.2g} x the damping)"
+                )
+            )
         if c is not None and c.rule:
             notes.append(f"damping 'auto' = {c.damping:.3g}: {c.rule}")
         return {
@@ -199,7 +209,8 @@ class ForwardInf:
             "parameter_count": sum(p.numel() for p in self.fm.theta.values()),
             "curvature": None
             if c is None
-            else {"kind": c.kind, "damping": c.damping, "samples": c.samples, "clipped_eigenvalues": c.clipped},
+            else {"kind": c.kind, "damping": c.damping, "samples": c.samples, "clipped_eigenvalues": c.clipped}
+            | ({"rank": len(c.factor)} if c.kind == "lowrank" else {}),
             "stacking": "single" if self._stacking == "auto" else self._stacking,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
@@ -275,10 +286,16 @@ class ForwardInf:
                 if taken >= limit:
                     return
 
-        auto = self.config.damping == "auto"
-        fit = estimate_kronecker if self.precondition in KRONECKER else estimate
-        curvature = fit(self.fm, self.task, sample(), self.precondition, None if auto else self.config.damping)
-        return curvature.damped(*auto_damping(self.fm, self.task, sample(), curvature)) if auto else curvature
+        batches, kronecker = list(sample()), self.precondition in KRONECKER
+        if self.config.damping != "auto":
+            fit = estimate_kronecker if kronecker else estimate
+            return fit(self.fm, self.task, batches, self.precondition, self.config.damping)
+        damping, rule = auto_damping(self.fm, self.task, batches, kronecker)  # first: "lowrank" sizes its basis by it
+        if kronecker:
+            curvature = estimate_kronecker(self.fm, self.task, batches, self.precondition, None)
+        else:
+            curvature = estimate(self.fm, self.task, batches, self.precondition, None, rank_for=damping)
+        return curvature.damped(floored(damping, curvature), rule)
 
     def mirror(self, test) -> Mirror:
         """The mirrored step(s) on the test points (all of them at once)."""

@@ -146,8 +146,9 @@ ENGINE_FINGERPRINTS = {
     # a label-noise rate where the model did not memorise its labels, a refusal where it explains the reference
     # no better than class frequencies; the curvature's sample spans the set
     "2026.12.9": {"725e993a110b2e34"},
-    # attribution: precondition "auto" takes the Hessian's top eigenpairs ("lowrank") where it took the whole Hessian
-    "2026.12.10": {"740bc10dd3589c44"},
+    # attribution: precondition "auto" takes the Hessian's top eigenpairs ("lowrank"), priced by its largest basis;
+    # a perturbed last layer is swept alone on its cached inputs
+    "2026.12.10": {"c86c462d2a688430"},
 }
 
 

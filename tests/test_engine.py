@@ -379,6 +379,37 @@ def test_lowrank_leaves_out_only_curvature_well_below_the_damping():
     assert any(f"top {len(low.factor)} of 771 eigenpairs" in note for note in ran["notes"])
 
 
+class Scaled(torch.nn.Module):
+    """`net` with its output multiplied by 1 after its last layer: the same function, but the model no
+    longer returns that layer's output as it is."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x) * 1.0
+
+
+@pytest.mark.parametrize("mode", ["linear", "finite"])
+@pytest.mark.parametrize("precondition", ["lowrank", "ekfac", "none"])
+def test_a_perturbed_last_layer_runs_alone_on_its_inputs_with_the_same_scores(mode, precondition):
+    """Only the head perturbed: the sweep and the curvature run the head on each training point's
+    input to it (computed once) and give the whole model's scores; a model that changes the head's
+    output after it is swept whole."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)
+    ).double()
+    x, y = torch.randn(30, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (30,))
+    config = MirrorConfig.preset("testing", mode=mode, precondition=precondition, damping=0.1, lr=1e-3)
+    fi = ForwardInf(net, Classification(), config.replace(params=("3.*",))).prepare((x, y))
+    whole = ForwardInf(Scaled(net), Classification(), config.replace(params=("net.3.*",))).prepare((x, y))
+    assert fi.tail is not None and whole.tail is None and fi.tail_inputs.shape == (30, 4 * 6 * 6)
+    assert any("the sweep runs '3' alone" in note for note in fi.execution()["notes"])
+    torch.testing.assert_close(fi.scores((x[:4], y[:4])), whole.scores((x[:4], y[:4])), rtol=1e-9, atol=1e-12)
+
+
 def test_hessian_preconditioning_refuses_a_model_too_large():
     model = build("mlp", {"in_features": 64, "hidden": [512], "out_features": 10})
     x, y = torch.rand(8, 64), torch.randint(0, 10, (8,))
@@ -397,6 +428,13 @@ def test_auto_precondition_prices_the_hessian(problem):
     model, x, y = problem
     fi = ForwardInf(model, Classification(), MirrorConfig()).plan((x, y))
     assert fi.precondition == "lowrank" and list(fi.fm.theta) == [n for n, _ in model.named_parameters()]
+    assert fi.exact_fallback  # 83 parameters: the exact Hessian is affordable too
+
+    # 9,610 parameters over 1,437 points: the exact Hessian (~2.6e11 FLOPs) is over budget, a basis of
+    # at most LOWRANK_MAX_RANK vectors (~8e10) is not
+    wide = build("mlp", {"in_features": 64, "hidden": [128], "out_features": 10})
+    fi = ForwardInf(wide, Classification(), MirrorConfig()).plan((torch.rand(1437, 64), torch.randint(0, 10, (1437,))))
+    assert fi.precondition == "lowrank" and len(fi.fm.theta) == 4 and fi.exact_fallback is False
 
     # 2.7k parameters, but 2 MFLOP per 20x20 image: the full Hessian over 200 images is ~1e12 FLOPs;
     # the 170-parameter head alone ~6e6

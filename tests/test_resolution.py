@@ -150,15 +150,15 @@ def register_mlp(root, id: str, hidden: int) -> None:
 
 
 def test_the_result_says_what_ran_after_auto_fell_back(settings, root):
-    register_mlp(root, "digits-wide", 128)  # 9,610 parameters: over the whole Hessian's budget
+    register_mlp(root, "digits-huge", 320)  # 24,010 parameters: over the whole Hessian's budget
     client, worker = service(settings, root)
     with client:
-        done = finished(client, worker, "/v1/attributions", {**attribution(model="digits-wide"), "method": {}})
+        done = finished(client, worker, "/v1/attributions", {**attribution(model="digits-huge"), "method": {}})
     assert done["method"]["precondition"] == "auto" and done["method"]["params"] == ["*"]  # what was asked
     ran = done["execution"]
     assert ran["method"]["precondition"] == "lowrank"
     assert ran["parameters"] == ran["method"]["params"] == ["net.3.weight", "net.3.bias"]
-    assert ran["parameter_count"] == 128 * 10 + 10
+    assert ran["parameter_count"] == 320 * 10 + 10
     assert ran["curvature"]["kind"] == "lowrank" and ran["curvature"]["samples"] == 1437
     assert any("last layer" in note for note in ran["notes"])
 

@@ -428,14 +428,17 @@ def engine(ctx: Context, model_m: ModelManifest, data_m: DatasetManifest, method
 
 
 def prepare_shard(ctx: Context, fi: ForwardInf, model_m: ModelManifest, data_m: DatasetManifest, n: int, dtype: str):
-    """Bind shard n (warm tensors, or streamed) to the engine with its base losses and, for
-    score="cosine", its gradient norms: each computed once across the fleet and kept."""
+    """Bind shard n (warm tensors, or streamed) to the engine with its base losses, its inputs to a perturbed
+    last module and, for score="cosine", its gradient norms: each computed once (base losses across the
+    fleet) and kept."""
     shard = ctx.warm.shard(data_m, n, fi.config.batch_size)
     norms = None
     if fi.config.score == "cosine":
         norms = ctx.warm.norms(model_m, data_m, n, dtype, lambda: fi.last_layer_norms(shard))
-    base = ctx.warm.base(model_m, data_m, n, dtype, lambda: fi.prepare(shard, norms=norms).base)
-    fi.prepare(shard, base=base, norms=norms)
+    params = list(fi.fm.theta)
+    tail = ctx.warm.tail_inputs(model_m, data_m, n, dtype, params, lambda: fi.tail_inputs_of(shard))
+    base = ctx.warm.base(model_m, data_m, n, dtype, lambda: fi.prepare(shard, norms=norms, tail_inputs=tail).base)
+    fi.prepare(shard, base=base, norms=norms, tail_inputs=tail)
 
 
 def execution(fi: ForwardInf, method: Method, mirror: Mirror) -> dict:

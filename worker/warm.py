@@ -46,7 +46,7 @@ def nbytes(value: Any) -> int:
     if isinstance(value, str):
         return len(value) + 49  # CPython's str header
     if isinstance(value, Curvature):
-        return nbytes(value.raw) + nbytes(value.factor)
+        return nbytes(value.raw) + nbytes(value.tensors())
     if isinstance(value, Kronecker):
         return nbytes(value.tensors())
     if isinstance(value, ForwardInf):
@@ -200,6 +200,11 @@ class Warm:
     def norms(self, m: ModelManifest, d: DatasetManifest, n: int, dtype: str, compute: Callable[[], torch.Tensor]):
         """Shard n's last-layer gradient norms (score="cosine"): computed once, kept warm."""
         return self._get(("norms", m.digest, d.digest, n, dtype), compute)
+
+    def tail_inputs(self, m: ModelManifest, d: DatasetManifest, n: int, dtype: str, params: list[str], compute):
+        """Shard n's inputs to the perturbed last module (ForwardInf.tail_inputs_of; None where the sweep runs
+        the whole model): computed once, kept warm."""
+        return self._get(("tail", m.digest, d.digest, n, dtype, *params), compute)
 
     def base(
         self, m: ModelManifest, d: DatasetManifest, n: int, dtype: str, compute: Callable[[], torch.Tensor]

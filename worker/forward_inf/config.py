@@ -188,6 +188,7 @@ AUTO_HESSIAN_PARAMS = 5_000  # a 5k x 5k float64 Hessian is 200 MB
 # chunk, curvature.products); digits CNN 8.9e11 -> 357 s (convolution HVPs are slower per FLOP, and
 # slower still on a busy machine). 1e11 keeps a full-Hessian setup under ~40 s there.
 AUTO_HESSIAN_FLOPS = 1e11
+TAIL_INPUTS_BYTES = 1 << 30  # the training set's inputs to a perturbed last module kept at most (mirror.Tail)
 
 PRESETS: dict[str, dict] = {
     "attribution": {},

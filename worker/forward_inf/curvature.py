@@ -271,10 +271,12 @@ def top_eigen(apply, size: int, damping: float, full: bool) -> tuple[torch.Tenso
         block = len(basis)
 
 
-def estimate(fm: Functional, task, batches, kind: str, damping: float | None, rank_for: float | None = None):
+def estimate(fm: Functional, task, batches, kind: str, damping: float | None, rank_for: float | None = None,
+             full: bool | None = None):  # fmt: skip
     """Mean curvature of the training loss over all training batches (prepared, on the device); not
     factored while `damping` is None (then `.damped(d)`). "lowrank" sizes its basis for `rank_for`
-    (default: `damping`)."""
+    (default: `damping`) and may fall back to the exact Hessian where `full` (None: within
+    MAX_HESSIAN_PARAMS)."""
     names = list(fm.theta)
     total = sum(fm.theta[n].numel() for n in names)
     if kind == "hessian" and total > MAX_HESSIAN_PARAMS:
@@ -289,7 +291,8 @@ def estimate(fm: Functional, task, batches, kind: str, damping: float | None, ra
         return Curvature(kind, names, (raw + raw.T) / 2, damping, count)  # symmetric up to rounding
     if kind == "lowrank":
         apply = hessian_products(fm, task, batches)
-        values, vectors, left_out = top_eigen(apply, total, rank_for or damping, total <= MAX_HESSIAN_PARAMS)
+        full = total <= MAX_HESSIAN_PARAMS if full is None else full
+        values, vectors, left_out = top_eigen(apply, total, rank_for or damping, full)
         return Curvature(kind, names, values, damping, count, vectors=vectors, left_out=left_out)
     flat0 = torch.cat([fm.theta[n].flatten() for n in names])
     sizes = [fm.theta[n].numel() for n in names]

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import AUTO_HESSIAN_FLOPS, AUTO_HESSIAN_PARAMS, AttributionInputError, MirrorConfig
-from .curvature import Curvature, auto_damping, estimate, floored
+from .config import AUTO_HESSIAN_FLOPS, AUTO_HESSIAN_PARAMS, TAIL_INPUTS_BYTES, AttributionInputError, MirrorConfig
+from .curvature import LOWRANK_MAX_RANK, MAX_HESSIAN_PARAMS, Curvature, auto_damping, estimate, floored
 from .data import Batch, Examples, spread
 from .kronecker import Kronecker, estimate_kronecker, factored_layers
-from .mirror import Functional, Mirror, mirror_step
+from .mirror import Functional, Mirror, Tail, mirror_step
 from .sweep import Progress, sweep
 from .tasks import TEST_INDEX_OFFSET, Calibration, Task, fit_calibration
 
@@ -51,9 +51,12 @@ class ForwardInf:
         self.base: torch.Tensor | None = None
         self.norms: torch.Tensor | None = None  # score="cosine": each training point's last-layer gradient norm
         self.curvature: Curvature | Kronecker | None = None
+        self.tail: Tail | None = None  # the perturbed module alone, on the training set's inputs to it:
+        self.tail_inputs: torch.Tensor | None = None  # (N, ...) by position (prepare)
         self.precondition = self.config.precondition  # "auto" is resolved by plan(train)
         self._stacking = self.config.stacking  # "auto" resolves on the first batched sweep
         self.notes: list[str] = []  # choices the engine made on its own (plan), in words
+        self.exact_fallback: bool | None = None  # "lowrank": may it build the exact Hessian (None: if it fits)
 
     # -- data ----------------------------------------------------------------------------------------
     def _batches(self, examples: Examples, index_offset: int = 0, validate: bool = True) -> Iterator[Batch]:
@@ -84,11 +87,14 @@ class ForwardInf:
 
     # -- the method ----------------------------------------------------------------------------------
     def plan(self, train) -> ForwardInf:
-        """Resolve precondition="auto" for this training set (once; prepare() calls it): the exact
+        """Resolve precondition="auto" for this training set (once; prepare() calls it): the low-rank
         Hessian of the perturbed parameters where it is affordable, else, when every parameter is
-        perturbed, of the last layer alone (only that layer is then stepped), else none. Cost: one
-        Hessian-vector product per parameter per curvature sample, each about one forward pass of what
-        the parameters feed (the whole model; for the last layer alone, that layer: 2 FLOPs a weight)."""
+        perturbed, of the last layer alone (only that layer is then stepped), else EK-FAC, else none.
+        Cost: one Hessian-vector product per basis vector per curvature sample, three per vector (at most
+        LOWRANK_MAX_RANK: priced at min(parameters, 3 x LOWRANK_MAX_RANK)), each about one forward pass of
+        what the parameters feed (the whole model; for the last layer alone, that layer: 2 FLOPs a
+        weight). The exact Hessian, one product per parameter, is its fallback only where it is affordable
+        itself (`self.exact_fallback`)."""
         if self.precondition in KRONECKER:
             self._factored_only()
         if self.precondition != "auto":
@@ -98,9 +104,11 @@ class ForwardInf:
             self._checked_forward(next(self._batches(examples)), examples.what)
         samples = min(self.config.curvature_samples, examples.size() or self.config.curvature_samples)
 
-        def affordable(fm: Functional, flops_per_product: float) -> bool:
+        def affordable(fm: Functional, flops_per_product: float) -> bool:  # sets exact_fallback where True
             size = sum(p.numel() for p in fm.theta.values())
-            return size <= AUTO_HESSIAN_PARAMS and size * samples * flops_per_product <= AUTO_HESSIAN_FLOPS
+            cost = samples * flops_per_product  # per product
+            self.exact_fallback = size <= AUTO_HESSIAN_PARAMS and size * cost <= AUTO_HESSIAN_FLOPS
+            return size <= MAX_HESSIAN_PARAMS and min(size, 3 * LOWRANK_MAX_RANK) * cost <= AUTO_HESSIAN_FLOPS
 
         last = self._last_module()
         head = Functional(self.model, (f"{last}.*",)) if last else None
@@ -157,12 +165,17 @@ class ForwardInf:
         base: torch.Tensor | None = None,
         progress: Progress | None = None,
         norms: torch.Tensor | None = None,
+        tail_inputs: torch.Tensor | None = None,
     ) -> ForwardInf:
         """Bind the training set and compute its base losses once (or adopt `base`, computed before
         for the same model and training set; likewise `norms`, last_layer_norms(train), for
-        score="cosine")."""
+        score="cosine", and `tail_inputs`, tail_inputs(train))."""
         self.plan(train)
         self.train = Examples(train, self.config.batch_size, "training set")
+        if tail_inputs is None:
+            tail_inputs = self.tail_inputs_of(train)
+        self.tail = self._tail() if tail_inputs is not None else None
+        self.tail_inputs = tail_inputs.to(self.device, self.dtype) if self.tail is not None else None
         if base is None:
             parts = []
             with torch.no_grad():
@@ -203,6 +216,11 @@ class ForwardInf:
             )
         if c is not None and c.rule:
             notes.append(f"damping 'auto' = {c.damping:.3g}: {c.rule}")
+        if self.tail is not None:
+            notes.append(
+                f"the sweep runs {self.tail.name!r} alone on each training point's input to it (computed once): "
+                "the model returns that module's output unchanged"
+            )
         return {
             "precondition": self.precondition,
             "parameters": list(self.fm.theta),
@@ -263,6 +281,42 @@ class ForwardInf:
             and c.names == list(self.fm.theta)
         )
 
+    def _tail(self) -> Tail | None:
+        """The perturbed parameters' module alone, where they are all of one childless module and the task
+        feeds the model its inputs as they are (mirror.Tail); else None."""
+        owners = {n.rpartition(".")[0] for n in self.fm.theta}
+        if len(owners) != 1 or not (name := owners.pop()) or type(self.task).forward is not Task.forward:
+            return None
+        module = self.model.get_submodule(name)
+        mine = {f"{name}.{p}" for p, _ in module.named_parameters()}
+        return Tail(self.fm, name) if next(module.children(), None) is None and mine == set(self.fm.theta) else None
+
+    def tail_inputs_of(self, train) -> torch.Tensor | None:
+        """(N, ...) each training point's input to the perturbed module, by position, from one forward pass
+        (prepare() keeps it: the sweep then runs that module alone); None where there is no such Tail or
+        the inputs would take over TAIL_INPUTS_BYTES."""
+        if self.precondition == "auto":
+            self.plan(train)
+        if (tail := self._tail()) is None:
+            return None
+        parts, order, size = [], [], 0
+        for batch in self._batches(Examples(train, self.config.batch_size, "training set"), validate=False):
+            part = tail.capture(self.task, batch)
+            size += 0 if part is None else part.numel() * part.element_size()
+            if part is None or size > TAIL_INPUTS_BYTES:
+                return None
+            parts.append(part)
+            order.append(batch["index"])
+        return torch.cat(parts)[torch.cat(order).argsort()]
+
+    def _on_tail(self, batches: list[Batch]) -> tuple[Functional, list[Batch]]:
+        """(the Functional and the batches to fit curvature on): the Tail on its inputs where there is one."""
+        tail = self._tail()
+        inputs = [tail.capture(self.task, b) for b in batches] if tail is not None else [None]
+        if any(i is None for i in inputs):
+            return self.fm, batches
+        return tail, [{**b, "inputs": i} for b, i in zip(batches, inputs, strict=True)]
+
     def estimate_curvature(self, train) -> Curvature | Kronecker:
         """The damped curvature of the mean training loss (self.precondition, config.damping), from at
         most `config.curvature_samples` training points spread evenly over the set (the exact Hessian
@@ -286,15 +340,16 @@ class ForwardInf:
                 if taken >= limit:
                     return
 
-        batches, kronecker = list(sample()), self.precondition in KRONECKER
+        (fm, batches), kronecker = self._on_tail(list(sample())), self.precondition in KRONECKER
         if self.config.damping != "auto":
-            fit = estimate_kronecker if kronecker else estimate
-            return fit(self.fm, self.task, batches, self.precondition, self.config.damping)
-        damping, rule = auto_damping(self.fm, self.task, batches, kronecker)  # first: "lowrank" sizes its basis by it
+            if kronecker:
+                return estimate_kronecker(fm, self.task, batches, self.precondition, self.config.damping)
+            return estimate(fm, self.task, batches, self.precondition, self.config.damping, full=self.exact_fallback)
+        damping, rule = auto_damping(fm, self.task, batches, kronecker)  # first: "lowrank" sizes its basis by it
         if kronecker:
-            curvature = estimate_kronecker(self.fm, self.task, batches, self.precondition, None)
+            curvature = estimate_kronecker(fm, self.task, batches, self.precondition, None)
         else:
-            curvature = estimate(self.fm, self.task, batches, self.precondition, None, rank_for=damping)
+            curvature = estimate(fm, self.task, batches, self.precondition, None, damping, self.exact_fallback)
         return curvature.damped(floored(damping, curvature), rule)
 
     def mirror(self, test) -> Mirror:
@@ -354,11 +409,13 @@ class ForwardInf:
                 if progress:
                     progress(before + i, total)
 
-            batches = self._batches(self.train, validate=False)
+            fm, batches = self.fm, self._batches(self.train, validate=False)
+            if self.tail is not None:  # the module alone, on its inputs
+                fm, batches = self.tail, ({**b, "inputs": self.tail_inputs[b["index"]]} for b in batches)
             part = {n: d[lo:hi] for n, d in deltas.items()}
             try:
                 row, self._stacking = sweep(
-                    self.fm,
+                    fm,
                     self.task,
                     batches,
                     part,

@@ -55,6 +55,50 @@ class Functional:
         return self._scratch
 
 
+class Tail(Functional):
+    """The perturbed parameters' own module alone, run on its inputs: where those parameters are all of
+    one childless module and the model returns that module's output unchanged (a classifier's head),
+    each training point's input to it (`capture`) is computed once, and the sweep, the curvature and the
+    damping rule then run the module on those inputs instead of the whole model on the records (a
+    ResNet's head: a linear layer's work per training point, not the backbone's). Same parameter names
+    as the Functional it narrows."""
+
+    def __init__(self, fm: Functional, name: str):
+        self.model, self.theta, self.name = fm.model, fm.theta, name
+        self.module = fm.model.get_submodule(name)
+        self.fixed = {}
+        self._scratch = None
+
+    def caller(self, params: Params):
+        local = {n.removeprefix(self.name + "."): p for n, p in params.items()}
+        return lambda x: functional_call(self.module, local, (x,))
+
+    def loaded(self, params: Params) -> torch.nn.Module:
+        if self._scratch is None:
+            self._scratch = copy.deepcopy(self.module)
+        with torch.no_grad():
+            named = dict(self._scratch.named_parameters())
+            for name, value in params.items():
+                named[name.removeprefix(self.name + ".")].copy_(value)
+        return self._scratch
+
+    def capture(self, task, batch: dict) -> torch.Tensor | None:
+        """The module's input for each point of `batch` under the model's own parameters, or None where
+        the model does not end in one plain call of it (called twice, with keyword arguments, or its
+        output changed after)."""
+        seen = []
+        handle = self.module.register_forward_hook(lambda m, args, kwargs, out: seen.append((args, kwargs, out)),
+                                                   with_kwargs=True)  # fmt: skip
+        try:
+            with torch.no_grad():
+                out = task.forward(lambda x: self.model(x), batch)
+        finally:
+            handle.remove()
+        if len(seen) != 1 or seen[0][1] or len(seen[0][0]) != 1 or seen[0][2] is not out:
+            return None
+        return seen[0][0][0].detach()
+
+
 @dataclass
 class Mirror:
     """The outcome of the mirrored step(s) for k rows (test points, or 1 in group mode).

@@ -148,7 +148,7 @@ ENGINE_FINGERPRINTS = {
     "2026.12.9": {"725e993a110b2e34"},
     # attribution: precondition "auto" takes the Hessian's top eigenpairs ("lowrank"), priced by its largest basis;
     # a perturbed last layer is swept alone on its cached inputs
-    "2026.12.10": {"c86c462d2a688430"},
+    "2026.12.10": {"c86c462d2a688430", "e638029bf4ef1f13"},  # the second: base losses on the Tail (same results)
 }
 
 

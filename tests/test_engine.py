@@ -410,6 +410,19 @@ def test_a_perturbed_last_layer_runs_alone_on_its_inputs_with_the_same_scores(mo
     torch.testing.assert_close(fi.scores((x[:4], y[:4])), whole.scores((x[:4], y[:4])), rtol=1e-9, atol=1e-12)
 
 
+def test_a_last_layer_alone_still_refuses_data_the_model_cannot_take():
+    """The pass that caches the last layer's inputs is also the check that model and data fit: a clear
+    refusal (and NaN inputs refused), not a raw torch error."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    config = MirrorConfig(params=("3.*",), precondition="none")
+    with pytest.raises(AttributionInputError, match="cannot process the training set"):
+        ForwardInf(net, Classification(), config).prepare((torch.rand(10, 32), torch.randint(0, 3, (10,))))
+    x = torch.rand(10, 64)
+    x[3, 1] = float("nan")
+    with pytest.raises(AttributionInputError, match="NaN"):
+        ForwardInf(net, Classification(), config).prepare((x, torch.randint(0, 3, (10,))))
+
+
 def test_hessian_preconditioning_refuses_a_model_too_large():
     model = build("mlp", {"in_features": 64, "hidden": [512], "out_features": 10})
     x, y = torch.rand(8, 64), torch.randint(0, 10, (8,))

@@ -178,12 +178,13 @@ class ForwardInf:
         self.tail_inputs = tail_inputs.to(self.device, self.dtype) if self.tail is not None else None
         if base is None:
             parts = []
+            fm, batches = self._training(validate=True)
             with torch.no_grad():
-                for n, batch in enumerate(self._batches(self.train), 1):
-                    if n == 1:  # the first batch doubles as the check that model and data fit
-                        out = self._checked_forward(batch, self.train.what)
+                for n, batch in enumerate(batches, 1):
+                    if n == 1 and self.tail is None:  # the first batch doubles as the check that model and data fit
+                        out = self._checked_forward(batch, self.train.what)  # (tail_inputs_of checked it)
                     else:
-                        out = self.task.forward(self.fm.caller(self.fm.theta), batch)
+                        out = self.task.forward(fm.caller(fm.theta), batch)
                     parts.append(self.task.criterion(out, batch))
                     if progress:
                         progress(n, self.train.num_batches())
@@ -281,6 +282,13 @@ class ForwardInf:
             and c.names == list(self.fm.theta)
         )
 
+    def _training(self, validate: bool) -> tuple[Functional, Iterator[Batch]]:
+        """What runs over the bound training set: the model on its batches, or the Tail alone on its inputs."""
+        batches = self._batches(self.train, validate=validate)
+        if self.tail is None:
+            return self.fm, batches
+        return self.tail, ({**b, "inputs": self.tail_inputs[b["index"]]} for b in batches)
+
     def _tail(self) -> Tail | None:
         """The perturbed parameters' module alone, where they are all of one childless module and the task
         feeds the model its inputs as they are (mirror.Tail); else None."""
@@ -293,15 +301,19 @@ class ForwardInf:
 
     def tail_inputs_of(self, train) -> torch.Tensor | None:
         """(N, ...) each training point's input to the perturbed module, by position, from one forward pass
-        (prepare() keeps it: the sweep then runs that module alone); None where there is no such Tail or
-        the inputs would take over TAIL_INPUTS_BYTES."""
+        (prepare() keeps it: the base losses and the sweep then run that module alone); None where there is
+        no such Tail or the inputs would take over TAIL_INPUTS_BYTES."""
         if self.precondition == "auto":
             self.plan(train)
         if (tail := self._tail()) is None:
             return None
         parts, order, size = [], [], 0
-        for batch in self._batches(Examples(train, self.config.batch_size, "training set"), validate=False):
-            part = tail.capture(self.task, batch)
+        examples = Examples(train, self.config.batch_size, "training set")
+        for n, batch in enumerate(self._batches(examples), 1):
+            if n == 1:  # the first batch doubles as the check that model and data fit
+                part = tail.capture(lambda batch=batch: self._checked_forward(batch, examples.what))
+            else:
+                part = tail.capture(lambda batch=batch: self.task.forward(self.fm.caller(self.fm.theta), batch))
             size += 0 if part is None else part.numel() * part.element_size()
             if part is None or size > TAIL_INPUTS_BYTES:
                 return None
@@ -312,7 +324,8 @@ class ForwardInf:
     def _on_tail(self, batches: list[Batch]) -> tuple[Functional, list[Batch]]:
         """(the Functional and the batches to fit curvature on): the Tail on its inputs where there is one."""
         tail = self._tail()
-        inputs = [tail.capture(self.task, b) for b in batches] if tail is not None else [None]
+        run = [lambda b=b: self.task.forward(self.fm.caller(self.fm.theta), b) for b in batches]
+        inputs = [tail.capture(r) for r in run] if tail is not None else [None]
         if any(i is None for i in inputs):
             return self.fm, batches
         return tail, [{**b, "inputs": i} for b, i in zip(batches, inputs, strict=True)]
@@ -409,9 +422,7 @@ class ForwardInf:
                 if progress:
                     progress(before + i, total)
 
-            fm, batches = self.fm, self._batches(self.train, validate=False)
-            if self.tail is not None:  # the module alone, on its inputs
-                fm, batches = self.tail, ({**b, "inputs": self.tail_inputs[b["index"]]} for b in batches)
+            fm, batches = self._training(validate=False)
             part = {n: d[lo:hi] for n, d in deltas.items()}
             try:
                 row, self._stacking = sweep(

@@ -82,16 +82,16 @@ class Tail(Functional):
                 named[name.removeprefix(self.name + ".")].copy_(value)
         return self._scratch
 
-    def capture(self, task, batch: dict) -> torch.Tensor | None:
-        """The module's input for each point of `batch` under the model's own parameters, or None where
-        the model does not end in one plain call of it (called twice, with keyword arguments, or its
-        output changed after)."""
+    def capture(self, run) -> torch.Tensor | None:
+        """The module's input for each point of a batch, seen while `run()` computes the model's output on
+        it, or None where the model does not end in one plain call of the module (called twice, with
+        keyword arguments, or its output changed after)."""
         seen = []
         handle = self.module.register_forward_hook(lambda m, args, kwargs, out: seen.append((args, kwargs, out)),
                                                    with_kwargs=True)  # fmt: skip
         try:
             with torch.no_grad():
-                out = task.forward(lambda x: self.model(x), batch)
+                out = run()
         finally:
             handle.remove()
         if len(seen) != 1 or seen[0][1] or len(seen[0][0]) != 1 or seen[0][2] is not out:

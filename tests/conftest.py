@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -201,13 +202,27 @@ def start_worker(settings, name, **extra):
         "ATTR_PROGRESS_INTERVAL_S": 0.1,
     }
     env = subprocess_env(settings, **{**defaults, **extra})
-    return subprocess.Popen(
-        [PYTHON, "-m", "worker", "--name", name],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    logs = Path(settings.registry_dir).parent  # in pytest's temporary tree, which it prunes itself
+    log = tempfile.NamedTemporaryFile(dir=logs, prefix=f"worker-{name}-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "worker", "--name", name], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
     )
+    proc.log = Path(log.name)
+    log.close()
+    return proc
+
+
+def stop_worker(proc, timeout: float = 10.0) -> None:
+    """SIGTERM (RQ's warm shutdown), and SIGKILL where the worker has not exited `timeout` s later, so
+    that it never outlives its test to take later tests' jobs; that worker fails the test, with its log."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired as late:
+        proc.kill()
+        proc.wait(10)
+        tail = proc.log.read_text(errors="replace")[-4000:]
+        raise AssertionError(f"the worker had not exited {timeout} s after SIGTERM; its log ends:\n{tail}") from late
 
 
 def wait_for(predicate, timeout=60.0, interval=0.05):

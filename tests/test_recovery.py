@@ -10,7 +10,7 @@ from rq.job import Job as RQJob
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
-from tests.conftest import running_mid_job, start_worker, submit, wait_for
+from tests.conftest import running_mid_job, start_worker, stop_worker, submit, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +54,7 @@ def test_cancel_a_running_job(api, big_settings):
         assert progress["done"] < progress["total"]  # it stopped mid-job: no other tenant wanted it
         assert worker.poll() is None  # the worker stays up for the next job
     finally:
-        worker.terminate()
-        worker.wait(10)
+        stop_worker(worker)
 
 
 def test_a_long_poll_returns_as_soon_as_the_job_ends(api, big_settings):
@@ -67,7 +66,6 @@ def test_a_long_poll_returns_as_soon_as_the_job_ends(api, big_settings):
         done = api.get(url, params={"wait_s": 25}).json()  # one request, held until the end is published
         elapsed = time.monotonic() - start
     finally:
-        worker.terminate()
-        worker.wait(10)
+        stop_worker(worker)
     assert done["status"] == "finished", done
     assert elapsed < 20 and done["timing"]["sweep_s"] < elapsed  # it waited for the job, not for the deadline

@@ -634,7 +634,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['setup']} | {r['method']} | {r['lds']:.3f} | {r['setup_s']:.2f} | {r['k=1']:.3f} | "
+            f"| {r['setup']} | {r['method']} | {r['lds']:.3f} | {r['setup_s']:.3f} | {r['k=1']:.3f} | "
             f"{r['k=10']:.3f} | {r['k=all']:.3f} ({r['n_test']}) | {r['peak_mb']:.0f} |"
         )
     print("\n## Convex leave-one-out (L2 logistic regression, 300 points, 10 high-loss test points)\n")

@@ -1,5 +1,6 @@
 """Real worker processes (`python -m worker`): readiness, cancel while running, a long poll woken by the
-job's end, and a worker SIGKILLed mid-job whose request another worker finishes."""
+job's end, a worker SIGKILLed mid-job whose request another worker finishes, and one SIGTERMed mid-job
+that finishes the job, then exits."""
 
 import signal
 import time
@@ -69,3 +70,17 @@ def test_a_long_poll_returns_as_soon_as_the_job_ends(api, big_settings):
         stop_worker(worker)
     assert done["status"] == "finished", done
     assert elapsed < 20 and done["timing"]["sweep_s"] < elapsed  # it waited for the job, not for the deadline
+
+
+def test_a_sigterm_mid_job_finishes_the_job_then_exits(api, big_settings):
+    worker = start_worker(big_settings, "draining")
+    try:
+        wait_for(lambda: api.get("/readyz").status_code == 200)
+        url = submit(api)
+        wait_for(lambda: running_mid_job(api, url))
+        worker.send_signal(signal.SIGTERM)  # as `docker stop` does
+        assert worker.wait(30) == 0
+    finally:
+        worker.kill()
+    done = api.get(url).json()
+    assert done["status"] == "finished", done

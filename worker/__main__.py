@@ -16,6 +16,7 @@ How a job ends, in RQ's own states:
   would fail the same way;
 - a cancel sends RQ's stop-job command: this worker's `kill_horse` (it has no horse) sets a flag that the
   job checks between batches, and RQ records it STOPPED;
+- its worker is asked to stop (SIGTERM, SIGINT): it finishes the job, then exits (`_shutdown`);
 - its worker dies (SIGKILL, OOM): while a job runs, a thread refreshes its heartbeat every
   heartbeat_ttl_s / 3. When the heartbeat lapses (heartbeat_ttl_s after the kill), the next maintenance
   pass of any live worker (every maintenance_interval_s) finds the job abandoned and requeues it (each job
@@ -132,7 +133,7 @@ class WarmWorker(SimpleWorker):
             return super().dequeue_job_and_maintain_ttl(None, max_idle_time)
         wait = max(1, math.ceil(self.settings.steal_after_s))
         idle = 0
-        while max_idle_time is None or idle < max_idle_time:
+        while (max_idle_time is None or idle < max_idle_time) and not self._stop_requested:
             mine, others = self.affinity()
             self._ordered_queues = mine
             result = super().dequeue_job_and_maintain_ttl(wait, max_idle_time=wait)
@@ -196,6 +197,14 @@ class WarmWorker(SimpleWorker):
                 self.publish()
             except RedisError:  # the readiness heartbeat catches up on its next tick
                 log.warning("worker heartbeat failed after job %s", job.id, exc_info=True)
+
+    def _shutdown(self):
+        """SIGTERM/SIGINT (RQ's warm shutdown): only record the request. RQ raises StopRequested from
+        the signal handler when idle, wherever the main thread is; inside an `except Exception` it is
+        swallowed and the worker never stops (measured: logging's emit, writing a maintenance line, did
+        it). The dequeue loop above returns within steal_after_s and RQ's work loop then ends; a job in
+        flight finishes first. A second signal is RQ's cold shutdown."""
+        self._stop_requested = True
 
     # -- how jobs end (module docstring) -------------------------------------------------------------
     def kill_horse(self, sig=None) -> None:

@@ -1,6 +1,7 @@
 """Processes that stay up, and stop when asked: a worker rides out a Redis outage mid-job, scripts/serve
 restarts a SIGKILLed worker and the job in flight still finishes, /readyz forgets a dead worker within
-seconds, 200 held long polls leave /healthz fast, and a SIGTERM stops an idle worker wherever it lands. Real redis-server, real `python -m worker`, uvicorn and scripts/serve."""
+seconds, 200 held long polls leave /healthz fast, and a SIGTERM stops an idle worker wherever it lands.
+Real redis-server, real `python -m worker`, uvicorn and scripts/serve."""
 
 from __future__ import annotations
 

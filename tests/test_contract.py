@@ -147,8 +147,9 @@ ENGINE_FINGERPRINTS = {
     # no better than class frequencies; the curvature's sample spans the set
     "2026.12.9": {"725e993a110b2e34"},
     # attribution: precondition "auto" takes the Hessian's top eigenpairs ("lowrank"), priced by its largest basis;
-    # a perturbed last layer is swept alone on its cached inputs
-    "2026.12.10": {"c86c462d2a688430", "e638029bf4ef1f13"},  # the second: base losses on the Tail (same results)
+    # a perturbed last layer is swept alone on its cached inputs; then, with the same results, the base losses on
+    # the Tail, and the curvature sample on the Tail inputs prepare() holds
+    "2026.12.10": {"c86c462d2a688430", "e638029bf4ef1f13", "8b62ba920c28ae40"},
 }
 
 

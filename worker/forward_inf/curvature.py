@@ -205,29 +205,31 @@ def products(hvp, vectors: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]
     return torch.cat(rows), chunk
 
 
+def _unflat(theta: Params, flat: torch.Tensor) -> Params:
+    """(P,) parameters flattened in theta's order -> theta's names and shapes."""
+    sizes = [t.numel() for t in theta.values()]
+    return {n: t.reshape(theta[n].shape) for n, t in zip(theta, flat.split(sizes), strict=True)}
+
+
 def hessian_products(fm: Functional, task, batches: list[dict]):
     """V (k, P) -> (k, P) float64 on the parameters' device: the mean training loss's Hessian over
     `batches` times each row of V (P: the selected parameters, flattened in fm.theta's order)."""
-    theta, names = fm.theta, list(fm.theta)
-    sizes = [theta[n].numel() for n in names]
-    flat0 = torch.cat([theta[n].flatten() for n in names])
+    flat0 = torch.cat([t.flatten() for t in fm.theta.values()])
     count = sum(batch["inputs"].shape[0] for batch in batches)
     chunk = [HVP_CHUNKS[0]]  # measured on the first call, kept for the next
 
-    def unflat(flat):  # (P,) -> params
-        return {n: t.reshape(theta[n].shape) for n, t in zip(names, flat.split(sizes), strict=True)}
-
     def apply(vectors: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(vectors.shape, dtype=torch.float64, device=flat0.device)
+        vectors = vectors.to(flat0)  # once, not per batch (the exact Hessian's: P x P)
         for batch in batches:
 
             def batch_loss(flat, batch=batch):
-                return task.loss(fm.caller(unflat(flat)), batch).sum()
+                return task.loss(fm.caller(_unflat(fm.theta, flat)), batch).sum()
 
             def hvp(v, batch_loss=batch_loss):
                 return jvp(grad(batch_loss), (flat0,), (v,))[1]
 
-            part, chunk[0] = products(hvp, vectors.to(flat0), chunk[0])
+            part, chunk[0] = products(hvp, vectors, chunk[0])
             total += part.double()  # accumulated in float64: the matrix is small, its conditioning is not
         return total / count
 
@@ -295,11 +297,9 @@ def estimate(fm: Functional, task, batches, kind: str, damping: float | None, ra
         values, vectors, left_out = top_eigen(apply, total, rank_for or damping, full)
         return Curvature(kind, names, values, damping, count, vectors=vectors, left_out=left_out)
     flat0 = torch.cat([fm.theta[n].flatten() for n in names])
-    sizes = [fm.theta[n].numel() for n in names]
 
     def example_loss(flat, example):
-        params = {n: t.reshape(fm.theta[n].shape) for n, t in zip(names, flat.split(sizes), strict=True)}
-        return task.loss(fm.caller(params), {k: v.unsqueeze(0) for k, v in example.items()})[0]
+        return task.loss(fm.caller(_unflat(fm.theta, flat)), {k: v.unsqueeze(0) for k, v in example.items()})[0]
 
     raw = sum(vmap(grad(example_loss), in_dims=(None, 0))(flat0, batch).pow(2).sum(0).double() for batch in batches)
     return Curvature(kind, names, raw.detach() / count, damping, count)  # (P,)

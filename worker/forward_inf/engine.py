@@ -195,7 +195,7 @@ class ForwardInf:
         if self.config.score == "cosine":
             self.norms = self.last_layer_norms(train) if norms is None else norms.to(self.device, self.dtype)
         if self.precondition != "none" and not self._curvature_fits():
-            self.curvature = self.estimate_curvature(train)
+            self.curvature = self.estimate_curvature(train, self.tail_inputs)
         return self
 
     def execution(self) -> dict:
@@ -321,21 +321,25 @@ class ForwardInf:
             order.append(batch["index"])
         return torch.cat(parts)[torch.cat(order).argsort()]
 
-    def _on_tail(self, batches: list[Batch]) -> tuple[Functional, list[Batch]]:
-        """(the Functional and the batches to fit curvature on): the Tail on its inputs where there is one."""
+    def _on_tail(self, batches: list[Batch], inputs: torch.Tensor | None) -> tuple[Functional, list[Batch]]:
+        """(the Functional and the batches to fit curvature on): the Tail on its inputs where there is one,
+        taken from `inputs` (the bound training set's, by position) or else captured batch by batch."""
         tail = self._tail()
+        if tail is not None and inputs is not None:
+            return tail, [{**b, "inputs": inputs[b["index"]]} for b in batches]
         run = [lambda b=b: self.task.forward(self.fm.caller(self.fm.theta), b) for b in batches]
-        inputs = [tail.capture(r) for r in run] if tail is not None else [None]
-        if any(i is None for i in inputs):
+        captured = [tail.capture(r) for r in run] if tail is not None else [None]
+        if any(i is None for i in captured):
             return self.fm, batches
-        return tail, [{**b, "inputs": i} for b, i in zip(batches, inputs, strict=True)]
+        return tail, [{**b, "inputs": i} for b, i in zip(batches, captured, strict=True)]
 
-    def estimate_curvature(self, train) -> Curvature | Kronecker:
+    def estimate_curvature(self, train, tail_inputs: torch.Tensor | None = None) -> Curvature | Kronecker:
         """The damped curvature of the mean training loss (self.precondition, config.damping), from at
         most `config.curvature_samples` training points spread evenly over the set (the exact Hessian
         costs one HVP per parameter per batch). prepare() calls this once when needed; for a training
         set in several parts, pass all of them (a list of batches) and assign the result to
-        `self.curvature` before prepare()."""
+        `self.curvature` before prepare(). `tail_inputs`: train's inputs to the perturbed module, where
+        prepare() holds them (the sample then needs no forward pass through the model)."""
         self.plan(train)
         examples = Examples(train, max(self.config.batch_size, 2048), "training set")
         limit = self.config.curvature_samples
@@ -353,7 +357,7 @@ class ForwardInf:
                 if taken >= limit:
                     return
 
-        (fm, batches), kronecker = self._on_tail(list(sample())), self.precondition in KRONECKER
+        (fm, batches), kronecker = self._on_tail(list(sample()), tail_inputs), self.precondition in KRONECKER
         if self.config.damping != "auto":
             if kronecker:
                 return estimate_kronecker(fm, self.task, batches, self.precondition, self.config.damping)

@@ -67,9 +67,10 @@ class MirrorConfig:
             parameter subsets), "lowrank" (the same Hessian's top eigenpairs down to a tenth of the
             damping, the rest taken as 0: its cost grows with the eigenvalues above the damping, not with
             the parameters; the exact one where it would need over a quarter of them) or "auto": the
-            low-rank Hessian where the exact one would be affordable (at most AUTO_HESSIAN_PARAMS perturbed
-            parameters and AUTO_HESSIAN_FLOPS to build: one Hessian-vector product per parameter over
-            `curvature_samples` points); else, when all parameters are
+            low-rank Hessian where its largest basis is affordable (at most MAX_HESSIAN_PARAMS perturbed
+            parameters and AUTO_HESSIAN_FLOPS for min(parameters, 3 x LOWRANK_MAX_RANK) Hessian-vector
+            products over `curvature_samples` points; the exact Hessian is its fallback only within
+            AUTO_HESSIAN_PARAMS and that budget); else, when all parameters are
             perturbed and the last layer is a linear or convolution layer, that layer's Hessian (the step
             then moves that layer alone); else "ekfac" where the perturbed parameters hold such layers
             (a transformer whose head is tied to its embedding, a LoRA adapter); else "none". The step is
@@ -167,8 +168,8 @@ def _choices(cls: type) -> dict[str, tuple]:
 # - attribution: the exact first-order score along a curvature-preconditioned step: on the digits MLP
 #   its LDS is 0.395 (the same as dattri's CG and explicit influence functions) against 0.16-0.21 for
 #   every unpreconditioned setting; convex LOO Pearson 0.98 against 0.53. The Hessian is taken
-#   within AUTO_HESSIAN_PARAMS perturbed parameters and AUTO_HESSIAN_FLOPS ("auto"); above that budget
-#   the last layer's: on the digits CNN LDS 0.362 after a 2 s setup, where the full Hessian took 357 s
+#   where its low-rank basis fits AUTO_HESSIAN_FLOPS ("auto", see MirrorConfig.precondition); above that
+#   budget the last layer's: on the digits CNN LDS 0.362 after a 2 s setup, where the full Hessian took 357 s
 #   for 0.347 and the plain step (TracIn-like) gives 0.08. Damping 1e-2 (the convex model's L2). Low
 #   rank ("lowrank": 18 of the MLP's 4,810 eigenvalues exceed that damping): the same LDS from 384
 #   Hessian-vector products instead of 4,810.

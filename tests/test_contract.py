@@ -150,6 +150,9 @@ ENGINE_FINGERPRINTS = {
     # a perturbed last layer is swept alone on its cached inputs; then, with the same results, the base losses on
     # the Tail, and the curvature sample on the Tail inputs prepare() holds
     "2026.12.10": {"c86c462d2a688430", "e638029bf4ef1f13", "8b62ba920c28ae40"},
+    # "lowrank": a Nystrom estimate on the sketch's range (two products per basis vector, not three), its core
+    # truncated to 3/4; Rayleigh-Ritz where it would pass |QH|
+    "2026.12.11": {"71b5378410b5439b"},
 }
 
 

@@ -16,7 +16,7 @@ from worker.forward_inf import (
     attribute,
     build,
 )
-from worker.forward_inf.curvature import LOWRANK_TOLERANCE
+from worker.forward_inf.curvature import LOWRANK_TOLERANCE, _nystrom, top_eigen
 
 
 @pytest.fixture
@@ -351,6 +351,50 @@ def test_lowrank_is_the_exact_hessian_where_its_basis_would_grow_past_a_quarter(
     assert len(low.factor) == 83 and low.left_out == 0 and low.clipped == exact.clipped > 0
     for n, v in low.solve(grads).items():
         torch.testing.assert_close(v, exact.solve(grads)[n], rtol=1e-6, atol=1e-8)
+
+
+def _spectrum(values: torch.Tensor):
+    """Products with U diag(values) U^T (U random orthogonal), counted, and that matrix."""
+    torch.manual_seed(0)
+    u = torch.linalg.qr(torch.randn(len(values), len(values), dtype=torch.float64)).Q
+    matrix, calls = (u * values) @ u.T, []
+
+    def apply(v):
+        calls.append(len(v))
+        return v @ matrix
+
+    return apply, matrix, calls
+
+
+@pytest.mark.parametrize("signs", ["positive", "indefinite"])
+def test_lowrank_is_nystrom_two_products_per_vector_at_the_best_rank_r_error(signs):
+    """A decaying spectrum (10 x 0.9^i, every third eigenvalue negative in the indefinite case): the
+    basis stops at 128 vectors (256 products, not Rayleigh-Ritz's 384), keeps 96 eigenpairs, and is as
+    close to the matrix as any rank-96 matrix can be (the 97th eigenvalue in magnitude)."""
+    size = 1200
+    values = 10 * 0.9 ** torch.arange(size, dtype=torch.float64)
+    if signs == "indefinite":
+        values[::3] *= -1
+    apply, matrix, calls = _spectrum(values)
+    found, vectors, left_out, refused = top_eigen(apply, size, damping=1e-2, full=False)
+    assert sum(calls) == 2 * 128 and len(found) == 96 and not refused and left_out <= LOWRANK_TOLERANCE * 1e-2
+    error = torch.linalg.matrix_norm(matrix - (vectors.T * found) @ vectors, 2)
+    assert error <= 1.001 * values.abs()[96]
+    assert (found < 0).sum() == (values[:96] < 0).sum()
+
+
+def test_lowrank_refuses_nystrom_where_an_indefinite_core_inflates_it():
+    """A flat spectrum of +1 and -1: the Nystrom core Q H Q^T has near-zero eigenvalues from cancelling
+    signs, and inverting them gives eigenvalues far past |H| = 1; the estimate is refused and
+    Rayleigh-Ritz's (bounded by the spectrum) taken, and said."""
+    size = 1200
+    values = torch.ones(size, dtype=torch.float64)
+    values[::2] = -1
+    apply, matrix, _ = _spectrum(values)
+    basis = torch.linalg.qr(apply(torch.randn(size, 64, dtype=torch.float64).T).T).Q.T
+    assert _nystrom(basis, apply(basis))[0].abs().max() > 2  # the failure the guard is for
+    found, _, _, refused = top_eigen(apply, size, damping=1e-2, full=False)
+    assert refused and found.abs().max() <= 1 + 1e-9
 
 
 def test_lowrank_leaves_out_only_curvature_well_below_the_damping():

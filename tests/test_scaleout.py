@@ -290,7 +290,7 @@ def test_a_stored_curvature_solves_exactly_as_the_computed_one(settings, kind):
             n: torch.randn(3, *p.shape, generator=torch.Generator().manual_seed(0)) for n, p in fi.fm.theta.items()
         }
         solved.append(curvature.solve(grads))
-        left_out.append(getattr(curvature, "left_out", None))  # lowrank: what its notes report
+        left_out.append([getattr(curvature, f, None) for f in ("left_out", "refused")])  # lowrank: in its notes
     assert any(settings.score_dir.glob("blobs/curvature-*.safetensors")) and left_out[0] == left_out[1]
     for name in solved[0]:
         assert torch.equal(solved[0][name], solved[1][name]), name

@@ -141,9 +141,9 @@ class Warm:
             arrays, meta = self.store.get_blob(name)
             tensors = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
             names, damping, samples = json.loads(meta["names"]), float(meta["damping"]), int(meta["samples"])
-            rule = meta.get("rule", "")
+            rule, refused = meta.get("rule", ""), meta.get("refused") == "1"
             clipped, left_out = int(meta["clipped"]), float(meta.get("left_out", 0))
-            return restore(meta["kind"], names, fi.model, tensors, damping, samples, clipped, rule, left_out)
+            return restore(meta["kind"], names, fi.model, tensors, damping, samples, clipped, rule, left_out, refused)
 
         computed: list[Curvature | Kronecker] = []
 
@@ -151,9 +151,8 @@ class Warm:
             self.counters["curvature_estimates"] += 1
             c = estimate()
             meta = {"kind": c.kind, "names": json.dumps(c.names), "damping": repr(c.damping)}
-            meta.update(
-                samples=str(c.samples), clipped=str(c.clipped), rule=c.rule, left_out=repr(getattr(c, "left_out", 0))
-            )
+            meta.update(samples=str(c.samples), clipped=str(c.clipped), rule=c.rule)
+            meta.update(left_out=repr(getattr(c, "left_out", 0)), refused=str(int(getattr(c, "refused", False))))
             self.store.put_blob(name, {k: v.cpu().numpy() for k, v in c.tensors().items()}, meta)
             computed.append(c)
 

@@ -171,7 +171,7 @@ def _choices(cls: type) -> dict[str, tuple]:
 #   where its low-rank basis fits AUTO_HESSIAN_FLOPS ("auto", see MirrorConfig.precondition); above that
 #   budget the last layer's: on the digits CNN LDS 0.362 after a 2 s setup, where the full Hessian took 357 s
 #   for 0.347 and the plain step (TracIn-like) gives 0.08. Damping 1e-2 (the convex model's L2). Low
-#   rank ("lowrank": 18 of the MLP's 4,810 eigenvalues exceed that damping): the same LDS from 384
+#   rank ("lowrank": 18 of the MLP's 4,810 eigenvalues exceed that damping): the same LDS from 256
 #   Hessian-vector products instead of 4,810.
 # - leakage: a finite Adam ascent step with the "match" score. A memorised duplicate has a tiny gradient,
 #   so gradient dot products miss it (digits MLP, 20 planted: top-1 0/20); a sign-like Adam step moves

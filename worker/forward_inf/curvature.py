@@ -11,15 +11,18 @@ curvature is estimated once per (model, training set) and reused:
     positive definite (a non-convex model), its negative eigenvalues are set to 0 first (counted in
     `clipped`, and reported); with damping 0 a singular one is refused.
     For models (or parameter subsets, e.g. params=["head.*"]) of up to `MAX_HESSIAN_PARAMS` parameters.
-  - "lowrank": the same exact Hessian's top eigenpairs, by Rayleigh-Ritz on random directions mapped
-    twice through Hessian-vector products (randomized subspace iteration, one power step: Halko,
-    Martinsson & Tropp 2011, arXiv 0909.4061; without it 4 random starts on breast_cancer gave LDS
-    0.394-0.417 for the exact Hessian's 0.422, with it 0.421-0.423), the basis
-    doubled until the eigenvalues left out are estimated below LOWRANK_TOLERANCE x damping (the Ritz
-    value a quarter of the way up from the smallest: the last quarter of the basis is oversampling).
-    The rest of the spectrum is taken as 0 under the damping, H^-1 g = g / d + V ((1 / (l + d) - 1 / d)
+  - "lowrank": the same exact Hessian's top eigenpairs, by a Nystrom approximation H ~ Y^T (Q Y^T)^+ Y
+    on the range Q of random directions mapped once through Hessian-vector products, Y = Q H: two
+    products per basis vector (Rayleigh-Ritz on the same range, one power step, took three: Halko,
+    Martinsson & Tropp 2011, arXiv 0909.4061; without the power step 4 random starts on breast_cancer
+    gave LDS 0.394-0.417 for the exact Hessian's 0.422, with it 0.421-0.423, with Nystrom 0.422 from the first). The core
+    is truncated to its 3/4 largest eigenvalues (the last quarter is oversampling), which keeps it stable
+    on an indefinite Hessian; where an eigenvalue still comes out past NYSTROM_GUARD x |Q H| (spurious: a
+    cancelling core inverted), Rayleigh-Ritz on the same range is taken instead, and said. The basis is
+    doubled until the eigenvalues left out are estimated below LOWRANK_TOLERANCE x damping (the smallest
+    kept). The rest of the spectrum is taken as 0 under the damping, H^-1 g = g / d + V ((1 / (l + d) - 1 / d)
     V^T g): a left-out eigenvalue l gets 1 / d for 1 / (l + d), off by l / d at most. On the digits MLP
-    18 of 4,810 eigenvalues exceed the damping: 384 products instead of 4,810, the same LDS
+    18 of 4,810 eigenvalues exceed the damping: 256 products instead of 4,810, the same LDS
     (docs/benchmarks.md). Where the basis would pass a quarter of the parameters (or LOWRANK_MAX_RANK),
     it is the exact Hessian after all (within MAX_HESSIAN_PARAMS; beyond, the estimate is reported).
   - "diag": the diagonal empirical Fisher, mean_i g_i^2, plus damping (one pass of per-example
@@ -50,6 +53,7 @@ HVP_CHUNKS = (16, 1024)  # Hessian-vector products vmapped per call: the first, 
 LOWRANK_START = 32  # "lowrank": the first basis of random directions, doubled while the criterion fails
 LOWRANK_TOLERANCE = 0.1  # "lowrank": eigenvalues left out below this fraction of the damping
 LOWRANK_MAX_RANK = 1024  # "lowrank": the largest basis before the exact Hessian (or the estimate as it is)
+NYSTROM_GUARD = 1.5  # "lowrank": Nystrom refused where an eigenvalue passes this x |Q H| (see top_eigen)
 
 
 def flatten(params: Params, names: list[str]) -> torch.Tensor:  # (k, *shape) each -> (k, P)
@@ -85,6 +89,7 @@ class Curvature:
     rule: str = ""  # damping "auto": how auto_damping chose it; "" = as given
     vectors: torch.Tensor | None = None  # "lowrank": (k, P)
     left_out: float = 0.0  # "lowrank": the largest eigenvalue left out, estimated (0: none)
+    refused: bool = False  # "lowrank": the Nystrom estimate refused, Rayleigh-Ritz's taken (top_eigen)
 
     def __post_init__(self):
         if self.factor is not None or self.damping is None:
@@ -144,12 +149,12 @@ class Curvature:
 
 
 def restore(kind: str, names: list[str], model, tensors: dict, damping: float, samples: int, clipped: int, rule: str,
-            left_out: float = 0.0):  # fmt: skip
+            left_out: float = 0.0, refused: bool = False):  # fmt: skip
     """A curvature saved with `.tensors()` (and its fields), for `model`."""
     if kind in ("kfac", "ekfac"):
         return Kronecker.restore(kind, names, model, tensors, damping, samples, rule)
-    vectors = tensors.get("vectors")
-    return Curvature(kind, names, torch.empty(0), damping, samples, tensors["factor"], clipped, rule, vectors, left_out)
+    vectors, factor = tensors.get("vectors"), tensors["factor"]
+    return Curvature(kind, names, torch.empty(0), damping, samples, factor, clipped, rule, vectors, left_out, refused)
 
 
 def auto_damping(fm: Functional, task, batches, kronecker: bool) -> tuple[float, str]:
@@ -245,32 +250,58 @@ def _orthonormal(rows: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor
     return rows
 
 
-def top_eigen(apply, size: int, damping: float, full: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """((k,) eigenvalues, (k, P) eigenvectors, the largest eigenvalue left out, estimated) of the symmetric
-    matrix whose products `apply` gives ("lowrank" in the module docstring). `full`: where the basis would
-    grow past a quarter of `size` (or LOWRANK_MAX_RANK), decompose the whole matrix instead."""
+def top_eigen(apply, size: int, damping: float, full: bool) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+    """((r,) eigenvalues, (r, P) eigenvectors, the largest eigenvalue left out (estimated), whether the
+    Nystrom estimate was refused) of the symmetric matrix H whose products `apply` gives ("lowrank" in the
+    module docstring). `full`: where the basis would grow past a quarter of `size` (or LOWRANK_MAX_RANK),
+    decompose the whole matrix instead."""
     gen = torch.Generator().manual_seed(0)
     basis = images = None
     block = LOWRANK_START
     while True:
         probes = torch.randn(block, size, generator=gen, dtype=torch.float64)
-        reach = apply(_orthonormal(apply(probes), basis))  # one power iteration: sharper on a flat spectrum
-        new = _orthonormal(reach, basis)  # (block, P): the range the probes reach
+        new = _orthonormal(apply(probes), basis)  # the range of H Omega
         basis = new if basis is None else torch.cat([basis, new])
-        images = apply(new) if images is None else torch.cat([images, apply(new)])  # (k, P) H basis
-        projected = basis @ images.T  # (k, k) Rayleigh-Ritz
-        values, w = torch.linalg.eigh((projected + projected.T) / 2)
-        left_out = float(values.abs().sort().values[len(values) // 4])
+        images = apply(new) if images is None else torch.cat([images, apply(new)])  # (k, P) Y = Q H
+        values, vectors = _nystrom(basis, images)
+        refused = float(values.abs().max()) > NYSTROM_GUARD * float(torch.linalg.matrix_norm(images, 2))
+        if refused:  # more than H holds: a near-singular indefinite core, inverted (Rayleigh-Ritz instead)
+            vectors = _orthonormal(images, None)  # the range of H Q, as Nystrom's
+            projected = vectors @ apply(vectors).T
+            values, w = _largest(*torch.linalg.eigh((projected + projected.T) / 2))
+            vectors = w.T @ vectors
+        left_out = float(values.abs().min())
         if left_out <= LOWRANK_TOLERANCE * damping:
-            return values, w.T @ basis, left_out
+            return values, vectors, left_out, refused
         if 2 * len(basis) > min(size // 4, LOWRANK_MAX_RANK):
             if not full:
-                return values, w.T @ basis, left_out
+                return values, vectors, left_out, refused
             eye = torch.eye(size, dtype=torch.float64, device=basis.device)
             matrix = apply(eye)
             values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
-            return values, vectors.T, 0.0
+            return values, vectors.T, 0.0, False
         block = len(basis)
+
+
+def _nystrom(basis: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eigenpairs of H ~ Y^T [Q Y^T]_r^+ Y from an orthonormal basis Q (k, P) and its images Y = Q H,
+    the core Q H Q^T truncated to its r eigenvalues of largest magnitude (`_largest`): for an indefinite H
+    the truncation keeps the core's inverse stable (Nakatsukasa & Park, "Randomized low-rank approximation
+    for symmetric indefinite matrices", SIAM J. Matrix Anal. Appl. 2023); exact zeros are not inverted."""
+    core = basis @ images.T
+    values, w = _largest(*torch.linalg.eigh((core + core.T) / 2))
+    q, r = torch.linalg.qr(images.T @ w)  # Y^T W_r = q r: (P, r), (r, r)
+    tiny = float(values.abs().max()) * len(values) * torch.finfo(values.dtype).eps
+    small = (r * torch.where(values.abs() > tiny, 1 / values, 0)) @ r.T
+    values, s = torch.linalg.eigh((small + small.T) / 2)
+    return values, (q @ s).T
+
+
+def _largest(values: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eigenpairs (values (k,), vectors as w's columns) of the 3k/4 largest eigenvalues in magnitude:
+    the basis's last quarter is oversampling."""
+    keep = values.abs().argsort(descending=True)[: len(values) - len(values) // 4]
+    return values[keep], w[:, keep]
 
 
 def estimate(fm: Functional, task, batches, kind: str, damping: float | None, rank_for: float | None = None,
@@ -294,8 +325,8 @@ def estimate(fm: Functional, task, batches, kind: str, damping: float | None, ra
     if kind == "lowrank":
         apply = hessian_products(fm, task, batches)
         full = total <= MAX_HESSIAN_PARAMS if full is None else full
-        values, vectors, left_out = top_eigen(apply, total, rank_for or damping, full)
-        return Curvature(kind, names, values, damping, count, vectors=vectors, left_out=left_out)
+        values, vectors, left_out, refused = top_eigen(apply, total, rank_for or damping, full)
+        return Curvature(kind, names, values, damping, count, vectors=vectors, left_out=left_out, refused=refused)
     flat0 = torch.cat([fm.theta[n].flatten() for n in names])
 
     def example_loss(flat, example):

@@ -90,11 +90,11 @@ class ForwardInf:
         """Resolve precondition="auto" for this training set (once; prepare() calls it): the low-rank
         Hessian of the perturbed parameters where it is affordable, else, when every parameter is
         perturbed, of the last layer alone (only that layer is then stepped), else EK-FAC, else none.
-        Cost: one Hessian-vector product per basis vector per curvature sample, three per vector (at most
-        LOWRANK_MAX_RANK: priced at min(parameters, 3 x LOWRANK_MAX_RANK)), each about one forward pass of
-        what the parameters feed (the whole model; for the last layer alone, that layer: 2 FLOPs a
-        weight). The exact Hessian, one product per parameter, is its fallback only where it is affordable
-        itself (`self.exact_fallback`)."""
+        Cost: Hessian-vector products per curvature sample, two per basis vector (at most LOWRANK_MAX_RANK),
+        three where the Nystrom estimate is refused: priced at min(parameters, 3 x LOWRANK_MAX_RANK), each
+        about one forward pass of what the parameters feed (the whole model; for the last layer alone, that
+        layer: 2 FLOPs a weight). The exact Hessian, one product per parameter, is its fallback only where
+        it is affordable itself (`self.exact_fallback`)."""
         if self.precondition in KRONECKER:
             self._factored_only()
         if self.precondition != "auto":
@@ -214,6 +214,7 @@ class ForwardInf:
                     if c.left_out == 0
                     else f" (estimated at most {c.left_out:.3g}, {c.left_out / c.damping:.2g} x the damping)"
                 )
+                + ("; Rayleigh-Ritz, the Nystrom estimate refused (an eigenvalue past |QH|)" if c.refused else "")
             )
         if c is not None and c.rule:
             notes.append(f"damping 'auto' = {c.damping:.3g}: {c.rule}")

@@ -152,7 +152,7 @@ ENGINE_FINGERPRINTS = {
     "2026.12.10": {"c86c462d2a688430", "e638029bf4ef1f13", "8b62ba920c28ae40"},
     # "lowrank": a Nystrom estimate on the sketch's range (two products per basis vector, not three), its core
     # truncated to 3/4; Rayleigh-Ritz where it would pass |QH|
-    "2026.12.11": {"71b5378410b5439b"},
+    "2026.12.11": {"7c0f29c6c038f3a1"},
 }
 
 

@@ -264,7 +264,8 @@ def top_eigen(apply, size: int, damping: float, full: bool) -> tuple[torch.Tenso
         basis = new if basis is None else torch.cat([basis, new])
         images = apply(new) if images is None else torch.cat([images, apply(new)])  # (k, P) Y = Q H
         values, vectors = _nystrom(basis, images)
-        refused = float(values.abs().max()) > NYSTROM_GUARD * float(torch.linalg.matrix_norm(images, 2))
+        norm = float(torch.linalg.eigvalsh(images @ images.T)[-1].clamp_min(0)) ** 0.5  # |Q H|, from the k x k Gram
+        refused = float(values.abs().max()) > NYSTROM_GUARD * norm
         if refused:  # more than H holds: a near-singular indefinite core, inverted (Rayleigh-Ritz instead)
             vectors = _orthonormal(images, None)  # the range of H Q, as Nystrom's
             projected = vectors @ apply(vectors).T

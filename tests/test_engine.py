@@ -337,15 +337,15 @@ def test_the_curvature_sample_spans_a_set_sorted_by_label(problem):
 
 def test_lowrank_is_the_exact_hessian_where_its_basis_would_grow_past_a_quarter(problem):
     """83 parameters, damping 1e-6: no basis of under 21 vectors leaves only eigenvalues below 1e-7 out,
-    so the whole matrix is decomposed: the same solve as the exact Hessian's (negative eigenvalues
-    clipped in both)."""
+    so the whole matrix is decomposed and solved as the exact Hessian: the same solve (negative eigenvalues
+    clipped in both), and the notes say why."""
     model, x, y = problem
-    exact, low = (
+    engines = [
         ForwardInf(model, Classification(), MirrorConfig.preset("testing", precondition=kind, damping=1e-6))
-        .prepare((x, y))
-        .curvature
         for kind in ("hessian", "lowrank")
-    )
+    ]
+    exact, low = (engine.prepare((x, y)).curvature for engine in engines)
+    assert low.kind == "hessian" and "the exact Hessian is used" in " ".join(engines[1].execution()["notes"])
     torch.manual_seed(1)
     grads = {n: torch.randn(3, *p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
     assert len(low.factor) == 83 and low.left_out == 0 and low.clipped == exact.clipped > 0

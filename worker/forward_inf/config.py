@@ -81,7 +81,7 @@ class MirrorConfig:
             training set).
         damping: added to the curvature's diagonal (plays the role of the training's weight decay);
             "auto": curvature.auto_damping (the model's own weight decay where it sits at an L2 optimum,
-            else a measured rule per curvature kind).
+            and the floor for parameters it did not decay; else a measured rule per curvature kind).
         curvature_samples: training points (spread evenly over the set) the curvature is estimated from.
         safeguard: for memorised test points under SGD, "normalize" rescales the gradient to unit norm
             before the step, so the row still ranks training points; "none" leaves it (rows near zero).

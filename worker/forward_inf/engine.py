@@ -24,6 +24,9 @@ from .tasks import TEST_INDEX_OFFSET, Calibration, Task, fit_calibration
 
 __all__ = ["ForwardInf", "attribute"]
 KRONECKER = ("kfac", "ekfac")
+# the curvature each precondition may come back as: a low-rank basis that would cover the whole matrix is the
+# exact Hessian (curvature.estimate)
+SOLVED_AS = {"lowrank": ("lowrank", "hessian")}
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -205,6 +208,9 @@ class ForwardInf:
         notes = list(self.notes)
         if c is not None and c.clipped:
             notes.append(f"the Hessian had {c.clipped} negative eigenvalues; they were set to 0 before damping")
+        if c is not None and (self.precondition, c.kind) == ("lowrank", "hessian"):
+            notes.append("low-rank Hessian: a basis leaving out only eigenvalues under a tenth of the damping would "
+                         "cover over a quarter of the parameters, so the exact Hessian is used")  # fmt: skip
         if c is not None and c.kind == "lowrank":
             size = c.vectors.shape[1]
             notes.append(
@@ -278,7 +284,7 @@ class ForwardInf:
         c = self.curvature
         return (
             c is not None
-            and c.kind == self.precondition
+            and c.kind in SOLVED_AS.get(self.precondition, (self.precondition,))
             and (bool(c.rule) if self.config.damping == "auto" else not c.rule and c.damping == self.config.damping)
             and c.names == list(self.fm.theta)
         )
@@ -363,12 +369,16 @@ class ForwardInf:
             if kronecker:
                 return estimate_kronecker(fm, self.task, batches, self.precondition, self.config.damping)
             return estimate(fm, self.task, batches, self.precondition, self.config.damping, full=self.exact_fallback)
-        damping, rule = auto_damping(fm, self.task, batches, kronecker)  # first: "lowrank" sizes its basis by it
+        damping, rule, free = auto_damping(fm, self.task, batches, kronecker)  # first: "lowrank" sizes its basis by it
         if kronecker:
             curvature = estimate_kronecker(fm, self.task, batches, self.precondition, None)
-        else:
-            curvature = estimate(fm, self.task, batches, self.precondition, None, damping, self.exact_fallback)
-        return curvature.damped(floored(damping, curvature), rule)
+            return curvature.damped(floored(damping, curvature), rule)
+        curvature = estimate(fm, self.task, batches, self.precondition, None, damping, self.exact_fallback)
+        if not free or curvature.kind not in ("hessian", "diag"):  # a low-rank remainder has one damping
+            return curvature.damped(floored(damping, curvature), rule)
+        mask = torch.cat([torch.full((fm.theta[n].numel(),), n in free) for n in curvature.names])
+        rule += f"; not decayed in training, so damped at the floor only: {', '.join(free)}"
+        return curvature.damped(floored(damping, curvature), rule, mask.to(curvature.raw.device))
 
     def mirror(self, test) -> Mirror:
         """The mirrored step(s) on the test points (all of them at once)."""

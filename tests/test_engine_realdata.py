@@ -49,6 +49,28 @@ def test_auto_damping_is_the_weight_decay_the_model_was_trained_with(data, preco
         torch.testing.assert_close(c.factor @ c.factor.T, c.raw + torch.diag(shift))
 
 
+def test_auto_damping_damps_a_decayed_bias_like_the_weights(data):
+    """Trained to the optimum of cross-entropy + lam/2 |theta|^2, the bias included: its gradient is
+    -lam b, so it is not taken for undecayed and the whole Hessian gets lam."""
+    x, y, _, _ = data
+    x, y = x[:200].double(), y[:200]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 10).double()
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14)
+
+    def objective():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y) + 1e-2 / 2 * sum(p.square().sum() for p in model.parameters())
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        optimizer.step(objective)
+    fi = ForwardInf(model, Classification(), MirrorConfig(precondition="hessian", dtype="float64")).prepare((x, y))
+    assert fi.curvature.free is None and fi.execution()["curvature"]["damping"] == pytest.approx(1e-2, rel=1e-3)
+    assert "not decayed" not in " ".join(fi.execution()["notes"])
+
+
 def test_auto_damping_away_from_an_l2_optimum(data):
     """An MLP trained by Adam without weight decay: its gradient is not along -W, so the exact Hessian is
     damped by the measured default and EK-FAC by -g.W/|W|^2 (docs/benchmarks.md, "Damping")."""

@@ -11,20 +11,20 @@ curvature is estimated once per (model, training set) and reused:
     positive definite (a non-convex model), its negative eigenvalues are set to 0 first (counted in
     `clipped`, and reported); with damping 0 a singular one is refused.
     For models (or parameter subsets, e.g. params=["head.*"]) of up to `MAX_HESSIAN_PARAMS` parameters.
-  - "lowrank": the same exact Hessian's top eigenpairs, by a Nystrom approximation H ~ Y^T (Q Y^T)^+ Y
-    on the range Q of random directions mapped once through Hessian-vector products, Y = Q H: two
-    products per basis vector (Rayleigh-Ritz on the same range, one power step, took three: Halko,
-    Martinsson & Tropp 2011, arXiv 0909.4061; without the power step 4 random starts on breast_cancer
-    gave LDS 0.394-0.417 for the exact Hessian's 0.422, with it 0.421-0.423, with Nystrom 0.422 from the first). The core
-    is truncated to its 3/4 largest eigenvalues (the last quarter is oversampling), which keeps it stable
-    on an indefinite Hessian; where an eigenvalue still comes out past NYSTROM_GUARD x |Q H| (spurious: a
-    cancelling core inverted), Rayleigh-Ritz on the same range is taken instead, and said. The basis is
-    doubled until the eigenvalues left out are estimated below LOWRANK_TOLERANCE x damping (the smallest
-    kept). The rest of the spectrum is taken as 0 under the damping, H^-1 g = g / d + V ((1 / (l + d) - 1 / d)
-    V^T g): a left-out eigenvalue l gets 1 / d for 1 / (l + d), off by l / d at most. On the digits MLP
-    18 of 4,810 eigenvalues exceed the damping: 256 products instead of 4,810, the same LDS
-    (docs/benchmarks.md). Where the basis would pass a quarter of the parameters (or LOWRANK_MAX_RANK),
-    it is the exact Hessian after all (within MAX_HESSIAN_PARAMS; beyond, the estimate is reported).
+  - "lowrank": the same exact Hessian's top eigenpairs, by a Nystrom approximation H ~ Y^T (Q Y^T)^+ Y on the
+    range Q of random directions mapped once through Hessian-vector products, Y = Q H: two products per basis
+    vector (Rayleigh-Ritz on the same range, one power step, took three: Halko, Martinsson & Tropp 2011, arXiv
+    0909.4061; without the power step 4 random starts on breast_cancer gave LDS 0.394-0.417 for the exact
+    Hessian's 0.422, with it 0.421-0.423, with Nystrom 0.422 from the first). The core is truncated to its 3/4
+    largest eigenvalues (the last quarter is oversampling), which keeps it stable on an indefinite Hessian;
+    where an eigenvalue still comes out past NYSTROM_GUARD x |Q H| (spurious: a cancelling core inverted),
+    Rayleigh-Ritz on the same range is taken instead, and said. The basis is doubled until the eigenvalues
+    left out are estimated below LOWRANK_TOLERANCE x damping (the smallest kept). The rest of the spectrum is
+    taken as 0 under the damping, H^-1 g = g / d + V ((1 / (l + d) - 1 / d) V^T g): a left-out eigenvalue l
+    gets 1 / d for 1 / (l + d), off by l / d at most. On the digits MLP 18 of 4,810 eigenvalues exceed the
+    damping: 256 products instead of 4,810, the same LDS (docs/benchmarks.md). Where the basis would pass a
+    quarter of the parameters (or LOWRANK_MAX_RANK), it is the exact Hessian after all (within
+    MAX_HESSIAN_PARAMS; beyond, the estimate is reported).
   - "diag": the diagonal empirical Fisher, mean_i g_i^2, plus damping (one pass of per-example
     gradients over the training set, once).
 

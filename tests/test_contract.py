@@ -152,8 +152,9 @@ ENGINE_FINGERPRINTS = {
     "2026.12.10": {"c86c462d2a688430", "e638029bf4ef1f13", "8b62ba920c28ae40"},
     # "lowrank": a Nystrom estimate on the sketch's range (two products per basis vector, not three), its core
     # truncated to 3/4, Rayleigh-Ritz where it would pass |QH|; a basis covering the whole matrix is the exact
-    # Hessian; damping "auto" at an L2 optimum damps undecayed parameters (biases) at the floor only
-    "2026.12.11": {"3c2322b85885651e"},
+    # Hessian; damping "auto" at an L2 optimum damps undecayed parameters (biases) at the floor only; then, with
+    # the same results, that exact Hessian built directly instead of decomposed and rebuilt
+    "2026.12.11": {"3c2322b85885651e", "6cd0b31571b9c3ab"},
 }
 
 

@@ -265,11 +265,11 @@ def _orthonormal(rows: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor
     return rows
 
 
-def top_eigen(apply, size: int, damping: float, full: bool) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+def top_eigen(apply, size: int, damping: float, full: bool) -> tuple[torch.Tensor, torch.Tensor, float, bool] | None:
     """((r,) eigenvalues, (r, P) eigenvectors, the largest eigenvalue left out (estimated), whether the
     Nystrom estimate was refused) of the symmetric matrix H whose products `apply` gives ("lowrank" in the
     module docstring). `full`: where the basis would grow past a quarter of `size` (or LOWRANK_MAX_RANK),
-    decompose the whole matrix instead."""
+    None instead (the caller builds the whole matrix)."""
     gen = torch.Generator().manual_seed(0)
     basis = images = None
     block = LOWRANK_START
@@ -290,12 +290,7 @@ def top_eigen(apply, size: int, damping: float, full: bool) -> tuple[torch.Tenso
         if left_out <= LOWRANK_TOLERANCE * damping:
             return values, vectors, left_out, refused
         if 2 * len(basis) > min(size // 4, LOWRANK_MAX_RANK):
-            if not full:
-                return values, vectors, left_out, refused
-            eye = torch.eye(size, dtype=torch.float64, device=basis.device)
-            matrix = apply(eye)
-            values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
-            return values, vectors.T, 0.0, False
+            return None if full else (values, vectors, left_out, refused)
         block = len(basis)
 
 
@@ -335,16 +330,16 @@ def estimate(fm: Functional, task, batches, kind: str, damping: float | None, ra
         )
     batches = list(batches)
     count = sum(batch["inputs"].shape[0] for batch in batches)
-    if kind == "hessian":
-        raw = hessian_products(fm, task, batches)(torch.eye(total, dtype=torch.float64))
-        return Curvature(kind, names, (raw + raw.T) / 2, damping, count)  # symmetric up to rounding
+    apply = hessian_products(fm, task, batches) if kind in ("hessian", "lowrank") else None
     if kind == "lowrank":
-        apply = hessian_products(fm, task, batches)
         full = total <= MAX_HESSIAN_PARAMS if full is None else full
-        values, vectors, left_out, refused = top_eigen(apply, total, rank_for or damping, full)
-        if len(values) == total:  # the whole matrix: solved as the exact Hessian (by Cholesky)
-            return Curvature("hessian", names, (vectors.T * values) @ vectors, damping, count)
-        return Curvature(kind, names, values, damping, count, vectors=vectors, left_out=left_out, refused=refused)
+        if found := top_eigen(apply, total, rank_for or damping, full):
+            values, vectors, left_out, refused = found
+            return Curvature(kind, names, values, damping, count, vectors=vectors, left_out=left_out, refused=refused)
+        kind = "hessian"  # the basis would cover the whole matrix: the exact Hessian, solved by Cholesky
+    if kind == "hessian":
+        raw = apply(torch.eye(total, dtype=torch.float64))
+        return Curvature(kind, names, (raw + raw.T) / 2, damping, count)  # symmetric up to rounding
     flat0 = torch.cat([fm.theta[n].flatten() for n in names])
 
     def example_loss(flat, example):

@@ -489,6 +489,15 @@ GOVERNANCE = [  # Forward-INF settings run on the mislabeled and leakage tasks, 
 ]
 
 
+def peer_scores(setup, task, name, model, train, test, last):
+    """A peer's scores for all of `test`, or None where it fails numerically (said; its cell reads "-")."""
+    try:
+        return run_method(name, model, train, test, [len(test[1])], last)[0]
+    except torch.linalg.LinAlgError as error:
+        print(f"  {setup} | {task} | {name}: failed ({error})", flush=True)
+        return None
+
+
 def mislabeled_task(setup, data, train_fn, last, quick) -> dict[str, float]:
     """10% of the training labels flipped, the model retrained; each method ranks training points by
     how much they work against a clean reference set (100 held-out points). ROC AUC."""
@@ -514,8 +523,10 @@ def mislabeled_task(setup, data, train_fn, last, quick) -> dict[str, float]:
             config = config.replace(group=True, params=(last,) if config.params == ("LAST",) else config.params)
             fi = ForwardInf(model, Classification(), config).prepare((x, noisy))
             support = fi.scores(reference)[0]
+        elif (support := peer_scores(setup, "mislabeled", name, model, (x, noisy), reference, last)) is None:
+            continue
         else:
-            support = run_method(name, model, (x, noisy), reference, [100], last)[0].sum(0)
+            support = support.sum(0)
         auc[name] = roc_auc_score(is_flipped, -support.numpy())
         print(f"  {setup} | mislabeled | {name}: AUC {auc[name]:.3f}", flush=True)
         if name.endswith("mislabeled preset"):  # the service's rankings from the loss and this harm
@@ -543,8 +554,8 @@ def leakage_task(setup, data, train_fn, last, quick) -> dict[str, tuple[float, f
         if name == "Forward-INF leakage preset":
             scores = ForwardInf(model, Classification(), MirrorConfig.preset("leakage")).prepare((x_leak, y_leak))
             scores = scores.scores(test)
-        else:
-            scores = run_method(name, model, (x_leak, y_leak), test, [40], last)[0]
+        elif (scores := peer_scores(setup, "leakage", name, model, (x_leak, y_leak), test, last)) is None:
+            continue
         rank = (scores > scores.gather(1, duplicate[:, None])).sum(1)
         rates[name] = ((rank == 0).float().mean().item(), (rank < 5).float().mean().item())
         print(f"  {setup} | leakage | {name}: top-1 {rates[name][0]:.3f}, top-5 {rates[name][1]:.3f}", flush=True)

@@ -359,7 +359,7 @@ def digits_32():
 
 def digits_resnet(x, y, seed=0):
     torch.manual_seed(seed)
-    return train_classifier(ResNet(), x, y, epochs=30, batch_size=128, seed=seed)
+    return train_classifier(ResNet(), x, y, epochs=30, lr=3e-3, batch_size=128, seed=seed)
 
 
 # name -> (data, trainer, glob of the last layer); the CNN and the ResNet run in the full run only

@@ -358,7 +358,7 @@ def digits_32():
 
 
 def digits_resnet(x, y, seed=0):
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # lr 3e-3: at 1e-2 this unnormalised network collapsed to one class on some seeds
     return train_classifier(ResNet(), x, y, epochs=30, lr=3e-3, batch_size=128, seed=seed)
 
 

@@ -8,7 +8,8 @@ breast_cancer), the model is retrained on the flipped labels, the mislabeled pre
 taken on 100 clean held-out points, and the service's own analysis (worker.analyses.mislabeled, default
 settings) ranks the training set. Reported: ROC AUC of each ranking (the default first), the
 temperature and the range of the class offsets fitted on the reference set, the label-noise rate the
-prior assumed ("-": none, the model's own 1 - p(label)), and the default review list's size, true
+prior assumed ("-": none, the model's own 1 - p(label); "class": class-dependent, the model's lean on the
+reference set taken out), and the default review list's size, true
 precision, the precision the service reports, and recall; or the service's refusal.
 """
 
@@ -69,7 +70,7 @@ def main() -> None:
             except AttributionInputError as refused:  # what the service answers: the job fails with this
                 print(f"| {setup} | {kind} ({wrong.sum()}) | refused: {refused} |", flush=True)
                 continue
-            calibrated = fi.calibrated_losses(calibration)
+            calibrated = fi.calibrated_log_probabilities(calibration)
             evidence = Evidence(scores, torch.zeros(1), torch.zeros(1), loss, [str(i) for i in range(len(y))], 1,
                                 torch.empty(0, dtype=torch.long), labels=noisy, calibrated=calibrated,
                                 calibrator=calibration)  # fmt: skip
@@ -81,7 +82,9 @@ def main() -> None:
                 aucs.append(roc_auc_score(wrong, -rank))
             out = mislabeled(evidence, SimpleNamespace(rank_by=DEFAULT, review_size=None))
             listed = [s["index"] for s in out["review"]]
-            noise = "-" if out["label_noise"] is None else f"{out['label_noise']:.3f}"
+            noise = (
+                "class" if out["class_noise"] else "-" if out["label_noise"] is None else f"{out['label_noise']:.3f}"
+            )
             print(
                 f"| {setup} | {kind} ({wrong.sum()}) | {' / '.join(f'{a:.3f}' for a in aucs)} | "
                 f"{calibration.temperature:.2f} | {max(calibration.bias) - min(calibration.bias):.2f} | {noise} | "

@@ -532,9 +532,11 @@ def mislabeled_task(setup, data, train_fn, last, quick) -> dict[str, float]:
         if name.endswith("mislabeled preset"):  # the service's rankings from the loss and this harm
             combined = rankdata(loss.numpy()) + rankdata(-support.numpy())
             auc["training loss + mislabeled preset, ranks summed (`combined`)"] = roc_auc_score(is_flipped, combined)
-            calibrated = fi.calibrated_losses(fi.calibration(reference))
+            calibration = fi.calibration(reference)
+            calibrated = fi.calibrated_log_probabilities(calibration).double().exp()
+            p = p_wrong(calibrated, noisy, -support.double(), calibration.confusion)[0]
             auc["p_wrong: calibrated loss updated by the preset's harm (`posterior`, the default)"] = roc_auc_score(
-                is_flipped, p_wrong(calibrated.double(), -support.double(), classes)[0].numpy()
+                is_flipped, p.numpy()
             )
     return auc
 

@@ -403,6 +403,12 @@ class MislabeledResult(BaseModel):
         "model, where it explains them better than none (the model did not memorise them); null: the model's own "
         "1 - p(label) is the prior"
     )
+    class_noise: bool = Field(
+        False,
+        description="where no uniform rate explains the labels: class-dependent label noise explains them better "
+        "than none (the model did not memorise them and leans between some classes); the prior then takes out "
+        "that lean as the model shows it on the reference set",
+    )
     precision_method: str
     review: list[Suspect]
     classes: list[ClassSummary]

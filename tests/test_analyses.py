@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from contract.schemas import AnalysisPublic
 from tests.conftest import ROOT
-from worker.analyses import label_prior, p_wrong
+from worker.analyses import NOISE_EVIDENCE, class_noise_evidence, label_prior, p_wrong
 from worker.demo import AUDIT_COPIES, AUDIT_PLANTED, audit_data
 
 AUDIT = {"model": "digits-audit-mlp", "dataset": "digits-audit-train"}
@@ -119,6 +119,15 @@ def test_mislabeled_ranks_flipped_labels_first(client, worker, truth):
     )
 
 
+def probabilities_of(loss: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, classes) probabilities and labels (all 0) where each label's loss is `loss`, the rest of the
+    mass spread evenly over the other classes."""
+    p = torch.exp(-loss)[:, None]
+    return torch.cat([p, ((1 - p) / (classes - 1)).expand(-1, classes - 1)], 1), torch.zeros(
+        len(loss), dtype=torch.long
+    )
+
+
 def test_harm_lifts_memorised_flips_that_the_loss_misses():
     """p_wrong on made-up evidence: half the wrong labels are memorised (a loss like the right ones'), all
     are harmful. Harm lifts the memorised ones above the right labels their loss mixes them with; where
@@ -128,12 +137,13 @@ def test_harm_lifts_memorised_flips_that_the_loss_misses():
     loss[:50] += 2.0  # wrong and not memorised; 50..99 wrong and memorised
     harm = torch.randn(1000, generator=gen, dtype=torch.float64)
     harm[:100] += 4.0
-    p, _ = p_wrong(loss, harm, classes=10)
+    probabilities, labels = probabilities_of(loss, 10)
+    p, _, _ = p_wrong(probabilities, labels, harm)
     memorised_vs_right = np.r_[np.ones(50), np.zeros(900)]
     assert roc_auc_score(memorised_vs_right, p[50:]) >= 0.85 > roc_auc_score(memorised_vs_right, loss[50:]) + 0.3
-    prior, _ = label_prior(loss, classes=10)
+    prior, _, _ = label_prior(probabilities, labels)
     assert p[50:100].mean() > 5 * prior[50:100].mean()
-    shuffled, _ = p_wrong(loss, torch.randperm(1000, generator=gen).double(), classes=10)
+    shuffled, _, _ = p_wrong(probabilities, labels, torch.randperm(1000, generator=gen).double())
     torch.testing.assert_close(shuffled, prior, rtol=0.5, atol=0)  # each decile's ratio is read off 100 records
 
 
@@ -148,17 +158,54 @@ def test_label_prior_fits_the_noise_rate_of_a_model_that_did_not_memorise():
     true = torch.multinomial(posterior, 1, generator=gen)[:, 0]
     flipped = torch.rand(n, generator=gen) < 0.1
     labels = torch.where(flipped, (true + torch.randint(1, classes, (n,), generator=gen)) % classes, true)
-    loss = -posterior.gather(1, labels[:, None])[:, 0].log()
-    prior, noise = label_prior(loss, classes)
-    assert noise == pytest.approx(0.1, abs=0.01)
+    prior, noise, lean = label_prior(posterior, labels)
+    assert noise == pytest.approx(0.1, abs=0.01) and not lean
     assert float(prior.sum()) == pytest.approx(int(flipped.sum()), rel=0.05)
-    assert float((-torch.expm1(-loss)).sum()) > 1.5 * int(flipped.sum())  # what the model's own 1 - p says
+    assert float((1 - posterior.gather(1, labels[:, None])).sum()) > 1.5 * int(flipped.sum())  # the model's 1 - p
     assert roc_auc_score(flipped.numpy(), prior.numpy()) >= 0.9
 
     memorised = torch.rand(n, generator=gen, dtype=torch.float64) * 0.05  # p(label) >= 0.95 everywhere
-    prior, noise = label_prior(memorised, classes)
-    assert noise is None
+    prior, noise, lean = label_prior(*probabilities_of(memorised, classes))
+    assert noise is None and not lean
     torch.testing.assert_close(prior, -torch.expm1(-memorised))
+
+
+def test_label_prior_takes_out_a_class_dependent_lean_the_reference_set_shows():
+    """Labels of classes 1 and 3 flipped to 7 and 8 at 25%; a model that did not memorise them learned
+    half of that lean (p = q T_half, q the true class posterior) and shows it on clean reference points
+    (Calibration.confusion). The classes are nearly separable (a reference point's true class is q's
+    largest 96% of the time, as the digits models' held-out accuracy: on overlapping classes the confusion
+    holds that overlap too and the prior over-counts). The uniform rate does not fit; class-dependent noise does, and the prior,
+    with the lean taken out, counts the wrong labels where 1 - p(label) counts the clean 1s and 3s too. A
+    model that memorised its labels leaves no noise to fit, whatever the reference set shows."""
+    gen = torch.Generator().manual_seed(0)
+    n, classes = 20_000, 10
+    lean = torch.eye(classes, dtype=torch.float64)
+    lean[1, 1] = lean[3, 3] = 0.875
+    lean[1, 7] = lean[3, 8] = 0.125
+
+    def draw(m):
+        q = (30 * torch.randn(m, classes, generator=gen, dtype=torch.float64)).softmax(1)  # 96% argmax
+        return q, torch.multinomial(q, 1, generator=gen)[:, 0]
+
+    q, true = draw(n)
+    flipped = torch.isin(true, torch.tensor([1, 3])) & (torch.rand(n, generator=gen) < 0.25)
+    labels = torch.where(flipped, torch.where(true == 1, 7, 8), true)
+    q_ref, true_ref = draw(2_000)
+    counts = torch.eye(classes, dtype=torch.float64).index_add_(0, true_ref, q_ref @ lean)
+    confusion = tuple(map(tuple, (counts / counts.sum(1, keepdim=True)).tolist()))
+
+    gain, rates = class_noise_evidence(q @ lean, labels)
+    assert rates == 2 and gain > NOISE_EVIDENCE * rates  # the two flipped pairs, each earning its evidence
+    prior, noise, took = label_prior(q @ lean, labels, confusion)
+    assert noise is None and took
+    assert float(prior.sum()) == pytest.approx(int(flipped.sum()), rel=0.1)
+    assert float((1 - (q @ lean).gather(1, labels[:, None])).sum()) > 1.5 * int(flipped.sum())
+    assert roc_auc_score(flipped.numpy(), prior.numpy()) >= 0.95
+
+    memorised = 0.99 * torch.nn.functional.one_hot(labels, classes).double() + 0.001
+    prior, noise, took = label_prior(memorised, labels, confusion)
+    assert noise is None and not took
 
 
 def test_memorization_ranks_atypical_records_and_flags_copies(client, worker, truth):

@@ -159,10 +159,11 @@ def test_relative_score_is_the_log_loss_change(problem):
 
 
 @pytest.mark.parametrize("truth", [0.5, 2.5])
-def test_calibrated_losses_fit_the_temperature_and_offsets_that_generated_the_labels(problem, truth):
+def test_calibration_fits_the_temperature_and_offsets_that_generated_the_labels(problem, truth):
     """Reference labels drawn from softmax(logits / truth + offsets): the fitted T is truth to within 5%,
-    the fitted offsets are the true ones up to the shift softmax ignores, and the training losses are the
-    cross-entropy of the calibrated logits."""
+    the fitted offsets are the true ones up to the shift softmax ignores, the training probabilities are
+    the log-softmax of the calibrated logits, and the confusion's row k is the mean calibrated probabilities of
+    the reference points labelled k, with one pseudo-count on the diagonal."""
     model, x, y = problem
     torch.manual_seed(1)
     ref_x = 3 * torch.randn(20_000, 6, dtype=torch.float64)
@@ -175,8 +176,13 @@ def test_calibrated_losses_fit_the_temperature_and_offsets_that_generated_the_la
     bias = torch.tensor(fitted.bias, dtype=torch.float64)
     torch.testing.assert_close(bias - bias.mean(), offsets, atol=0.1, rtol=0)
     with torch.no_grad():
-        expected = F.cross_entropy(model(x) / fitted.temperature + bias, y, reduction="none")
-    torch.testing.assert_close(fi.calibrated_losses(fitted), expected)
+        expected = (model(x) / fitted.temperature + bias).log_softmax(1)
+        reference = (model(ref_x) / fitted.temperature + bias).softmax(1)
+    torch.testing.assert_close(fi.calibrated_log_probabilities(fitted), expected)
+    confusion = torch.stack(
+        [(reference[ref_y == k].sum(0) + torch.eye(3)[k]) / ((ref_y == k).sum() + 1) for k in range(3)]
+    )
+    torch.testing.assert_close(torch.tensor(fitted.confusion, dtype=torch.float64), confusion.double())
 
 
 def test_a_calibration_from_a_handful_of_reference_points_stays_near_the_identity(problem):

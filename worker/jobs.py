@@ -218,7 +218,7 @@ def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int
         prepare_shard(ctx, fi, model_m, data_m, n, job.dtype)
         parts.append(fi.sweep(mirror, lambda done, _t, before=before: reporter(before + done, total)))
         if calibrator is not None:
-            calibrated.append(fi.calibrated_losses(calibrator))
+            calibrated.append(fi.calibrated_log_probabilities(calibrator))
     scores = torch.cat(parts, dim=1).float()  # (rows, width)
     reporter.timing["sweep_s"] = time.perf_counter() - t
     if not torch.isfinite(scores).all():
@@ -241,10 +241,10 @@ def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int
         "batches": total,
     }
     if calibrated:
-        losses = torch.cat(calibrated)[None].float().cpu().numpy()
+        log_probabilities = torch.cat(calibrated).T.float().cpu().numpy()  # (classes, width)
         summary["calibrated"] = {
             "calibration": asdict(calibrator),
-            "block": ctx.store.put_block(_calibrated(job.key), lo, losses).model_dump(),
+            "block": ctx.store.put_block(_calibrated(job.key), lo, log_probabilities).model_dump(),
         }
     if isinstance(job, AttributionJob):  # each row's best and worst of this part, by global index
         k = min(ctx.settings.max_top_k, scores.shape[1])
@@ -293,11 +293,16 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
         base = torch.cat([_stored_base(ctx, model_m, data_m, n, job.dtype) for n in range(len(data_m.shards))])
         extra = _leakage_inputs(job, ctx, model_m, data_m) if isinstance(job, LeakageJob) else {}
         if isinstance(job, MislabeledJob):
-            parts = [Block(**s["calibrated"]["block"]) for s in summaries]
-            losses = np.concatenate([ctx.store.get_block(_calibrated(job.key), b, 1) for b in parts], axis=1)
             fitted = first["calibrated"]["calibration"]
-            calibrator = Calibration(fitted["temperature"], tuple(fitted["bias"]))
-            extra = {"calibrated": torch.from_numpy(losses[0]), "calibrator": calibrator}
+            calibrator = Calibration(
+                fitted["temperature"], tuple(fitted["bias"]), tuple(map(tuple, fitted["confusion"]))
+            )
+            parts, classes = [Block(**s["calibrated"]["block"]) for s in summaries], len(calibrator.bias)
+            log_probabilities = [ctx.store.get_block(_calibrated(job.key), b, classes) for b in parts]
+            extra = {
+                "calibrated": torch.from_numpy(np.concatenate(log_probabilities, axis=1).T),
+                "calibrator": calibrator,
+            }
         evidence = Evidence(
             scores=scores,
             own=torch.tensor(first["self_score"]),
@@ -319,8 +324,8 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
 
 
 def _calibrated(key: str) -> str:
-    """Where a mislabeled job's parts keep their training losses under the fitted calibration (one row per
-    block, beside the scores: in the result's own folder when on disk)."""
+    """Where a mislabeled job's parts keep their training records' class log-probabilities under the fitted
+    calibration (one row per class, beside the scores: in the result's own folder when on disk)."""
     return f"{key}/calibrated"
 
 

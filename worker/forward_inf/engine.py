@@ -401,15 +401,16 @@ class ForwardInf:
         with torch.no_grad():
             return fit_calibration(self._checked_forward(batch, examples.what), batch["targets"])
 
-    def calibrated_losses(self, calibration: Calibration) -> torch.Tensor:
-        """The bound training set's losses with the model's outputs calibrated (Calibration.apply)."""
+    def calibrated_log_probabilities(self, calibration: Calibration) -> torch.Tensor:
+        """(N, C) the bound training set's class log-probabilities with the model's outputs calibrated
+        (Calibration.apply); logs keep 1 - p of a memorised label in float32, where p itself rounds to 1."""
         if self.train is None:
-            raise AttributionInputError("call prepare(train) before calibrated_losses(calibration)")
+            raise AttributionInputError("call prepare(train) before calibrated_log_probabilities(calibration)")
         call = self.fm.caller(self.fm.theta)
         with torch.no_grad():
             return torch.cat(
                 [
-                    self.task.criterion(calibration.apply(self.task.forward(call, b)), b)
+                    calibration.apply(self.task.forward(call, b)).log_softmax(1)
                     for b in self._batches(self.train, validate=False)
                 ]
             )

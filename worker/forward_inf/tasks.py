@@ -12,7 +12,7 @@ where `call(*args)` runs the model under the parameters being evaluated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -81,10 +81,14 @@ CLASS_BIAS_SD = 0.5  # and each class' logit offset ~ N(0, 0.5^2) (bench.mislabe
 
 @dataclass(frozen=True)
 class Calibration:
-    """A classifier's logits z mapped to calibrated ones z / temperature + bias (bias: one offset per class)."""
+    """A classifier's logits z mapped to calibrated ones z / temperature + bias (bias: one offset per class).
+    `confusion`: row k, the calibrated probabilities the model gives, on average, to the reference set's
+    points of class k (one pseudo-count on the diagonal: a class the set lacks keeps the identity row); a
+    model trained on class-dependent label noise leans there in a way the offsets cannot take back."""
 
     temperature: float
     bias: tuple[float, ...]
+    confusion: tuple[tuple[float, ...], ...] = ()
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         return logits / self.temperature + torch.tensor(self.bias, dtype=logits.dtype, device=logits.device)
@@ -128,7 +132,8 @@ def fit_calibration(logits: torch.Tensor, targets: torch.Tensor) -> Calibration:
             f"(cross-entropy {nll:.3f} calibrated, {entropy:.3f} from the frequencies): its probabilities "
             "cannot tell a wrong label from a right one (did its training collapse?)"
         )
-    return fitted
+    counts = torch.eye(z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, targets, fitted.apply(z).softmax(1))
+    return replace(fitted, confusion=tuple(map(tuple, (counts / counts.sum(1, keepdim=True)).tolist())))
 
 
 class Regression(Task):

@@ -9,8 +9,8 @@ taken on 100 clean held-out points, and the service's own analysis (worker.analy
 settings) ranks the training set. Reported: ROC AUC of each ranking (the default first), the
 temperature and the range of the class offsets fitted on the reference set, the label-noise rate the
 prior assumed ("-": none, the model's own 1 - p(label); "class": class-dependent, the model's lean on the
-reference set taken out), and the default review list's size, true
-precision, the precision the service reports, and recall; or the service's refusal.
+reference set taken out), and the default review list's size, true precision, the precision the service
+reports, and recall; or the service's refusal.
 """
 
 from __future__ import annotations

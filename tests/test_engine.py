@@ -161,9 +161,9 @@ def test_relative_score_is_the_log_loss_change(problem):
 @pytest.mark.parametrize("truth", [0.5, 2.5])
 def test_calibration_fits_the_temperature_and_offsets_that_generated_the_labels(problem, truth):
     """Reference labels drawn from softmax(logits / truth + offsets): the fitted T is truth to within 5%,
-    the fitted offsets are the true ones up to the shift softmax ignores, the training probabilities are
-    the log-softmax of the calibrated logits, and the confusion's row k is the mean calibrated probabilities of
-    the reference points labelled k, with one pseudo-count on the diagonal."""
+    the fitted offsets are the true ones up to the shift softmax ignores, the training log-probabilities
+    are the log-softmax of the calibrated logits, and the confusion's row k is the mean calibrated
+    probabilities of the reference points labelled k, with one pseudo-count on the diagonal."""
     model, x, y = problem
     torch.manual_seed(1)
     ref_x = 3 * torch.randn(20_000, 6, dtype=torch.float64)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.demo import train_classifier
+from worker.demo import digits, digits_mlp, train_classifier
 from worker.forward_inf import (
     AttributionInputError,
     CausalLM,
@@ -668,3 +668,33 @@ def test_ekfac_on_a_convolution_equals_the_explicit_matrix():
     stacked = torch.cat([grads["0.weight"].flatten(2), grads["0.bias"][..., None]], dim=2).flatten(1)
     got = torch.cat([solved["0.weight"].flatten(2), solved["0.bias"][..., None]], dim=2).flatten(1)
     torch.testing.assert_close(got, torch.linalg.solve(explicit, stacked.T).T, rtol=1e-7, atol=1e-10)
+
+
+def test_auto_takes_ekfac_where_the_hessian_is_indefinite_past_the_damping():
+    """A digits MLP stopped after 20 epochs has Hessian eigenvalues below -damping: "auto" finds one as
+    the low-rank basis grows and takes EK-FAC instead (the same scores as asking for it), and says so; the
+    same MLP trained to the end keeps its low-rank Hessian. An engine given that stored EK-FAC (another
+    worker of the fleet: `use`) switches as well and does not estimate again."""
+    x, y, _, _ = digits()
+    early, trained = digits_mlp(x, y, hidden=16, epochs=20), digits_mlp(x, y, hidden=16)
+    exact = {
+        name: ForwardInf(m, Classification(), MirrorConfig(precondition="hessian")).prepare((x, y)).curvature.raw
+        for name, m in (("early", early), ("trained", trained))
+    }
+    assert float(torch.linalg.eigvalsh(exact["early"])[0]) < -1e-2 < float(torch.linalg.eigvalsh(exact["trained"])[0])
+    assert ForwardInf(trained, Classification(), MirrorConfig()).prepare((x, y)).precondition == "lowrank"
+
+    fi = ForwardInf(early, Classification(), MirrorConfig()).prepare((x, y))
+    ran = fi.execution()
+    assert fi.precondition == "ekfac" and ran["curvature"]["kind"] == "ekfac"
+    assert any("negative curvature past the damping" in note for note in ran["notes"])
+    asked = ForwardInf(early, Classification(), MirrorConfig(precondition="ekfac")).prepare((x, y))
+    test = (x[:5], y[:5])
+    torch.testing.assert_close(fi.scores(test), asked.scores(test))
+
+    other = ForwardInf(early, Classification(), MirrorConfig()).plan((x, y))
+    assert other.precondition == "lowrank"
+    other.use(fi.curvature)
+    other.prepare((x, y))
+    assert other.precondition == "ekfac" and other.curvature is fi.curvature
+    torch.testing.assert_close(other.scores(test), fi.scores(test))

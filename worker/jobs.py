@@ -428,7 +428,7 @@ def engine(ctx: Context, model_m: ModelManifest, data_m: DatasetManifest, method
         sample = ctx.warm.sample(data_m, config.curvature_samples)
         fi.plan(sample)
         if fi.precondition != "none" and fi.curvature is None:  # shared by engines that differ elsewhere
-            fi.curvature = ctx.warm.curvature(model_m, data_m, fi, lambda: fi.estimate_curvature(sample))
+            fi.use(ctx.warm.curvature(model_m, data_m, fi, lambda: fi.estimate_curvature(sample)))
     return fi
 
 

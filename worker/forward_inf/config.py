@@ -70,7 +70,8 @@ class MirrorConfig:
             low-rank Hessian where its largest basis is affordable (at most MAX_HESSIAN_PARAMS perturbed
             parameters and AUTO_HESSIAN_FLOPS for min(parameters, 3 x LOWRANK_MAX_RANK) Hessian-vector
             products over `curvature_samples` points; the exact Hessian is its fallback only within
-            AUTO_HESSIAN_PARAMS and that budget); else, when all parameters are
+            AUTO_HESSIAN_PARAMS and that budget; where that Hessian turns out to have an eigenvalue
+            below -damping, a model away from a minimum, "ekfac" instead); else, when all parameters are
             perturbed and the last layer is a linear or convolution layer, that layer's Hessian (the step
             then moves that layer alone); else "ekfac" where the perturbed parameters hold such layers
             (a transformer whose head is tied to its embedding, a LoRA adapter); else "none". The step is

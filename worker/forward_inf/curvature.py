@@ -265,11 +265,19 @@ def _orthonormal(rows: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor
     return rows
 
 
-def top_eigen(apply, size: int, damping: float, full: bool) -> tuple[torch.Tensor, torch.Tensor, float, bool] | None:
+class Indefinite(Exception):
+    """The Hessian has an eigenvalue below -damping: negative curvature that the damping does not cover
+    (a model away from a minimum). precondition="auto" then takes EK-FAC instead (ForwardInf)."""
+
+
+def top_eigen(
+    apply, size: int, damping: float, full: bool, definite: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, float, bool] | None:
     """((r,) eigenvalues, (r, P) eigenvectors, the largest eigenvalue left out (estimated), whether the
     Nystrom estimate was refused) of the symmetric matrix H whose products `apply` gives ("lowrank" in the
     module docstring). `full`: where the basis would grow past a quarter of `size` (or LOWRANK_MAX_RANK),
-    None instead (the caller builds the whole matrix)."""
+    None instead (the caller builds the whole matrix). `definite`: raise Indefinite as soon as an
+    eigenvalue found is below -damping."""
     gen = torch.Generator().manual_seed(0)
     basis = images = None
     block = LOWRANK_START
@@ -286,6 +294,8 @@ def top_eigen(apply, size: int, damping: float, full: bool) -> tuple[torch.Tenso
             projected = vectors @ apply(vectors).T
             values, w = _largest(*torch.linalg.eigh((projected + projected.T) / 2))
             vectors = w.T @ vectors
+        if definite and float(values.min()) < -damping:
+            raise Indefinite(f"an eigenvalue of {float(values.min()):.3g} against damping {damping:.3g}")
         left_out = float(values.abs().min())
         if left_out <= LOWRANK_TOLERANCE * damping:
             return values, vectors, left_out, refused
@@ -316,11 +326,11 @@ def _largest(values: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def estimate(fm: Functional, task, batches, kind: str, damping: float | None, rank_for: float | None = None,
-             full: bool | None = None):  # fmt: skip
+             full: bool | None = None, definite: bool = False):  # fmt: skip
     """Mean curvature of the training loss over all training batches (prepared, on the device); not
     factored while `damping` is None (then `.damped(d)`). "lowrank" sizes its basis for `rank_for`
-    (default: `damping`) and may fall back to the exact Hessian where `full` (None: within
-    MAX_HESSIAN_PARAMS)."""
+    (default: `damping`), may fall back to the exact Hessian where `full` (None: within
+    MAX_HESSIAN_PARAMS) and, where `definite`, raises Indefinite at an eigenvalue below -rank_for."""
     names = list(fm.theta)
     total = sum(fm.theta[n].numel() for n in names)
     if kind == "hessian" and total > MAX_HESSIAN_PARAMS:
@@ -333,7 +343,7 @@ def estimate(fm: Functional, task, batches, kind: str, damping: float | None, ra
     apply = hessian_products(fm, task, batches) if kind in ("hessian", "lowrank") else None
     if kind == "lowrank":
         full = total <= MAX_HESSIAN_PARAMS if full is None else full
-        if found := top_eigen(apply, total, rank_for or damping, full):
+        if found := top_eigen(apply, total, rank_for or damping, full, definite):
             values, vectors, left_out, refused = found
             return Curvature(kind, names, values, damping, count, vectors=vectors, left_out=left_out, refused=refused)
         kind = "hessian"  # the basis would cover the whole matrix: the exact Hessian, solved by Cholesky

@@ -159,8 +159,9 @@ ENGINE_FINGERPRINTS = {
     # rate), the prior takes out the lean the reference set shows (Calibration.confusion; parts store class
     # probabilities)
     "2026.12.12": {"339786d236bd8feb"},
-    # precondition="auto": where the low-rank Hessian it chose shows an eigenvalue below -damping, EK-FAC instead
-    "2026.12.13": {"964784b83e4d44d5"},
+    # precondition="auto" with damping "auto": where the low-rank Hessian it chose shows an eigenvalue below
+    # -damping, EK-FAC instead
+    "2026.12.13": {"9802cc0b34facfca"},
 }
 
 

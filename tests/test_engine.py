@@ -673,8 +673,9 @@ def test_ekfac_on_a_convolution_equals_the_explicit_matrix():
 def test_auto_takes_ekfac_where_the_hessian_is_indefinite_past_the_damping():
     """A digits MLP stopped after 20 epochs has Hessian eigenvalues below -damping: "auto" finds one as
     the low-rank basis grows and takes EK-FAC instead (the same scores as asking for it), and says so; the
-    same MLP trained to the end keeps its low-rank Hessian. An engine given that stored EK-FAC (another
-    worker of the fleet: `use`) switches as well and does not estimate again."""
+    same MLP trained to the end keeps its low-rank Hessian, and so does a damping the caller set (the
+    scale is then theirs: the negative eigenvalues are clipped, and said). An engine given that stored
+    EK-FAC (another worker of the fleet: `use`) switches as well and does not estimate again."""
     x, y, _, _ = digits()
     early, trained = digits_mlp(x, y, hidden=16, epochs=20), digits_mlp(x, y, hidden=16)
     exact = {
@@ -688,6 +689,8 @@ def test_auto_takes_ekfac_where_the_hessian_is_indefinite_past_the_damping():
     ran = fi.execution()
     assert fi.precondition == "ekfac" and ran["curvature"]["kind"] == "ekfac"
     assert any("negative curvature past the damping" in note for note in ran["notes"])
+    given = ForwardInf(early, Classification(), MirrorConfig(damping=1e-2)).prepare((x, y))
+    assert given.precondition == "lowrank" and given.execution()["curvature"]["clipped_eigenvalues"] > 0  # as asked
     asked = ForwardInf(early, Classification(), MirrorConfig(precondition="ekfac")).prepare((x, y))
     test = (x[:5], y[:5])
     torch.testing.assert_close(fi.scores(test), asked.scores(test))

@@ -70,10 +70,10 @@ class MirrorConfig:
             low-rank Hessian where its largest basis is affordable (at most MAX_HESSIAN_PARAMS perturbed
             parameters and AUTO_HESSIAN_FLOPS for min(parameters, 3 x LOWRANK_MAX_RANK) Hessian-vector
             products over `curvature_samples` points; the exact Hessian is its fallback only within
-            AUTO_HESSIAN_PARAMS and that budget; where that Hessian turns out to have an eigenvalue
-            below -damping, a model away from a minimum, "ekfac" instead); else, when all parameters are
-            perturbed and the last layer is a linear or convolution layer, that layer's Hessian (the step
-            then moves that layer alone); else "ekfac" where the perturbed parameters hold such layers
+            AUTO_HESSIAN_PARAMS and that budget; where, with damping "auto", that Hessian turns out to
+            have an eigenvalue below -damping (a model away from a minimum), "ekfac" instead); else, when
+            all parameters are perturbed and the last layer is a linear or convolution layer, that
+            layer's Hessian (the step then moves that layer alone); else "ekfac" where the perturbed parameters hold such layers
             (a transformer whose head is tied to its embedding, a LoRA adapter); else "none". The step is
             taken along H^-1 g, so `linear` scores become influence-function scores lr * g_i . H^-1 g_j
             (curvature.py). "kfac" / "ekfac": Kronecker-factored (eigenvalue-corrected) curvature of the

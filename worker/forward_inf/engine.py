@@ -356,10 +356,11 @@ class ForwardInf:
         set in several parts, pass all of them (a list of batches) and assign the result to
         `self.curvature` before prepare() (or `use` it). `tail_inputs`: train's inputs to the perturbed
         module, where prepare() holds them (the sample then needs no forward pass through the model).
-        Where "auto" chose the low-rank Hessian and it shows an eigenvalue below -damping (checked as its
-        basis grows), the model is away from a minimum: the Hessian's clipped inverse misleads there and
-        costs an exact Hessian, so EK-FAC is estimated instead, and said (on a digits MLP stopped after 20
-        epochs: LDS 0.392 against 0.380 in 0.3 s against 40 s; docs/benchmarks.md)."""
+        Where "auto" chose the low-rank Hessian and its own damping, and the Hessian shows an eigenvalue
+        below -damping (checked as its basis grows), the model is away from a minimum: the Hessian's
+        clipped inverse misleads there and costs an exact Hessian, so EK-FAC is estimated instead, and
+        said (on a digits MLP stopped after 20 epochs: LDS 0.392 against 0.380 in 0.3 s against 40 s;
+        docs/benchmarks.md)."""
         self.plan(train)
         examples = Examples(train, max(self.config.batch_size, 2048), "training set")
         limit = self.config.curvature_samples
@@ -378,7 +379,8 @@ class ForwardInf:
                     return
 
         taken = list(sample())
-        definite = self.config.precondition == "auto" and bool(factored_layers(self.model, list(self.fm.theta)))
+        auto = (self.config.precondition, self.config.damping) == ("auto", "auto")  # the scale is the engine's
+        definite = auto and bool(factored_layers(self.model, list(self.fm.theta)))
         try:
             return self._estimate(*self._on_tail(taken, tail_inputs), definite)
         except Indefinite:
@@ -398,7 +400,7 @@ class ForwardInf:
     def use(self, curvature: Curvature | Kronecker) -> None:
         """Adopt a curvature estimated before for these settings (the fleet's stored one); where it is the
         EK-FAC that "auto" took for an indefinite Hessian (estimate_curvature), switch as it did."""
-        if (self.config.precondition, self.precondition, curvature.kind) == ("auto", "lowrank", "ekfac"):
+        if self.config.precondition == "auto" and (self.precondition, curvature.kind) == ("lowrank", "ekfac"):
             self._indefinite()
         self.curvature = curvature
 
@@ -408,10 +410,7 @@ class ForwardInf:
         if self.config.damping != "auto":
             if kronecker:
                 return estimate_kronecker(fm, self.task, batches, self.precondition, self.config.damping)
-            return estimate(
-                fm, self.task, batches, self.precondition, self.config.damping, full=self.exact_fallback,
-                definite=definite,
-            )  # fmt: skip
+            return estimate(fm, self.task, batches, self.precondition, self.config.damping, full=self.exact_fallback)
         damping, rule, free = auto_damping(fm, self.task, batches, kronecker)  # first: "lowrank" sizes its basis by it
         if kronecker:
             curvature = estimate_kronecker(fm, self.task, batches, self.precondition, None)

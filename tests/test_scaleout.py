@@ -294,3 +294,36 @@ def test_a_stored_curvature_solves_exactly_as_the_computed_one(settings, kind):
     assert any(settings.score_dir.glob("blobs/curvature-*.safetensors")) and left_out[0] == left_out[1]
     for name in solved[0]:
         assert torch.equal(solved[0][name], solved[1][name]), name
+
+
+def test_the_ekfac_auto_took_for_an_indefinite_hessian_is_stored_and_adopted_by_the_next_engine(settings):
+    """A model stopped early: the first worker's "auto" finds the Hessian indefinite past the damping and
+    stores EK-FAC under the low-rank key; a second (fresh warm cache, planned as jobs.engine does) adopts
+    it without estimating, switches, and solves bit for bit the same."""
+    from worker.demo import digits_mlp
+    from worker.forward_inf import ForwardInf, MirrorConfig
+    from worker.forward_inf.tasks import Classification
+    from worker.store import Store
+    from worker.warm import Warm
+
+    registry = Registry(settings.registry_dir)
+    m, d = registry.model("digits-mlp"), registry.dataset("digits-train")
+    x, y = (torch.from_numpy(v) for v in (d.rows(0)["inputs"], d.rows(0)["targets"]))
+    model = digits_mlp(x, y, hidden=16, epochs=20)
+    store = Store(redis_lib.Redis.from_url(settings.redis_url), settings)
+    engines, estimates = [], []
+    for _ in range(2):
+        fi = ForwardInf(model, Classification(), MirrorConfig()).plan((x, y))
+        assert fi.precondition == "lowrank"
+        warm = Warm(store, 1 << 30, torch.device("cpu"))
+        fi.use(warm.curvature(m, d, fi, lambda fi=fi: fi.estimate_curvature((x, y))))
+        engines.append(fi)
+        estimates.append(warm.counters["curvature_estimates"])
+    assert estimates == [1, 0] and [fi.precondition for fi in engines] == ["ekfac", "ekfac"]
+    assert engines[1].execution()["notes"] == engines[0].execution()["notes"]
+    grads = {
+        n: torch.randn(3, *p.shape, generator=torch.Generator().manual_seed(0)) for n, p in model.named_parameters()
+    }
+    solved = [fi.curvature.solve(grads) for fi in engines]
+    for name in solved[0]:
+        assert torch.equal(solved[0][name], solved[1][name]), name

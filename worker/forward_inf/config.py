@@ -73,10 +73,10 @@ class MirrorConfig:
             AUTO_HESSIAN_PARAMS and that budget; where, with damping "auto", that Hessian turns out to
             have an eigenvalue below -damping (a model away from a minimum), "ekfac" instead); else, when
             all parameters are perturbed and the last layer is a linear or convolution layer, that
-            layer's Hessian (the step then moves that layer alone); else "ekfac" where the perturbed parameters hold such layers
-            (a transformer whose head is tied to its embedding, a LoRA adapter); else "none". The step is
-            taken along H^-1 g, so `linear` scores become influence-function scores lr * g_i . H^-1 g_j
-            (curvature.py). "kfac" / "ekfac": Kronecker-factored (eigenvalue-corrected) curvature of the
+            layer's Hessian (the step then moves that layer alone); else "ekfac" where the perturbed
+            parameters hold such layers (a transformer whose head is tied to its embedding, a LoRA
+            adapter); else "none". The step is taken along H^-1 g, so `linear` scores become
+            influence-function scores lr * g_i . H^-1 g_j (curvature.py). "kfac" / "ekfac": Kronecker-factored (eigenvalue-corrected) curvature of the
             nn.Linear, transformers Conv1D and nn.Conv2d layers (kronecker.py), for models of any size; their
             other parameters (embeddings, norms) are then left unperturbed. Estimated once per (model,
             training set).

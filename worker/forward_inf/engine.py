@@ -378,14 +378,14 @@ class ForwardInf:
                 if taken >= limit:
                     return
 
-        taken = list(sample())
-        auto = (self.config.precondition, self.config.damping) == ("auto", "auto")  # the scale is the engine's
-        definite = auto and bool(factored_layers(self.model, list(self.fm.theta)))
+        batches = list(sample())
+        own = (self.config.precondition, self.config.damping) == ("auto", "auto")  # the damping is the engine's
+        definite = own and bool(factored_layers(self.model, list(self.fm.theta)))  # EK-FAC to turn to
         try:
-            return self._estimate(*self._on_tail(taken, tail_inputs), definite)
+            return self._estimate(*self._on_tail(batches, tail_inputs), definite)
         except Indefinite:
             self._indefinite()
-            return self._estimate(*self._on_tail(taken, tail_inputs), False)
+            return self._estimate(*self._on_tail(batches, tail_inputs), False)
 
     def _indefinite(self) -> None:
         """precondition="auto" found the Hessian it chose indefinite past the damping: EK-FAC instead."""

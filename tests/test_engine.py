@@ -16,7 +16,7 @@ from worker.forward_inf import (
     attribute,
     build,
 )
-from worker.forward_inf.curvature import LOWRANK_TOLERANCE, _nystrom, top_eigen
+from worker.forward_inf.curvature import LOWRANK_TOLERANCE, Indefinite, _nystrom, top_eigen
 
 
 @pytest.fixture
@@ -701,3 +701,28 @@ def test_auto_takes_ekfac_where_the_hessian_is_indefinite_past_the_damping():
     other.prepare((x, y))
     assert other.precondition == "ekfac" and other.curvature is fi.curvature
     torch.testing.assert_close(other.scores(test), fi.scores(test))
+
+
+@pytest.mark.parametrize("lowest", [-0.006, -0.02])
+def test_lowrank_under_auto_stops_only_where_negative_curvature_past_the_damping_is_proven(lowest):
+    """A spectrum of 40 decaying eigenvalues, 5 at `lowest` and the rest within +-0.004, damping 1e-2:
+    Nystrom's estimate overshoots the negative ones past -damping in both cases, but only -0.02 is
+    proven (H projected on the span of those eigenvectors) and stops the basis (curvature.Indefinite,
+    which "auto" turns into EK-FAC)."""
+    size = 1200
+    values = torch.cat(
+        [
+            5 * 0.8 ** torch.arange(40, dtype=torch.float64),
+            torch.full((5,), lowest, dtype=torch.float64),
+            torch.linspace(-0.004, 0.004, size - 45, dtype=torch.float64),
+        ]
+    )
+    apply, _, _ = _spectrum(values)
+    basis = torch.linalg.qr(apply(torch.randn(size, 64, dtype=torch.float64).T).T).Q.T
+    assert float(_nystrom(basis, apply(basis))[0].min()) < -1e-2  # what the proof is for
+    if lowest > -1e-2:
+        found, _, _, _ = top_eigen(apply, size, damping=1e-2, full=False, definite=True)
+        assert float(found.min()) >= lowest - 1e-2  # the estimate kept, negatives and all (clipped later)
+    else:
+        with pytest.raises(Indefinite):
+            top_eigen(apply, size, damping=1e-2, full=False, definite=True)

@@ -24,7 +24,9 @@ curvature is estimated once per (model, training set) and reused:
     gets 1 / d for 1 / (l + d), off by l / d at most. On the digits MLP 18 of 4,810 eigenvalues exceed the
     damping: 256 products instead of 4,810, the same LDS (docs/benchmarks.md). Where the basis would pass a
     quarter of the parameters (or LOWRANK_MAX_RANK), it is the exact Hessian after all (within
-    MAX_HESSIAN_PARAMS; beyond, the estimate is reported).
+    MAX_HESSIAN_PARAMS; beyond, the estimate is reported). Under precondition="auto" with damping
+    "auto" the basis stops where H is proven to have an eigenvalue below -damping (`Indefinite`; the
+    engine then takes EK-FAC).
   - "diag": the diagonal empirical Fisher, mean_i g_i^2, plus damping (one pass of per-example
     gradients over the training set, once).
 

@@ -359,7 +359,7 @@ class ForwardInf:
         Where "auto" chose the low-rank Hessian and its own damping, and the Hessian shows an eigenvalue
         below -damping (checked as its basis grows), the model is away from a minimum: the Hessian's
         clipped inverse misleads there and costs an exact Hessian, so EK-FAC is estimated instead, and
-        said (on a digits MLP stopped after 20 epochs: LDS 0.392 against 0.380 in 0.5 s against 40 s;
+        said (on a digits MLP stopped after 20 epochs: LDS 0.392 against 0.380, setup 0.5 s against 40 s;
         docs/benchmarks.md)."""
         self.plan(train)
         examples = Examples(train, max(self.config.batch_size, 2048), "training set")

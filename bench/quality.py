@@ -317,10 +317,10 @@ def breast_cancer():
     return (x_train - mean) / std, y[:400], (x_test - mean) / std, y[400:]
 
 
-def cancer_mlp(x, y, seed=0):
+def cancer_mlp(x, y, seed=0, epochs=200):
     torch.manual_seed(seed)
     model = build("mlp", {"in_features": 30, "hidden": [32], "out_features": 2})
-    return train_classifier(model, x, y, epochs=200, seed=seed)
+    return train_classifier(model, x, y, epochs=epochs, seed=seed)
 
 
 class ResNet(torch.nn.Module):

@@ -16,29 +16,17 @@ import argparse
 
 import torch
 
-from worker.demo import digits, digits_mlp, train_classifier
-from worker.forward_inf import Classification, ForwardInf, MirrorConfig, build
+from worker.demo import digits, digits_mlp
+from worker.forward_inf import Classification, ForwardInf, MirrorConfig
 
 from . import quality
-from .quality import breast_cancer, lds_rows, lds_truth
+from .quality import breast_cancer, cancer_mlp, lds_rows, lds_truth
 
 OLD_AUTO = "Forward-INF old auto (low-rank Hessian, negatives clipped)"
 WIDE = "digits MLP 64-128-10 20 epochs"
-
-
-def cancer_mlp(epochs: int):
-    def train(x, y, seed=0):
-        torch.manual_seed(seed)
-        return train_classifier(
-            build("mlp", {"in_features": 30, "hidden": [32], "out_features": 2}), x, y, epochs, seed=seed
-        )
-
-    return train
-
-
 MODELS = {
-    "breast_cancer MLP 10 epochs": (breast_cancer, cancer_mlp(10)),
-    "breast_cancer MLP 30 epochs": (breast_cancer, cancer_mlp(30)),
+    "breast_cancer MLP 10 epochs": (breast_cancer, lambda x, y, seed=0: cancer_mlp(x, y, seed, epochs=10)),
+    "breast_cancer MLP 30 epochs": (breast_cancer, lambda x, y, seed=0: cancer_mlp(x, y, seed, epochs=30)),
     "digits MLP 10 epochs": (digits, lambda x, y, seed=0: digits_mlp(x, y, epochs=10, seed=seed)),
     "digits MLP 20 epochs": (digits, lambda x, y, seed=0: digits_mlp(x, y, epochs=20, seed=seed)),
     WIDE: (digits, lambda x, y, seed=0: digits_mlp(x, y, hidden=128, epochs=20, seed=seed)),

@@ -1,6 +1,6 @@
 """The mislabeled analysis' default review list against the truth, on random and class-dependent flips.
 
-    python -m bench.mislabeled
+    python -m bench.mislabeled [first|second]
 
 Per bench.quality setup (the ResNet too: most of the ~4 minutes) and kind of flip (random: 10% of labels
 to another class; class: 25% of classes 1, 3, 4 to 7, 8, 9 on digits, 20% of class 1 to 0 on
@@ -10,11 +10,13 @@ settings) ranks the training set. Reported: ROC AUC of each ranking (the default
 temperature and the range of the class offsets fitted on the reference set, the label-noise rate the
 prior assumed ("-": none, the model's own 1 - p(label); "class": class-dependent, the model's lean on the
 reference set taken out), and the default review list's size, true precision, the precision the service
-reports, and recall; or the service's refusal.
+reports, and recall; or the service's refusal. `second` runs another set of flips (FLIPS), to check
+rules chosen on the first.
 """
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 from typing import get_args
 
@@ -34,21 +36,28 @@ DEFAULT = MislabeledCreate.model_fields["rank_by"].default
 RANKINGS = (DEFAULT, *(r for r in get_args(RankBy) if r != DEFAULT))
 
 
-def flipped_labels(y: torch.Tensor, kind: str) -> torch.Tensor:
-    gen, noisy = torch.Generator().manual_seed(2), y.clone()
+FLIPS = {  # seed, share of random flips, class flips on digits and on breast_cancer: ((from, to) pairs, share)
+    "first": (2, 0.10, ([(1, 7), (3, 8), (4, 9)], 0.25), ([(1, 0)], 0.20)),
+    "second": (7, 0.15, ([(2, 5), (6, 0), (9, 4)], 0.30), ([(0, 1)], 0.25)),  # to check rules chosen on the first
+}
+
+
+def flipped_labels(y: torch.Tensor, kind: str, flips: str = "first") -> torch.Tensor:
+    seed, share, digits, breast_cancer = FLIPS[flips]
+    gen, noisy = torch.Generator().manual_seed(seed), y.clone()
     classes = int(y.max()) + 1
     if kind == "random":
-        flip = torch.randperm(len(y), generator=gen)[: len(y) // 10]
+        flip = torch.randperm(len(y), generator=gen)[: int(share * len(y))]
         noisy[flip] = (noisy[flip] + torch.randint(1, classes, (len(flip),), generator=gen)) % classes
         return noisy
-    pairs, rate = ([(1, 7), (3, 8), (4, 9)], 0.25) if classes == 10 else ([(1, 0)], 0.2)
+    pairs, rate = digits if classes == 10 else breast_cancer
     for a, b in pairs:
         members = (y == a).nonzero().flatten()
         noisy[members[torch.randperm(len(members), generator=gen)[: int(rate * len(members))]]] = b
     return noisy
 
 
-def main() -> None:
+def main(flips: str = "first") -> None:
     print(
         f"| setup | flips | ROC AUC {' / '.join(RANKINGS)} | T | offsets' range | label noise | default list | "
         "true precision | reported | recall |\n"
@@ -57,7 +66,7 @@ def main() -> None:
     for setup, (load, train_fn, _) in SETUPS.items():
         x, y, x_test, y_test = load()
         for kind in ("random", "class"):
-            noisy = flipped_labels(y, kind)
+            noisy = flipped_labels(y, kind, flips)
             wrong = (noisy != y).numpy()
             model = train_fn(x, noisy)
             with torch.no_grad():
@@ -95,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:])

@@ -47,17 +47,33 @@ WEIGHTS = (
     "diffusion_pytorch_model.safetensors",
     "weights.safetensors",
 )
-# builtin:NAME (the zoo), a library family read from the model's folder (worker/forward_inf/families.py), or
-# operator code: python:package.module:factory
-ARCHITECTURE = (
-    r"^(builtin:[a-z0-9_]+|transformers:(causal-lm|sequence-classification)|peft:lora|diffusers:unet2d"
-    r"|torchvision:[a-z0-9_]+|python:[\w.]+:\w+)$"
+BUILTINS = ("mlp", "cnn", "gpt", "unet")  # the engine's zoo (worker/forward_inf/zoo.py; a test checks they agree)
+# What registration over HTTP may name: the zoo, or a library family read from the model's folder
+# (worker/forward_inf/families.py). Neither imports or calls anything the request chooses.
+REGISTERABLE = (
+    rf"^(builtin:({'|'.join(BUILTINS)})|transformers:(causal-lm|sequence-classification)|peft:lora|diffusers:unet2d"
+    r"|torchvision:[a-z0-9_]+)$"
 )
+# A manifest on disk may also name operator code, python:package.module:factory, which a worker imports only
+# when the operator allowed the module by name (ATTR_PYTHON_ARCHITECTURES): never from a request.
+ARCHITECTURE = REGISTERABLE.removesuffix(")$") + r"|python:[\w.]+:\w+)$"
 log = logging.getLogger("contract.registry")
 
 
 class RegistryError(Exception):
     """A manifest or file in the registry is missing, malformed or does not match its digest."""
+
+
+def operator_code(architecture: str, allowed: Sequence[str]) -> tuple[str, str]:
+    """(module, factory) of a python:package.module:factory architecture, when the operator allowed the module
+    by name (ATTR_PYTHON_ARCHITECTURES); RegistryError otherwise."""
+    _, module, factory = architecture.split(":")
+    if module not in allowed:
+        raise RegistryError(
+            f"architecture {architecture!r}: operator code runs only from modules the operator allowed by name "
+            f"(ATTR_PYTHON_ARCHITECTURES); {module!r} is not one of them"
+        )
+    return module, factory
 
 
 class InputSpec(BaseModel):

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .jobs import RankBy
 from .method import Method, MethodDefaults, MethodSettings
-from .registry import ARCHITECTURE, ID, InputSpec
+from .registry import ID, REGISTERABLE, InputSpec
 
 Status = Literal["queued", "running", "finished", "failed", "canceled"]
 ENDED: tuple[Status, ...] = ("finished", "failed", "canceled")  # a job in these states changes no more
@@ -481,7 +481,12 @@ class ModelRegistration(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task: Literal["classification", "regression", "causal-lm", "diffusion"] | None = None
-    architecture: str = Field(pattern=ARCHITECTURE, examples=["transformers:causal-lm", "peft:lora", "builtin:mlp"])
+    architecture: str = Field(
+        pattern=REGISTERABLE,
+        examples=["transformers:causal-lm", "peft:lora", "builtin:mlp"],
+        description="a built-in architecture or a library family; operator code (python:...) is never registered "
+        "over HTTP",
+    )
     base: str | None = Field(None, pattern=ID, description="peft:lora: the registered base model")
     weights: str | None = Field(None, description="the weights file, if not the family's usual name")
     params: dict[str, Any] = {}

@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     namespace: str = Field("fi", description="prefix of every key this service writes (RQ's own: rq:)")
     queue: str = "attributions"
     registry_dir: Path = Path("var/registry")
+    python_architectures: list[str] = Field(
+        [],
+        description="modules whose factories an operator's manifest may name as python:module:factory (JSON list); "
+        "registration over HTTP never can",
+    )
 
     # tenants and keys (app/auth.py)
     api_keys_file: Path | None = Field(

@@ -104,7 +104,9 @@ class WarmWorker(SimpleWorker):
         self.settings = settings
         store = Store(redis, settings)
         registry = Registry(settings.registry_dir)
-        warm = Warm(store, settings.warm_bytes, resolve_device(settings.device), registry)
+        warm = Warm(
+            store, settings.warm_bytes, resolve_device(settings.device), registry, tuple(settings.python_architectures)
+        )
         self.context = jobs.Context(settings, registry, store, warm)
         jobs.bind(self.context)
         self._alive = threading.Event()

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from contract.jobs import artifact_id
-from contract.registry import DatasetManifest, ModelManifest, Registry, RegistryError, verify
+from contract.registry import DatasetManifest, ModelManifest, Registry, RegistryError, operator_code, verify
 
 from .forward_inf import AttributionInputError, ForwardInf, Mirror, MirrorConfig, Task, build, families, make_task
 from .forward_inf.curvature import Curvature, restore
@@ -59,8 +59,16 @@ def nbytes(value: Any) -> int:
 
 
 class Warm:
-    def __init__(self, store: Store, budget_bytes: int, device: torch.device, registry: Registry | None = None):
+    def __init__(
+        self,
+        store: Store,
+        budget_bytes: int,
+        device: torch.device,
+        registry: Registry | None = None,
+        operator_modules: tuple[str, ...] = (),
+    ):
         self.store, self.budget, self.device, self.registry = store, budget_bytes, device, registry
+        self.operator_modules = operator_modules  # python:module:factory allowed for these modules alone
         self.items: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
         self.counters: Counter[str] = Counter()
 
@@ -98,8 +106,8 @@ class Warm:
             return model.to(self.device, dtype).eval(), make_task(m.task, **m.task_params)
         if family == "builtin":
             model = build(m.architecture, m.params)
-        else:  # python:package.module:factory, operator code named in the operator's manifest
-            _, module, factory = m.architecture.split(":")
+        else:  # python:package.module:factory, operator code the operator allowed by module name
+            module, factory = operator_code(m.architecture, self.operator_modules)
             model = getattr(importlib.import_module(module), factory)(**m.params)
         state = load_file(verify(m.path / m.weights, m.sha256))
         try:

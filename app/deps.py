@@ -1,4 +1,4 @@
-"""Dependency aliases for the routes: the settings, Redis, the registry and the job service. Plain
+"""Dependency aliases for the routes: the settings, Redis, the registry, the job and index services. Plain
 `async def`: they do no I/O, so FastAPI calls them on the event loop instead of a thread."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from redis import Redis
 from contract.registry import Registry
 from contract.settings import Settings
 
+from .indexes import Indexes
 from .jobs import Jobs
 
 
@@ -30,7 +31,12 @@ async def get_jobs(request: Request) -> Jobs:
     return request.app.state.jobs
 
 
+async def get_indexes(request: Request) -> Indexes:
+    return request.app.state.indexes
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 JobsDep = Annotated[Jobs, Depends(get_jobs)]
+IndexesDep = Annotated[Indexes, Depends(get_indexes)]

@@ -49,7 +49,7 @@ from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
-from contract.jobs import JOB_FUNC, PART_FUNC, PROBE_FUNC, REDUCE_FUNC, Job, affinity_queue, bucket_of, part_id
+from contract.jobs import PROBE_FUNC, Job, affinity_queue, bucket_of, part_id
 from contract.problems import Conflict, InvalidInput, NotFound, TooManyRequests, Unavailable
 from contract.schemas import AnalysisPublic, AttributionPublic, JobSummary
 from contract.scores import block_key
@@ -182,7 +182,7 @@ class Jobs:
         known = bool(record) and not record.get("canceled")  # asked before and did not let go (else others kept it)
         result = await self.results.get(self.aredis, self.key("result", key))
         if result is None:
-            await run_in_threadpool(self._start, job, who.tenant, parts or [(0, 1)])
+            await run_in_threadpool(self.start, job, who.tenant, parts or [(0, 1)])
         if not known:
             record = await self._hold(handle, who.tenant, job, top_k)
         if result is None:
@@ -202,9 +202,13 @@ class Jobs:
                 60 - int(time.time()) % 60,
             )
 
-    def _start(self, job: Job, tenant: str, parts: list[tuple[int, int]]) -> None:
-        """Enqueue the computation unless an identical one is queued or running (then it is joined)."""
+    def start(self, job: Job, tenant: str, parts: list[tuple[int, int]]) -> None:
+        """Enqueue the computation unless an identical one is queued or running (then it is joined): one job
+        (the payload's `functions`), or one per part and a reduce where it has parts and is split."""
         key = job.key
+        whole, part_func, reduce_func = job.functions
+        if part_func is None:
+            parts = [(0, 1)]
         existing = self._fetch(key)
         if existing is not None and STATUS.get(existing.get_status(refresh=False)) in ACTIVE:
             return
@@ -226,7 +230,7 @@ class Jobs:
         try:
             if len(parts) == 1:  # on the affinity queue of the training set's first part, like a shard job
                 queue = self._queue(affinity_queue(s.queue, bucket_of(job.dataset.digest, 0, s.affinity_buckets)))
-                queue.enqueue(JOB_FUNC, payload, job_id=key, unique=True, meta={"kind": job.kind}, **common)
+                queue.enqueue(whole, payload, job_id=key, unique=True, meta={"kind": job.kind}, **common)
             elif self.redis.set(self.key("starting", key), "1", nx=True, ex=60):  # one API process fans out
                 try:
                     ids = [part_id(key, first) for first, _ in parts]
@@ -234,12 +238,12 @@ class Jobs:
                         bucket = bucket_of(job.dataset.digest, first, s.affinity_buckets)
                         queue = self._queue(affinity_queue(s.queue, bucket))
                         queue.enqueue(
-                            PART_FUNC, payload, first, stop, job_id=id, unique=True, meta={"kind": "part"}, **common
+                            part_func, payload, first, stop, job_id=id, unique=True, meta={"kind": "part"}, **common
                         )
                     after = Dependency(jobs=ids, allow_failure=True)  # runs to report a failed part too
                     meta = {"kind": job.kind, "parts": ids}
                     self.redis.delete(self.key("progress", key))
-                    self.queue.enqueue(REDUCE_FUNC, payload, job_id=key, depends_on=after, meta=meta, **common)
+                    self.queue.enqueue(reduce_func, payload, job_id=key, depends_on=after, meta=meta, **common)
                 finally:
                     self.redis.delete(self.key("starting", key))
             else:
@@ -404,7 +408,7 @@ class Jobs:
             async with self.aredis.pipeline(transaction=True) as pipe:
                 await pipe.hset(self.key("handle", handle), "canceled", "1").srem(holders, handle).execute()
             if not await self.aredis.scard(holders):
-                await run_in_threadpool(self._stop, key)
+                await run_in_threadpool(self.stop, key)
             await self.aredis.publish(self.key("events"), key)  # waiting long polls read their view again
             return await self._view(handle, {**record, "canceled": "1"}, None)
         async with self.aredis.pipeline(transaction=True) as pipe:
@@ -417,7 +421,7 @@ class Jobs:
             await self.aredis.publish(self.key("events"), f"drop:{self.key('result', key)}")  # every API's cache
         return None
 
-    def _stop(self, key: str) -> None:
+    def stop(self, key: str) -> None:
         """Stop computation `key`: every part (or the one job) that runs, at its next batch; cancel what waits."""
         job = self._fetch(key)
         if job is None:
@@ -473,27 +477,33 @@ class Jobs:
         job = self._fetch(key)
         return STATUS.get(job.get_status(refresh=False), "queued") if job is not None else None
 
+    def state(self, key: str) -> dict | None:
+        """RQ's state of computation `key` as a view's fields (status, progress, timing, error), or None where
+        RQ has no record of it (never enqueued, or expired)."""
+        job = self._fetch(key)
+        if job is None:
+            return None
+        status, meta = STATUS.get(job.get_status(refresh=False), "queued"), job.meta
+        if meta.get("parts") and status == "queued":  # a fan-out: the reduce waits while its parts run
+            meta = {**meta, "progress": self._fanout_progress(key, len(meta["parts"]))}
+            status = "running" if meta["progress"]["done"] or meta["progress"]["total"] else "queued"
+        error = failure(job) if status == "failed" else None
+        return {"status": status, "progress": meta.get("progress", {}), "timing": meta.get("timing"), "error": error}
+
     def _active(self, handle: str, record: dict[str, str]) -> View:
         """The view of a job without a result: canceled by this tenant, or RQ's state of the computation."""
-        job = None if record.get("canceled") else self._fetch(record["key"])
-        if job is None and not record.get("canceled"):
+        state = None if record.get("canceled") else self.state(record["key"])
+        if state is None and not record.get("canceled"):
             raise NotFound(f"{handle!r}: its job record expired; submit the request again")
-        status = "canceled" if job is None else STATUS.get(job.get_status(refresh=False), "queued")
-        meta = job.meta if job is not None else {}
-        if meta.get("parts") and status == "queued":  # a fan-out: the reduce waits while its parts run
-            meta = {**meta, "progress": self._fanout_progress(record["key"], len(meta["parts"]))}
-            status = "running" if meta["progress"]["done"] or meta["progress"]["total"] else "queued"
+        state = state or {"status": "canceled", "progress": {}, "timing": None, "error": None}
         kind = record["kind"]
         common = {
             "id": handle,
-            "status": status,
             "model": record["model"],
             "dataset": record["dataset"],
             "method": json.loads(record["method"]),
-            "progress": meta.get("progress", {}),
-            "timing": meta.get("timing"),
-            "error": failure(job) if status == "failed" else None,
             "links": links(kind, handle),
+            **state,
         }
         public = AttributionPublic(**common) if kind == "attribution" else AnalysisPublic(kind=kind, **common)
         return public.model_dump(mode="json")
@@ -529,7 +539,8 @@ class Jobs:
             {**row, "proponents": row["proponents"][:top_k], "opponents": row["opponents"][:top_k]}
             for row in result["rows"]
         ]
-        return {**view, "result": {"shape": result["shape"], "rows": rows, "timing": result["timing"]}}
+        answer = {"shape": result["shape"], "rows": rows, "timing": result["timing"], "index": result.get("index")}
+        return {**view, "result": answer}
 
 
 def _encode(view: View) -> bytes:

@@ -31,8 +31,9 @@ from contract.settings import PLACEHOLDER_SECRET, Settings
 from . import metrics
 from .auth import SECURITY_SCHEME, KeyStore
 from .events import Events
+from .indexes import Indexes
 from .jobs import Jobs, Results
-from .routes import admin, analyses, attributions, health, jobs, models
+from .routes import admin, analyses, attributions, health, indexes, jobs, models
 
 PROBLEM = "application/problem+json"
 
@@ -110,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis, app.state.aredis = connect(settings), connect_async(settings)
         app.state.events = Events(settings, app.state.results)
         app.state.jobs = Jobs(app.state.redis, app.state.aredis, settings, app.state.events, app.state.results)
+        app.state.indexes = Indexes(app.state.jobs)
         app.state.events.start()
         # Fewer, cheaper garbage collections: what start-up made is never collected again (freeze), and a
         # young generation of 50k objects instead of 700. Measured with bench.service, 2 API processes at
@@ -133,7 +135,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings, app.state.registry = settings, Registry(settings.registry_dir)
     app.state.results = Results(settings.result_cache_bytes)
     app.state.keys = KeyStore(settings.api_keys_file, settings.local_tenant)
-    for router in (attributions.router, analyses.router, jobs.router, models.router, admin.router, health.router):
+    routers = (attributions, analyses, jobs, indexes, models, admin, health)
+    for router in (r.router for r in routers):
         app.include_router(router)
 
     @app.exception_handler(Exception)

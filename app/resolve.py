@@ -16,9 +16,11 @@ from fnmatch import fnmatch
 
 import numpy as np
 
+from contract.indexes import IndexEntry, default_candidates
 from contract.jobs import (
     AttributionJob,
     DatasetRef,
+    IndexJob,
     InlinePoints,
     Job,
     LeakageJob,
@@ -27,13 +29,14 @@ from contract.jobs import (
     ModelRef,
     RecordPoints,
 )
-from contract.method import MethodConflict, resolve_method
+from contract.method import MethodConflict, MethodSettings, resolve_method
 from contract.problems import InvalidInput, NotFound, PayloadTooLarge
 from contract.registry import DatasetManifest, ModelManifest, Registry, RegistryError
 from contract.schemas import (
     AttributionCreate,
     ChatCompletion,
     DatasetTest,
+    IndexCreate,
     InlineTest,
     LeakageCreate,
     MemorizationCreate,
@@ -45,40 +48,18 @@ from contract.settings import Settings
 Request = AttributionCreate | LeakageCreate | MislabeledCreate | MemorizationCreate
 
 
-def resolve(kind: str, request: Request, registry: Registry, settings: Settings) -> Job:
-    """The request as the payload of a job of `kind`, or the service error that says why it cannot run."""
-    model = registry.model(request.model)
-    if model is None:
-        raise NotFound(f"unknown model {request.model!r}")
-    dataset = registry.dataset(request.dataset)
-    if dataset is None:
-        raise NotFound(f"unknown dataset {request.dataset!r}")
-    if dataset.input.shape != model.input.shape or dataset.input.dtype != model.input.dtype:
-        raise InvalidInput(
-            f"dataset {dataset.id!r} holds {dataset.input.dtype} examples of shape {dataset.input.shape}; "
-            f"model {model.id!r} takes {model.input.dtype} of shape {model.input.shape}"
-        )
-    try:
-        method = resolve_method(kind, request.method, model.method)
-    except MethodConflict as exc:
-        raise InvalidInput(str(exc), [{"loc": ["body", "method", f]} for f in exc.fields]) from None
-    names = model.tensor_names()
-    for glob in method.params:
-        if not any(fnmatch(name, glob) for name in names):
-            raise InvalidInput(
-                f"method.params: {glob!r} matches no parameter of model {model.id!r} ({', '.join(names[:8])})",
-                _loc("method", "params"),
-            )
-    common = {
-        "model": ModelRef(id=model.id, digest=model.digest),
-        "dataset": DatasetRef(id=dataset.id, digest=dataset.digest),
-        "dtype": settings.dtype,
-        "method": method,
-    }
+def resolve(
+    kind: str, request: Request, registry: Registry, settings: Settings, index: IndexEntry | None = None
+) -> Job:
+    """The request as the payload of a job of `kind`, or the service error that says why it cannot run;
+    `index`: the finished index of the request's model and dataset, if there is one (two-stage attribution)."""
+    model, dataset = _pair(request, registry)
+    common = _common(kind, request.method, model, dataset, settings)
     if isinstance(request, AttributionCreate):
         if request.top_k > settings.max_top_k:
             raise InvalidInput(f"top_k={request.top_k} exceeds the limit of {settings.max_top_k}", _loc("top_k"))
-        return AttributionJob(test=test_points(request.test, registry, model, settings), **common)
+        job = AttributionJob(test=test_points(request.test, registry, model, settings), **common)
+        return _two_stage(job, request.candidates, index, dataset)
     if isinstance(request, LeakageCreate | MemorizationCreate) and model.task == "diffusion":
         raise InvalidInput(
             f"model {model.id!r} is a diffusion model: its per-record loss is an average over random noise draws, "
@@ -104,6 +85,77 @@ def resolve(kind: str, request: Request, registry: Registry, settings: Settings)
         calibration_records=request.calibration_records,
         **common,
     )
+
+
+def _pair(request: Request | IndexCreate, registry: Registry) -> tuple[ModelManifest, DatasetManifest]:
+    """The request's model and training set, which must take the same examples."""
+    model = registry.model(request.model)
+    if model is None:
+        raise NotFound(f"unknown model {request.model!r}")
+    dataset = registry.dataset(request.dataset)
+    if dataset is None:
+        raise NotFound(f"unknown dataset {request.dataset!r}")
+    if dataset.input.shape != model.input.shape or dataset.input.dtype != model.input.dtype:
+        raise InvalidInput(
+            f"dataset {dataset.id!r} holds {dataset.input.dtype} examples of shape {dataset.input.shape}; "
+            f"model {model.id!r} takes {model.input.dtype} of shape {model.input.shape}"
+        )
+    return model, dataset
+
+
+def _common(
+    kind: str, asked: MethodSettings, model: ModelManifest, dataset: DatasetManifest, settings: Settings
+) -> dict:
+    """What every payload carries: the model and dataset by digest, the dtype, the resolved method."""
+    try:
+        method = resolve_method(kind, asked, model.method)
+    except MethodConflict as exc:
+        raise InvalidInput(str(exc), [{"loc": ["body", "method", f]} for f in exc.fields]) from None
+    names = model.tensor_names()
+    for glob in method.params:
+        if not any(fnmatch(name, glob) for name in names):
+            raise InvalidInput(
+                f"method.params: {glob!r} matches no parameter of model {model.id!r} ({', '.join(names[:8])})",
+                _loc("method", "params"),
+            )
+    return {
+        "model": ModelRef(id=model.id, digest=model.digest),
+        "dataset": DatasetRef(id=dataset.id, digest=dataset.digest),
+        "dtype": settings.dtype,
+        "method": method,
+    }
+
+
+def _two_stage(job: AttributionJob, candidates: int | None, index: IndexEntry | None, dataset) -> AttributionJob:
+    """Two-stage where the request asks for candidates, or says nothing and an index was built for its
+    method (and dtype); the full sweep where it asks for 0, or where the candidates would cover the set
+    (a sweep of every record is then as cheap, and complete)."""
+    usable = index is not None and (index.method, index.dtype) == (job.method, job.dtype)
+    if candidates is None:
+        candidates = default_candidates(dataset.size) if usable else 0
+    if candidates and index is None:
+        raise InvalidInput(
+            f"candidates={candidates}: there is no index of model {job.model.id!r} on {dataset.id!r} in its current "
+            "version (POST /v1/indexes builds one); leave candidates out, or 0, for the full sweep",
+            _loc("candidates"),
+        )
+    if not candidates or 2 * candidates >= dataset.size:
+        return job
+    return job.model_copy(update={"index": index.id, "candidates": candidates})
+
+
+def resolve_index(request: IndexCreate, registry: Registry, settings: Settings, built: list[IndexEntry]) -> IndexJob:
+    """An index build's payload for the model's default attribution method. A new version of a dataset that
+    was indexed before with the same model, method and settings, and keeps that version's shards, adopts its
+    basis (`basis_of`): only the shards it adds are sketched."""
+    model, dataset = _pair(request, registry)
+    job = IndexJob(settings=request.settings, **_common("attribution", MethodSettings(), model, dataset, settings))
+    shards = {s.sha256 for s in dataset.shards}
+    for e in sorted(built, key=lambda e: e.created, reverse=True):
+        same = (e.model, e.method, e.settings, e.dtype) == (job.model, job.method, job.settings, job.dtype)
+        if same and e.dataset.id == dataset.id and {s.sha256 for s in e.shards} <= shards:
+            return job if e.dataset == job.dataset else job.model_copy(update={"basis_of": e.basis_of})
+    return job
 
 
 def test_points(

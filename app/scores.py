@@ -1,6 +1,7 @@
 """Windows of a finished result's (rows, N) score matrix, read from the score store (contract/scores.py)
 without loading the matrix: Redis blocks by byte range (GETRANGE), file blocks as memory maps. What /scores
-pages and streams, and what the report's histograms sample."""
+pages and streams, and what the report's histograms sample. A two-stage result's matrix has a column per
+candidate it re-scored (`records`: their training records), not one per record of the set."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ class Scores:
         self.aredis, self.settings, self.key = aredis, settings, key
         self.blocks = [Block(**b) for b in result["blocks"]]
         self.rows, self.columns = result["shape"]
+        self.records: list[int] | None = result.get("columns")  # two-stage: the candidates' records, in order
+        if self.records is not None:
+            self.columns = len(self.records)
 
     async def window(self, r0: int, r1: int, c0: int, c1: int, step: int = 1) -> np.ndarray:
         """(r1 - r0, len(range(c0, c1, step))) float32 scores: rows r0..r1-1, every step-th column of c0..c1-1."""

@@ -26,6 +26,8 @@ __all__ = [
     "JOB_FUNC",
     "AttributionJob",
     "DatasetRef",
+    "IndexJob",
+    "IndexSettings",
     "InlinePoints",
     "Job",
     "LeakageJob",
@@ -34,7 +36,9 @@ __all__ = [
     "ModelRef",
     "Points",
     "RecordPoints",
+    "INDEX_FUNCS",
     "PART_FUNC",
+    "TWO_STAGE_FUNC",
     "REDUCE_FUNC",
     "PROBE_FUNC",
     "affinity_queue",
@@ -54,6 +58,8 @@ JOB_FUNC = "worker.jobs.run"  # a whole request in one job
 PART_FUNC = "worker.jobs.run_part"  # one part of the training set: its score block and per-part summary
 REDUCE_FUNC = "worker.jobs.reduce"  # merges the parts' summaries into the result
 PROBE_FUNC = "worker.jobs.probe"  # registration's dry run: a staged model loaded and stepped once
+INDEX_FUNCS = ("worker.index.run", "worker.index.run_part", "worker.index.reduce")  # an IndexJob's, the same way
+TWO_STAGE_FUNC = "worker.index.attribute"  # an attribution with an index: always one job
 Dtype = Literal["float32", "float64"]
 
 
@@ -116,10 +122,29 @@ class _Job(_Frozen):
         """The computation's identity and the key of its stored result: a hash of the whole payload."""
         return digest(self.model_dump(mode="json"))[:32]
 
+    @property
+    def functions(self) -> tuple[str, str | None, str | None]:
+        """The worker's entry points for this payload: (a whole job, a part, the reduce); None: one job only."""
+        return JOB_FUNC, PART_FUNC, REDUCE_FUNC
+
+
+def _unset(value) -> bool:  # a field added after a kind's first release leaves older identities as they were
+    return value is None
+
 
 class AttributionJob(_Job):
     kind: Literal["attribution"] = "attribution"
     test: Points
+    index: str | None = Field(
+        None, exclude_if=_unset, description="two-stage: the index (IndexJob.key) that finds the candidates"
+    )
+    candidates: int | None = Field(
+        None, exclude_if=_unset, description="two-stage: candidates per test point at each end of the ranking"
+    )
+
+    @property
+    def functions(self) -> tuple[str, str | None, str | None]:
+        return (TWO_STAGE_FUNC, None, None) if self.index else super().functions
 
     @property
     def points(self) -> RecordPoints | InlinePoints:
@@ -163,7 +188,43 @@ class MemorizationJob(_Job):
         return self.records
 
 
-Job = Annotated[AttributionJob | LeakageJob | MislabeledJob | MemorizationJob, Field(discriminator="kind")]
+class IndexSettings(_Frozen):
+    """How an index sketches each record (worker/forward_inf/sketch.py); defaults by measurement (bench.index)."""
+
+    dims: Annotated[int, Field(strict=True, ge=8, le=1024)] = Field(
+        256, description="sketch dimensions per record, stored as float16 (2 bytes each)"
+    )
+    rank: Annotated[int, Field(strict=True, ge=0, le=1024)] = Field(
+        64,
+        description="of which exact coordinates on the curvature's top eigenvectors (the rest: a whitened "
+        "random sketch of what they leave out)",
+    )
+
+
+class IndexJob(_Job):
+    """Build the training-side index of (model, dataset) for `method` (the default attribution method it
+    sketches for): one part per group of shards, then the catalog entry (worker/index.py)."""
+
+    kind: Literal["index"] = "index"
+    settings: IndexSettings
+    basis_of: DatasetRef | None = Field(
+        None, description="an earlier version of the dataset whose index basis (and shards' sketches) is adopted"
+    )
+
+    @property
+    def functions(self) -> tuple[str, str | None, str | None]:
+        return INDEX_FUNCS
+
+    @property
+    def basis(self) -> str:
+        """The sketch basis' identity: the model, the dataset version it was first made for, the method,
+        the settings, the dtype (and ENGINE_VERSION): records sketched in it are comparable."""
+        first = self.basis_of or self.dataset
+        return artifact_id("index-basis", self.model.digest, first.digest, self.method.model_dump_json(),
+                           self.settings.model_dump_json(), self.dtype)  # fmt: skip
+
+
+Job = Annotated[AttributionJob | LeakageJob | MislabeledJob | MemorizationJob | IndexJob, Field(discriminator="kind")]
 JOB: TypeAdapter[Job] = TypeAdapter(Job)
 
 

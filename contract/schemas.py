@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .jobs import RankBy
+from .indexes import IndexEntry
+from .jobs import IndexSettings, RankBy
 from .method import Method, MethodDefaults, MethodSettings
 from .registry import ID, REGISTERABLE, InputSpec
 
@@ -116,6 +117,12 @@ class AttributionCreate(JobCreate):
 
     test: InlineTest | DatasetTest | TextTest
     top_k: Annotated[int, Field(strict=True, ge=1)] = 10
+    candidates: Annotated[int, Field(strict=True, ge=0)] | None = Field(
+        None,
+        description="two-stage: re-score only this many candidates per test point at each end of the ranking, "
+        "found by the model's and dataset's index (POST /v1/indexes); 0: the full sweep. Default: with an index "
+        "built for the request's method, max(1,000, 0.1% of the training set); else the full sweep",
+    )
 
 
 class Progress(BaseModel):
@@ -157,10 +164,20 @@ class RowAttribution(BaseModel):
     opponents: list[Influence] = Field(description="lowest scores: training points that work against it")
 
 
+class IndexUse(BaseModel):
+    """What a two-stage answer ran: the index's candidates, re-scored exactly (the other records unscored)."""
+
+    index: str = Field(description="the index that found the candidates")
+    candidates: int = Field(description="candidates per test point at each end of the ranking")
+    rescored: int = Field(description="training records re-scored (the union of every test point's candidates)")
+    recall: float | None = Field(description="the index's recall, measured when it was built (IndexPublic)")
+
+
 class AttributionResult(BaseModel):
     shape: tuple[int, int]
     rows: list[RowAttribution]
     timing: Timing = Timing()
+    index: IndexUse | None = Field(None, description="two-stage: the index and candidates; null: the full sweep")
 
 
 class ScoresPage(BaseModel):
@@ -170,6 +187,9 @@ class ScoresPage(BaseModel):
     shape: list[int] = Field(min_length=2, max_length=2, description="the whole matrix's shape")
     rows: list[int] = Field(min_length=2, max_length=2, description="this window's rows [from, to)")
     columns: list[int] = Field(min_length=2, max_length=2, description="this window's columns [from, to)")
+    records: list[int] | None = Field(
+        None, description="two-stage results: the training record of each column (only candidates were scored)"
+    )
     scores: list[list[float]]
     next: str | None = Field(None, description="the URL of the next page of columns; null on the last")
 
@@ -214,6 +234,35 @@ class JobPublic(BaseModel):
 
 class AttributionPublic(JobPublic):
     result: AttributionResult | None = None
+
+
+class IndexCreate(BaseModel):
+    """Build the training-side index of a model and its training set, for the model's default attribution
+    method (its curvature splits the sketch): built once on the fleet, then two-stage requests take their
+    candidates from it."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"model": "digits-mlp", "dataset": "digits-train"}]}
+    )
+
+    model: str = Field(description="registered model id")
+    dataset: str = Field(description="registered training dataset id")
+    settings: IndexSettings = Field(default_factory=IndexSettings)
+
+
+class IndexPublic(BaseModel):
+    id: str
+    status: Status
+    model: str
+    dataset: str
+    progress: Progress = Progress()
+    error: str | None = None
+    index: IndexEntry | None = Field(None, description="what it holds, once finished")
+    links: dict[str, str] = {}
+
+
+class IndexPage(BaseModel):
+    items: list[IndexPublic]
 
 
 class JobSummary(BaseModel):

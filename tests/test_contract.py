@@ -161,7 +161,10 @@ ENGINE_FINGERPRINTS = {
     "2026.12.12": {"339786d236bd8feb"},
     # precondition="auto" with damping "auto": where the low-rank Hessian it chose shows an eigenvalue below
     # -damping, EK-FAC instead
-    "2026.12.13": {"8f290b087182fe16"},
+    "2026.12.13": {
+        "8f290b087182fe16",
+        "d0b975bf6e54ac33",  # adds the gradient sketch of the index (ForwardInf.basis, .sketch): the rest unchanged
+    },
 }
 
 

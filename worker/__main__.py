@@ -309,11 +309,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--healthcheck", action="store_true", help="exit 0 if a worker of this host is ready")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it loads, tried in turn
     settings = Settings()
     if settings.torch_threads:  # e.g. one thread per worker, N workers on an N-core host
         import torch
 
+        from .search import threads
+
         torch.set_num_threads(settings.torch_threads)
+        threads(settings.torch_threads)
     if args.healthcheck:  # a container's health check: its worker's readiness heartbeat is alive
         mine = Redis.from_url(settings.redis_url).scan_iter(match=settings.key("worker", f"{socket.gethostname()}-*"))
         sys.exit(0 if next(mine, None) is not None else 1)

@@ -221,15 +221,28 @@ def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int
             calibrated.append(fi.calibrated_log_probabilities(calibrator))
     scores = torch.cat(parts, dim=1).float()  # (rows, width)
     reporter.timing["sweep_s"] = time.perf_counter() - t
+    lo = int(data_m.bounds[first])
+    summary = summarize(job, ctx, fi, mirror, scores, lo, reporter, total)
+    if calibrated:
+        log_probabilities = torch.cat(calibrated).T.float().cpu().numpy()  # (classes, width)
+        summary["calibrated"] = {
+            "calibration": asdict(calibrator),
+            "block": ctx.store.put_block(_calibrated(job.key), lo, log_probabilities).model_dump(),
+        }
+    return summary
+
+
+def summarize(job: Job, ctx: Context, fi: ForwardInf, mirror: Mirror, scores: torch.Tensor, lo: int,
+              reporter: Reporter, batches: int, columns: np.ndarray | None = None) -> dict:  # fmt: skip
+    """A part's summary (JSON) with its (rows, width) float32 scores stored as the block at `lo`: of training
+    records lo.., or of the records `columns` (two-stage: the candidates, worker/index.py)."""
     if not torch.isfinite(scores).all():
         bad = int((~torch.isfinite(scores)).sum())
         raise AttributionInputError(
             f"{bad} of {scores.numel()} scores are not finite (the step overflowed the model): use a smaller "
             "method.lr or fewer method.steps, or mode='linear'"
         )
-
     t = time.perf_counter()
-    lo = int(data_m.bounds[first])
     block = ctx.store.put_block(job.key, lo, scores.numpy())
     summary = {
         "block": block.model_dump(),
@@ -238,24 +251,19 @@ def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int
         "test_loss": mirror.test_loss.tolist(),
         "self_score": mirror.self_score.tolist(),
         "memorized": mirror.memorized.tolist(),
-        "batches": total,
+        "batches": batches,
     }
-    if calibrated:
-        log_probabilities = torch.cat(calibrated).T.float().cpu().numpy()  # (classes, width)
-        summary["calibrated"] = {
-            "calibration": asdict(calibrator),
-            "block": ctx.store.put_block(_calibrated(job.key), lo, log_probabilities).model_dump(),
-        }
     if isinstance(job, AttributionJob):  # each row's best and worst of this part, by global index
         k = min(ctx.settings.max_top_k, scores.shape[1])
         high, low = scores.topk(k, dim=1), scores.topk(k, dim=1, largest=False)
+        index = (lambda i: i + lo) if columns is None else (lambda i: torch.from_numpy(columns)[i])
         summary["top"] = {
-            "high": [high.values.tolist(), (high.indices + lo).tolist()],
-            "low": [low.values.tolist(), (low.indices + lo).tolist()],
+            "high": [high.values.tolist(), index(high.indices).tolist()],
+            "low": [low.values.tolist(), index(low.indices).tolist()],
         }
     reporter.timing["store_s"] = time.perf_counter() - t
     summary["timing"] = reporter.timing
-    reporter(total, total, force=True)
+    reporter(batches, batches, force=True)
     return summary
 
 
@@ -276,7 +284,7 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
         "blocks": [b.model_dump() for b in blocks],
         "shape": [rows, data_m.size],
         "timing": timing,
-    }
+    } | {name: first[name] for name in ("columns", "index") if name in first}  # two-stage: the candidates
     record_ids = ctx.warm.record_ids(data_m)
     tests = _echo(ctx, job.points) if isinstance(job, AttributionJob | LeakageJob) else []
     if isinstance(job, AttributionJob):

@@ -22,12 +22,13 @@ from redis.exceptions import LockError, RedisError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from contract.indexes import IndexEntry
 from contract.jobs import artifact_id
 from contract.scores import Block, blob_key, blob_path, block_key, block_path, place
 from contract.settings import Settings
 
 
-def _write_aside(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def write_aside(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write a file next to `path`, then rename it there: a reader never sees half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
@@ -48,7 +49,7 @@ class Store:
         if block.at == "redis":
             self.redis.set(block_key(self.settings, key, lo), data.tobytes(), ex=self.settings.score_ttl_s)
         else:
-            _write_aside(block_path(self.settings, key, lo), lambda f: np.save(f, data, allow_pickle=False))
+            write_aside(block_path(self.settings, key, lo), lambda f: np.save(f, data, allow_pickle=False))
         return block
 
     def get_block(self, key: str, block: Block, rows: int) -> np.ndarray:
@@ -91,6 +92,8 @@ class Store:
                 age = now - entry.stat().st_mtime
             except FileNotFoundError:
                 continue
+            if entry.name == "indexes":  # kept until the index is deleted (app/indexes.py)
+                continue
             if entry.name == "blobs":
                 for blob in entry.iterdir():
                     if now - blob.stat().st_mtime > self.settings.base_loss_ttl_s:
@@ -100,6 +103,19 @@ class Store:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
         return removed
+
+    # -- the index catalog (contract/indexes.py) ---------------------------------------------------
+    def put_index(self, entry: IndexEntry) -> None:
+        """A finished index's catalog entry: kept until the index is deleted (no TTL)."""
+        with self.redis.pipeline() as pipe:
+            pipe.set(IndexEntry.key(self.settings, entry.id), entry.model_dump_json())
+            pipe.sadd(IndexEntry.catalog(self.settings), entry.id)
+            pipe.publish(self.settings.key("events"), entry.id)
+            pipe.execute()
+
+    def index(self, id: str) -> IndexEntry | None:
+        raw = self.redis.get(IndexEntry.key(self.settings, id))
+        return None if raw is None else IndexEntry.model_validate_json(raw)
 
     # -- artifacts computed once across the fleet ---------------------------------------------------
     def _base_key(self, model_digest: str, dataset_digest: str, shard: int, dtype: str) -> str:
@@ -135,7 +151,7 @@ class Store:
         if place(self.settings, len(raw)) == "redis":
             self.redis.set(blob_key(self.settings, name), raw, ex=self.settings.base_loss_ttl_s)
             return
-        _write_aside(blob_path(self.settings, name), lambda f: f.write(raw))
+        write_aside(blob_path(self.settings, name), lambda f: f.write(raw))
 
     def once(self, name: str, compute: Callable[[], None], done: Callable[[], bool]) -> None:
         """Run `compute` on one worker of the fleet at a time until `done()`: a worker that finds another

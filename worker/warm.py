@@ -27,6 +27,7 @@ from .forward_inf import AttributionInputError, ForwardInf, Mirror, MirrorConfig
 from .forward_inf.curvature import Curvature, restore
 from .forward_inf.data import spread
 from .forward_inf.kronecker import Kronecker
+from .forward_inf.sketch import Basis
 from .store import Store
 
 SHARD_SHARE = 4  # a shard is held warm only when it takes at most 1/SHARD_SHARE of the budget
@@ -53,6 +54,10 @@ def nbytes(value: Any) -> int:
         return nbytes(value.model)  # its scratch copy of the model, once made
     if isinstance(value, Mirror):
         return nbytes(value.first) + nbytes(value.total)
+    if isinstance(value, Basis):
+        return nbytes(value.tensors())
+    if hasattr(value, "nbytes") and isinstance(value.nbytes, int):  # the index's search (worker/search.py)
+        return value.nbytes
     if isinstance(value, dict | tuple | list):
         return sum(nbytes(v) for v in (value.values() if isinstance(value, dict) else value))
     return 0
@@ -91,6 +96,10 @@ class Warm:
             self.items.popitem(last=False)
             self.counters["evictions"] += 1
         return value
+
+    def keep(self, key: tuple, load: Callable[[], Any]) -> Any:
+        """`load()`'s value under `key`, kept warm like everything else here (the index's basis and search)."""
+        return self._get(("kept", *key), load)
 
     # -- models --------------------------------------------------------------------------------------
     def model(self, m: ModelManifest, dtype: str) -> tuple[torch.nn.Module, Task]:

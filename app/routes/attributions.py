@@ -8,7 +8,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from contract.schemas import AttributionCreate, AttributionPublic, ScoresPage
 
 from ..auth import Reader, Submitter
-from ..deps import JobsDep, RegistryDep, SettingsDep
+from ..deps import IndexesDep, JobsDep, RegistryDep, SettingsDep
 from . import jobs as shared
 from .jobs import CREATE, READ, RESULT, Format, JobId, TopK, WaitS, Window
 
@@ -32,12 +32,18 @@ CREATED = {200: {"model": AttributionPublic, "description": "this tenant asked t
     responses={**CREATED, **CREATE},
 )
 async def create_attribution(
-    body: AttributionCreate, who: Submitter, jobs: JobsDep, registry: RegistryDep, settings: SettingsDep
+    body: AttributionCreate,
+    who: Submitter,
+    jobs: JobsDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    indexes: IndexesDep,
 ) -> Response:
     """Score the training set for the test points. 202 with a status URL (the job may already be finished);
     200 with the result when this tenant made the same request before; an identical queued or running
-    request is joined."""
-    return await shared.create("attribution", body, who, jobs, registry, settings)
+    request is joined. Where the model and dataset have an index (POST /v1/indexes), only its candidates are
+    re-scored (`candidates`)."""
+    return await shared.create("attribution", body, who, jobs, registry, settings, indexes)
 
 
 @router.get("/{attribution_id}", operation_id="get_attribution", response_model=AttributionPublic, responses=READ)

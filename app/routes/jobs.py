@@ -18,6 +18,7 @@ from contract.schemas import JobPage, Problem, Status
 from .. import metrics
 from ..auth import Principal, Reader
 from ..deps import JobsDep
+from ..indexes import Indexes
 from ..jobs import Jobs, links
 from ..report import ROWS, SAMPLE, render
 from ..resolve import Request as JobRequest
@@ -43,9 +44,16 @@ Window = Annotated[
 ]
 
 
-async def create(kind: str, body: JobRequest, who: Principal, jobs: Jobs, registry, settings) -> Response:
-    """Resolve (422 when it cannot run), then enqueue or join (202 + Location) or answer from the cache."""
-    job = resolve(kind, body, registry, settings)
+async def create(
+    kind: str, body: JobRequest, who: Principal, jobs: Jobs, registry, settings, indexes: Indexes | None = None
+) -> Response:
+    """Resolve (422 when it cannot run), then enqueue or join (202 + Location) or answer from the cache.
+    `indexes`: where an attribution may find the index of its model and dataset (two-stage)."""
+    index = None
+    model, dataset = registry.model(body.model), registry.dataset(body.dataset)
+    if indexes is not None and model is not None and dataset is not None:
+        index = await indexes.find(model.digest, dataset.digest)
+    job = resolve(kind, body, registry, settings, index)
     if body.webhook is not None:
         check(body.webhook, settings)
     parts = registry.dataset(job.dataset.id).parts(settings.part_records)  # one job, or a fan-out over parts
@@ -139,6 +147,8 @@ async def scores(
     end = min(c1, c0 + width)
     matrix = await store.window(r0, r1, c0, end)
     page = {"id": handle, "shape": [store.rows, store.columns], "rows": [r0, r1], "columns": [c0, end]}
+    if store.records is not None:
+        page["records"] = store.records[c0:end]
     page["next"] = str(request.url.include_query_params(columns=f"{end}:{c1}", rows=f"{r0}:{r1}")) if end < c1 else None
     return JSONResponse(await run_in_threadpool(lambda: {**page, "scores": matrix.tolist()}))
 

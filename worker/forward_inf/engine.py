@@ -27,6 +27,7 @@ from .curvature import (
 from .data import Batch, Examples, spread
 from .kronecker import Kronecker, estimate_kronecker, factored_layers
 from .mirror import Functional, Mirror, Tail, mirror_step
+from .sketch import Basis, basis, project
 from .sweep import Progress, sweep
 from .tasks import TEST_INDEX_OFFSET, Calibration, Task, fit_calibration
 
@@ -456,6 +457,19 @@ class ForwardInf:
                     for b in self._batches(self.train, validate=False)
                 ]
             )
+
+    def basis(self, dims: int, rank: int, seed: int) -> Basis:
+        """The sketch basis (sketch.py) of the perturbed parameters, split along this engine's curvature; call
+        after prepare() (or `use`), so that the curvature is there."""
+        return basis(self.curvature if self.precondition != "none" else None, self.fm, dims, rank, seed, self.device)
+
+    def sketch(self, basis: Basis, progress: Progress | None = None) -> torch.Tensor:
+        """(N, D) the bound training set's sketches, in its order: x_i . basis.queries(mirror.first)[j] ~
+        sign x the linear-mode score of record i for row j (sketch.py)."""
+        if self.train is None:
+            raise AttributionInputError("call prepare(train) before sketch(basis)")
+        fm, batches = self._training(validate=False)
+        return project(fm, self.task, batches, basis, progress)
 
     def scores(self, test, progress: Progress | None = None) -> torch.Tensor:
         """(n_test, n_train) scores, or (1, n_train) in group mode; positive = the training point

@@ -1,0 +1,217 @@
+"""The training-side index and two-stage attribution: RQ entry points beside worker/jobs.py's.
+
+    run_part(payload, first, stop)  an IndexJob's shards [first, stop): each record's gradient sketch in the
+                                    index's basis (ForwardInf.sketch), one FAISS file per shard in the score
+                                    directory; a shard whose sketches the basis already holds is skipped
+    reduce(payload)                 once every part has ended: the catalog entry (contract/indexes.py), with
+                                    the recall measured on probe queries
+    run(payload)                    both, where the training set is one part
+    attribute(payload)              an attribution with an index: the mirrored step, the index's candidates
+                                    at both ends for every test point, then a forward sweep over those
+                                    records only: their exact Forward-INF scores (the same as a full sweep's)
+
+The basis (sketch.py: the curvature's top eigenvectors and a whitened random sketch of the rest) is made
+once across the fleet from the engine's stored curvature and kept in the store, so every part, and a later
+version of the dataset that adopts it, sketches in the same space.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+from rq.job import JobStatus
+from safetensors.torch import load_file, save
+
+from contract.indexes import IndexEntry, IndexShard, basis_path, default_candidates, shard_path
+from contract.jobs import AttributionJob, IndexJob, part_id
+from contract.registry import DatasetManifest, RegistryError
+from contract.schemas import IndexUse
+
+from . import search
+from .forward_inf import AttributionInputError, ForwardInf
+from .forward_inf.data import spread
+from .forward_inf.sketch import Basis
+from .jobs import Context, Reporter, _begin, _counted, _current, _queries, engine, finish, prepare_shard, summarize
+from .store import write_aside
+
+SEED = 0  # the basis' random sketch: the same on every worker
+PROBES = 8  # recall at build: training records spread over the set, used as queries
+PROBE_SAMPLE = 20_000  # ... against this many records spread over the set
+
+
+# -- RQ entry points --------------------------------------------------------------------------------
+def run(payload: dict) -> dict:
+    job, rq_job, ctx = _begin(payload, lambda key: key)
+    with _counted(ctx):
+        data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+        summary = build_part(job, ctx, Reporter(rq_job, ctx), 0, len(data_m.shards))
+        return catalog(job, ctx, [summary])
+
+
+def run_part(payload: dict, first: int, stop: int) -> dict:
+    job, rq_job, ctx = _begin(payload, lambda key: part_id(key, first))
+    with _counted(ctx):
+        return build_part(job, ctx, Reporter(rq_job, ctx, (job.key, first)), first, stop)
+
+
+def reduce(payload: dict) -> dict:
+    job, rq_job, ctx = _begin(payload, lambda key: key)
+    summaries = []
+    for part in rq_job.fetch_dependencies() if rq_job is not None else []:
+        if part.get_status(refresh=False) != JobStatus.FINISHED:
+            raise AttributionInputError(f"a part of the index failed: {part.meta.get('error') or 'it did not finish'}")
+        summaries.append(part.return_value())
+    with _counted(ctx):
+        return catalog(job, ctx, summaries)
+
+
+def attribute(payload: dict) -> dict:
+    job, rq_job, ctx = _begin(payload, lambda key: key)
+    with _counted(ctx):
+        return two_stage(job, ctx, Reporter(rq_job, ctx))
+
+
+# -- building ------------------------------------------------------------------------------------------
+def build_part(job: IndexJob, ctx: Context, reporter: Reporter, first: int, stop: int) -> dict:
+    """Sketch shards [first, stop) into their FAISS files; returns the part's summary (JSON)."""
+    reporter(0, None)
+    model_m = _current(ctx.registry.model(job.model.id), job.model, "model")
+    data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+    fi = engine(ctx, model_m, data_m, job.method, job.dtype)
+    basis = _basis(ctx, job.basis, None if job.basis_of else fi, job)
+    batches = [-(-s.size // fi.config.batch_size) for s in data_m.shards[first:stop]]
+    total, shards, kinds = sum(batches), [], set()
+    for i, n in enumerate(range(first, stop)):
+        shard, before = data_m.shards[n], sum(batches[:i])
+        path = shard_path(ctx.settings, job.basis, shard.sha256)
+        started = time.perf_counter()
+        if not path.is_file():  # else sketched before in this basis (an earlier version of the dataset)
+            prepare_shard(ctx, fi, model_m, data_m, n, job.dtype)
+            vectors = fi.sketch(basis, lambda done, _t, before=before: reporter(before + done, total))
+            index = search.make(vectors.float().cpu().numpy())
+            write_aside(path, lambda f, index=index: f.write(search.dump(index)))
+            kinds.add(search.kind(index))
+        seconds = time.perf_counter() - started if kinds else 0.0
+        shards.append(IndexShard(sha256=shard.sha256, records=shard.size, bytes=path.stat().st_size, seconds=seconds))
+        reporter(before + batches[i], total, force=True)
+    summary = {"shards": [s.model_dump() for s in shards], "search": sorted(kinds)}
+    return summary | {"parameters": basis.names, "exact": basis.exact}
+
+
+def catalog(job: IndexJob, ctx: Context, summaries: list[dict]) -> dict:
+    """The finished index's catalog entry (the parts' shards in the dataset's order), with its recall."""
+    model_m = _current(ctx.registry.model(job.model.id), job.model, "model")
+    data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+    by_sha = {s["sha256"]: IndexShard(**s) for part in summaries for s in part["shards"]}
+    shards = [by_sha[s.sha256] for s in data_m.shards]
+    fi = engine(ctx, model_m, data_m, job.method, job.dtype)
+    basis = _basis(ctx, job.basis)
+    recall, how = _recall(ctx, job, fi, basis, data_m)
+    size = sum(s.bytes for s in shards)
+    kinds = {k for part in summaries for k in part["search"]} or {"flat"}  # adopted shards: flat unless said
+    entry = IndexEntry(
+        id=job.key, model=job.model, dataset=job.dataset, method=job.method, settings=job.settings, dtype=job.dtype,
+        basis=job.basis, basis_of=job.basis_of or job.dataset, parameters=basis.names, exact=basis.exact, records=data_m.size, bytes=size,
+        bytes_per_record=size / max(data_m.size, 1), search="ivf" if "ivf" in kinds else "flat", shards=shards,
+        build_s=sum(s.seconds for s in shards), recall=recall, recall_method=how, created=datetime.now(UTC),
+    )  # fmt: skip
+    ctx.store.put_index(entry)
+    return {"key": job.key, "records": entry.records, "bytes": entry.bytes}
+
+
+def _basis(ctx: Context, name: str, fi: ForwardInf | None = None, job: IndexJob | None = None) -> Basis:
+    """Basis `name`: kept warm, else read from the index's folder, else (given the engine and the build job)
+    made from the engine's curvature by one worker of the fleet at a time and written there."""
+    path = basis_path(ctx.settings, name)
+
+    def make() -> None:
+        if fi is None:
+            raise RegistryError("the index's sketch basis is gone (the index was deleted?): build the index anew")
+        b = fi.basis(job.settings.dims, job.settings.rank, SEED)
+        meta = {"names": json.dumps(b.names), "sizes": json.dumps(b.sizes), "exact": str(b.exact)}
+        raw = save({k: v.cpu().contiguous() for k, v in b.tensors().items()}, metadata=meta)
+        write_aside(path, lambda f: f.write(raw))
+
+    def load() -> Basis:
+        ctx.store.once(f"index-basis-{name}", make, path.is_file)
+        tensors = load_file(path, device=str(ctx.warm.device))
+        with open(path, "rb") as f:
+            meta = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+        return Basis(json.loads(meta["names"]), json.loads(meta["sizes"]), tensors["database"], tensors["query"],
+                     int(meta["exact"]))  # fmt: skip
+
+    return ctx.warm.keep(("index-basis", name), load)
+
+
+def _recall(ctx: Context, job: IndexJob, fi: ForwardInf, basis: Basis, data_m: DatasetManifest):
+    """(The share of the default method's top-10 at each end that the sketch puts among its top c, how it
+    was measured): PROBES training records as queries against PROBE_SAMPLE records spread over the set,
+    c the same share of the sample as default_candidates is of the set."""
+    sample = spread(data_m.size, PROBE_SAMPLE).tolist()
+    records = ctx.warm.examples(data_m, sample)
+    probes = ctx.warm.examples(data_m, spread(data_m.size, PROBES).tolist())
+    fi.prepare(records)
+    mirror = fi.mirror(probes)
+    exact = fi.sweep(mirror)  # (PROBES, sample)
+    approx = fi.config.sign * basis.queries(mirror.first) @ fi.sketch(basis).T
+    c = min(len(sample), max(10, math.ceil(len(sample) * default_candidates(data_m.size) / data_m.size)))
+    top = min(10, len(sample))
+    hits = 0
+    for largest in (True, False):
+        truth = exact.topk(top, dim=1, largest=largest).indices
+        found = approx.cpu().topk(c, dim=1, largest=largest).indices
+        hits += sum(len(set(t.tolist()) & set(f.tolist())) for t, f in zip(truth, found, strict=True))
+    how = (f"{PROBES} training records as queries against {len(sample)} records spread over the set: their top-{top} "
+           f"at each end among the sketch's top {c} (the share of the sample that {default_candidates(data_m.size)} "
+           f"candidates are of the set)")  # fmt: skip
+    return hits / (2 * top * PROBES), how
+
+
+# -- two-stage attribution ------------------------------------------------------------------------------
+def two_stage(job: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
+    """The index's candidates for every test point (both ends), re-scored by the mirrored step and a
+    forward sweep over them alone: the result of a full sweep over those records, stored as one."""
+    reporter(0, None)
+    t = time.perf_counter()
+    model_m = _current(ctx.registry.model(job.model.id), job.model, "model")
+    data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+    entry = ctx.store.index(job.index)
+    if entry is None or (entry.model, entry.dataset) != (job.model, job.dataset):
+        raise RegistryError(f"index {job.index!r} was deleted or is not this model's and dataset's: submit again")
+    test = _queries(job, ctx, model_m, data_m)
+    fi = engine(ctx, model_m, data_m, job.method, job.dtype)
+    basis = _basis(ctx, entry.basis)
+    shards = ctx.warm.keep(("index", entry.id), lambda: _shards(ctx, entry, data_m))
+    reporter.timing["load_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    mirror = fi.mirror(test)
+    reporter.timing["mirror_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    queries = fi.config.sign * basis.queries(mirror.first)
+    high, low = shards.search(queries.float().cpu().numpy(), job.candidates)
+    columns = np.unique(np.concatenate([high.ravel(), low.ravel()]))
+    columns = columns[columns >= 0]
+    fi.prepare(ctx.warm.examples(data_m, columns.tolist()))
+    total = fi.train.num_batches() * -(-mirror.test_loss.shape[0] // fi.config.max_param_sets)
+    scores = fi.sweep(mirror, lambda done, _t: reporter(done, total)).float()  # (rows, candidates)
+    reporter.timing["sweep_s"] = time.perf_counter() - t
+    summary = summarize(job, ctx, fi, mirror, scores, 0, reporter, total, columns)
+    use = IndexUse(index=entry.id, candidates=job.candidates, rescored=len(columns), recall=entry.recall)
+    return finish(job, ctx, [summary | {"columns": columns.tolist(), "index": use.model_dump()}])
+
+
+def _shards(ctx: Context, entry: IndexEntry, data_m: DatasetManifest) -> search.Shards:
+    bounds = data_m.bounds
+    parts = []
+    for n, shard in enumerate(entry.shards):
+        path = shard_path(ctx.settings, entry.basis, shard.sha256)
+        if not path.is_file():
+            raise RegistryError(f"index {entry.id!r}: shard {n}'s file is gone (deleted?): build the index again")
+        parts.append((int(bounds[n]), search.load(path.read_bytes())))
+    return search.Shards(parts)

@@ -13,7 +13,7 @@ import shutil
 
 from starlette.concurrency import run_in_threadpool
 
-from contract.indexes import IndexEntry, index_dir, shard_path
+from contract.indexes import IndexEntry, index_dir, inputs_path, shard_path
 from contract.jobs import IndexJob
 from contract.problems import NotFound
 
@@ -96,6 +96,7 @@ class Indexes:
         for shard in entry.shards:
             if shard.sha256 not in kept:
                 shard_path(self.settings, entry.basis, shard.sha256).unlink(missing_ok=True)
+                inputs_path(self.settings, entry.basis, shard.sha256).unlink(missing_ok=True)
 
     async def _entry(self, id: str) -> IndexEntry | None:
         raw = await self.aredis.get(IndexEntry.key(self.settings, id))

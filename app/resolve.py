@@ -16,7 +16,7 @@ from fnmatch import fnmatch
 
 import numpy as np
 
-from contract.indexes import IndexEntry, default_candidates
+from contract.indexes import LEAKAGE_CANDIDATES, IndexEntry, default_candidates
 from contract.jobs import (
     AttributionJob,
     DatasetRef,
@@ -66,11 +66,14 @@ def resolve(
             "so a record and its copy do not respond alike; leakage and memorization need a deterministic loss"
         )
     if isinstance(request, LeakageCreate):
+        through = _leakage_index(request.candidates, index, model, dataset)
+        limit = settings.max_index_test_points if through else settings.max_test_points
         return LeakageJob(
-            test=test_points(request.test, registry, model, settings),
+            test=test_points(request.test, registry, model, settings, limit),
             calibration_records=request.calibration_records,
             false_flag_rate=request.false_flag_rate,
             **common,
+            **through,
         )
     if isinstance(request, MislabeledCreate):
         if model.task != "classification":
@@ -144,12 +147,31 @@ def _two_stage(job: AttributionJob, candidates: int | None, index: IndexEntry | 
     return job.model_copy(update={"index": index.id, "candidates": candidates})
 
 
+def _leakage_index(candidates: int | None, index: IndexEntry | None, model: ModelManifest, dataset) -> dict:
+    """A leakage analysis goes through the index (its fields) where the request asks for candidates, or says
+    nothing and there is an index; only where the model's inputs are float vectors or text (the index keeps
+    their embedding; token ids alone have none)."""
+    embeds = model.input.dtype == "float32" or model.input.text is not None
+    if candidates is None:
+        candidates = LEAKAGE_CANDIDATES if index is not None and embeds else 0
+    if not candidates:
+        return {}
+    if index is None or not embeds:
+        why = "its inputs are token ids without text, which the index does not embed" if index else "there is no index"
+        raise InvalidInput(
+            f"candidates={candidates}: {why} of model {model.id!r} on {dataset.id!r}; leave candidates out, or 0, "
+            "for the full analysis",
+            _loc("candidates"),
+        )
+    return {"index": index.id, "candidates": candidates}
+
+
 def resolve_index(request: IndexCreate, registry: Registry, settings: Settings, built: list[IndexEntry]) -> IndexJob:
-    """An index build's payload for the model's default attribution method. A new version of a dataset that
+    """An index build's payload for the request's attribution method. A new version of a dataset that
     was indexed before with the same model, method and settings, and keeps that version's shards, adopts its
     basis (`basis_of`): only the shards it adds are sketched."""
     model, dataset = _pair(request, registry)
-    job = IndexJob(settings=request.settings, **_common("attribution", MethodSettings(), model, dataset, settings))
+    job = IndexJob(settings=request.settings, **_common("attribution", request.method, model, dataset, settings))
     shards = {s.sha256 for s in dataset.shards}
     for e in sorted(built, key=lambda e: e.created, reverse=True):
         same = (e.model, e.method, e.settings, e.dtype) == (job.model, job.method, job.settings, job.dtype)
@@ -159,13 +181,19 @@ def resolve_index(request: IndexCreate, registry: Registry, settings: Settings, 
 
 
 def test_points(
-    test: InlineTest | DatasetTest | TextTest, registry: Registry, model: ModelManifest, settings: Settings
+    test: InlineTest | DatasetTest | TextTest,
+    registry: Registry,
+    model: ModelManifest,
+    settings: Settings,
+    limit: int | None = None,
 ) -> InlinePoints | RecordPoints:
+    """The test points, at most `limit` (default ATTR_MAX_TEST_POINTS)."""
+    limit = limit or settings.max_test_points
     if isinstance(test, DatasetTest):
-        return records(test, registry, model, settings.max_test_points)
+        return records(test, registry, model, limit)
     if isinstance(test, TextTest):
         test = encode_text(test, model)  # from here on, token ids like any inline test
-    return inline(test, model, settings)
+    return inline(test, model, settings, limit)
 
 
 def encode_text(test: TextTest, model: ModelManifest) -> InlineTest:
@@ -204,16 +232,12 @@ def _loc(*loc, msg: str = "") -> list[dict]:
     return [{"loc": ["body", *loc], "msg": msg}] if msg else [{"loc": ["body", *loc]}]
 
 
-def _count_limit(n: int, settings: Settings) -> None:
-    if n > settings.max_test_points:
-        raise PayloadTooLarge(f"{n} test points exceed the limit of {settings.max_test_points} per request")
-
-
-def inline(test: InlineTest, model: ModelManifest, settings: Settings) -> InlinePoints:
+def inline(test: InlineTest, model: ModelManifest, settings: Settings, limit: int | None = None) -> InlinePoints:
     """Inline test points checked against the model's input spec, as canonical numbers (token ids as
     integers, features as floats), so equal data always has the same identity."""
-    spec, n = model.input, len(test.inputs)
-    _count_limit(n, settings)
+    spec, n, limit = model.input, len(test.inputs), limit or settings.max_test_points
+    if n > limit:
+        raise PayloadTooLarge(f"{n} test points exceed the limit of {limit} per request")
     try:
         x = np.asarray(test.inputs, dtype=np.float64)
     except (ValueError, TypeError):

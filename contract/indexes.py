@@ -7,6 +7,9 @@ requests against it; both name its parts here.
     fi:indexes                          the set of catalog ids
     score_dir/indexes/<basis>/basis.safetensors   the sketch basis (B and Q; names, sizes in its metadata)
     score_dir/indexes/<basis>/<shard>.faiss       one shard's sketches as a FAISS index (faiss' own format)
+    score_dir/indexes/<basis>/<shard>.inputs.faiss   its records' input embedding (leakage), where inputs
+                                                  are float vectors or text
+    score_dir/indexes/<basis>/inputs.safetensors  how inputs are embedded (a sample's spread, a projection)
 
 An index is identified by its build job's key (IndexJob.key: the model and dataset digests, the method,
 the settings, the dtype, ENGINE_VERSION), so a changed model or dataset never finds an old one. A shard's
@@ -26,7 +29,17 @@ from .jobs import DatasetRef, IndexSettings, ModelRef
 from .method import Method
 from .settings import Settings
 
-__all__ = ["IndexEntry", "IndexShard", "basis_path", "default_candidates", "index_dir", "shard_path"]
+__all__ = [
+    "LEAKAGE_CANDIDATES",
+    "IndexEntry",
+    "IndexShard",
+    "basis_path",
+    "default_candidates",
+    "index_dir",
+    "inputs_path",
+    "shard_path",
+]
+LEAKAGE_CANDIDATES = 16  # leakage through an index: records per test point (and image re-alignment) confirmed
 
 
 def default_candidates(size: int) -> int:
@@ -40,7 +53,7 @@ class IndexShard(BaseModel):
 
     sha256: str = Field(description="the shard file's sha256 (its sketches are named by it and the basis)")
     records: int
-    bytes: int = Field(description="the shard's index file")
+    bytes: int = Field(description="the shard's index files (sketches, and input embedding where there is one)")
     seconds: float = Field(description="time it took to sketch and index (0: adopted from an earlier build)")
 
 
@@ -60,7 +73,10 @@ class IndexEntry(BaseModel):
     records: int
     bytes: int = Field(description="the index files' size on disk")
     bytes_per_record: float
-    search: Literal["flat", "ivf"] = Field(description="exact inner products, or an inverted file (large shards)")
+    search: Literal["flat", "pq"] = Field(
+        description="exact inner products over float16 codes, or (shards over 65,536 records) over 4-bit "
+        "product-quantization codes (worker/search.py)"
+    )
     shards: list[IndexShard]
     build_s: float = Field(description="compute seconds the build took, over its parts (sketching and indexing)")
     recall: float | None = Field(
@@ -89,3 +105,7 @@ def shard_path(settings: Settings, basis: str, sha256: str) -> Path:
 
 def basis_path(settings: Settings, basis: str) -> Path:
     return index_dir(settings, basis) / "basis.safetensors"
+
+
+def inputs_path(settings: Settings, basis: str, sha256: str) -> Path:
+    return index_dir(settings, basis) / f"{sha256[:32]}.inputs.faiss"

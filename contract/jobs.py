@@ -37,6 +37,7 @@ __all__ = [
     "Points",
     "RecordPoints",
     "INDEX_FUNCS",
+    "LEAKAGE_FUNCS",
     "PART_FUNC",
     "TWO_STAGE_FUNC",
     "REDUCE_FUNC",
@@ -152,11 +153,24 @@ class AttributionJob(_Job):
         return self.test
 
 
+LEAKAGE_FUNCS = ("worker.leakage.run", "worker.leakage.run_part", "worker.leakage.reduce")  # through an index
+
+
 class LeakageJob(_Job):
     kind: Literal["leakage"] = "leakage"
     test: Points
     calibration_records: int
     false_flag_rate: float
+    index: str | None = Field(
+        None, exclude_if=_unset, description="through an index (IndexJob.key): candidates by input similarity"
+    )
+    candidates: int | None = Field(
+        None, exclude_if=_unset, description="through an index: candidates per test point (and re-alignment)"
+    )
+
+    @property
+    def functions(self) -> tuple[str, str | None, str | None]:
+        return LEAKAGE_FUNCS if self.index else super().functions
 
     @property
     def points(self) -> RecordPoints | InlinePoints:

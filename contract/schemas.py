@@ -135,6 +135,7 @@ class Progress(BaseModel):
 class Timing(BaseModel):
     load_s: float = 0.0
     mirror_s: float = 0.0
+    search_s: float | None = Field(None, description="two-stage: the index's search for the candidates")
     sweep_s: float = 0.0
     store_s: float = 0.0
 
@@ -247,6 +248,11 @@ class IndexCreate(BaseModel):
 
     model: str = Field(description="registered model id")
     dataset: str = Field(description="registered training dataset id")
+    method: MethodSettings = Field(
+        default_factory=MethodSettings,
+        description="the attribution method it sketches for (resolved as an attribution's: request > preset > the "
+        "model's defaults > the engine's); two-stage requests of this method use it by default",
+    )
     settings: IndexSettings = Field(default_factory=IndexSettings)
 
 
@@ -305,6 +311,13 @@ class LeakageCreate(JobCreate):
         0.005,
         description="near duplicates: the share of clean test points the similarity threshold may flag (measured "
         "on training records against the rest)",
+    )
+    candidates: Annotated[int, Field(strict=True, ge=0, le=1000)] | None = Field(
+        None,
+        description="through the model's and dataset's index (POST /v1/indexes): the records most similar to each "
+        "test point (and to each small re-alignment of an image) that are confirmed; up to "
+        "ATTR_MAX_INDEX_TEST_POINTS test points. 0: the full analysis. Default: 16 where an index exists and the "
+        "model's inputs are float vectors or text; else the full analysis (up to ATTR_MAX_TEST_POINTS)",
     )
 
 
@@ -412,6 +425,9 @@ class LeakageResult(BaseModel):
     leaked: int
     rows: list[LeakageRow]
     calibration: LeakageCalibration
+    index: IndexUse | None = Field(
+        None, description="through an index: candidates per test point, found by input similarity, confirmed exactly"
+    )
 
 
 class Suspect(BaseModel):
@@ -584,11 +600,18 @@ class DatasetRegistration(BaseModel):
     trained: list[str] = []
     description: str = Field("", max_length=2000)
     dry_run: bool = False
+    index: list[str] = Field(
+        [],
+        max_length=16,
+        description="models whose index on it (their default attribution method) is built once it is registered "
+        "(POST /v1/indexes for each)",
+    )
 
 
 class DatasetRegistered(BaseModel):
     dataset: DatasetPublic
     registered: bool
+    indexes: list[IndexPublic] = Field([], description="the index builds `index` asked for")
 
 
 class Problem(BaseModel):

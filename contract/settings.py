@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(8 << 30, description="one file uploaded to the registry (admin scope)")
     probe_timeout_s: int = Field(300, description="registration waits this long for a worker to load the model")
     max_test_points: int = 256
+    max_index_test_points: int = Field(
+        100_000, description="test points of a leakage analysis through an index (its candidates are few)"
+    )
+    leakage_part_rows: int = Field(1024, description="test points per part of a leakage analysis through an index")
     max_top_k: int = 100
     max_memorization_records: int = 64
     max_reference_records: int = Field(4096, description="clean reference set of a mislabeled analysis")

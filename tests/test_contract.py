@@ -163,7 +163,10 @@ ENGINE_FINGERPRINTS = {
     # -damping, EK-FAC instead
     "2026.12.13": {
         "8f290b087182fe16",
-        "d0b975bf6e54ac33",  # adds the gradient sketch of the index (ForwardInf.basis, .sketch): the rest unchanged
+        # adds the index's gradient sketch (ForwardInf.basis, .sketch) and, for leakage through it, each row's
+        # scores of its own candidates (ForwardInf.paired, .losses) and the analysis split into reusable steps:
+        # what the existing settings and analyses compute is unchanged
+        "dbfb5d9d06e87a4e",
     },
 }
 

@@ -231,3 +231,63 @@ def test_a_changed_model_never_finds_the_old_index(sharded, sharded_client):
     w.work(burst=True)
     state = sharded_client.app.state.jobs.state(stale.key)
     assert state["status"] == "failed" and "not this model's" in state["error"]
+
+
+def test_leakage_through_the_index_flags_what_the_full_analysis_flags(client, worker, settings):
+    """The demo audit set (tests/test_analyses.py): 400 test images, the first 40 planted in training; the
+    analysis through the index confirms 16 candidates per image re-alignment instead of sweeping all."""
+    audit = {"model": "digits-audit-mlp", "dataset": "digits-audit-train"}
+    created = client.post("/v1/indexes", json={**audit, "method": {"precondition": "none"}})
+    worker.work(burst=True)
+    assert client.get(created.json()["links"]["self"]).json()["status"] == "finished"
+    test = {"dataset": "digits-audit-test", "indices": list(range(200))}
+    answers = {}
+    for candidates in (0, None):  # the full analysis, then the default: through the index
+        body = {**audit, "test": test, "candidates": candidates}
+        made = client.post("/v1/analyses/leakage", json=body)
+        assert made.status_code == 202, made.text
+        worker.work(burst=True)
+        answers[candidates] = client.get(made.headers["location"]).json()["result"]
+    full, indexed = answers[0], answers[None]
+    assert full["index"] is None and indexed["index"]["candidates"] == 16
+    flagged = [[(r["row"], r["match"], r["best"]["index"]) for r in a["rows"] if r["leaked"]] for a in (full, indexed)]
+    assert flagged[0] == flagged[1] and len(flagged[0]) >= 38
+    made = client.post("/v1/analyses/leakage", json={**audit, "test": test})
+    assert client.get(f"/v1/analyses/{made.json()['id']}/scores").status_code == 409  # no score matrix
+    # training images darkened or moved by a pixel: near duplicates of their originals, found through the index
+    from worker.demo import audit_data
+
+    truth, originals = audit_data(), [3, 10, 200, 700, 1300]
+    x = truth["inputs"][originals].reshape(-1, 8, 8)
+    moved = torch.roll(x, 1, dims=2)
+    moved[..., 0] = 0
+    inline = {
+        "inputs": torch.cat([0.7 * x, moved]).flatten(1).tolist(),
+        "targets": truth["targets"][originals].repeat(2).tolist(),
+    }
+    made = client.post("/v1/analyses/leakage", json={**audit, "test": inline})
+    worker.work(burst=True)
+    rows = client.get(made.headers["location"]).json()["result"]["rows"]
+    assert [(r["match"], r["best"]["index"]) for r in rows] == [("near-duplicate", i) for i in originals * 2]
+
+
+def test_a_dataset_registered_with_index_builds_it(sharded, sharded_client):
+    """(On a copy of the registry: registration writes into it.)"""
+    from worker.__main__ import WarmWorker
+
+    settings, client = sharded[0], sharded_client
+    worker = WarmWorker(settings, name="registration")
+    train = Registry(settings.registry_dir).dataset("digits-train")
+    shard = (train.path / train.shards[0].file).read_bytes()
+    assert client.put("/v1/admin/datasets/fresh/files/part.safetensors", content=shard).status_code == 201
+    body = {"input": train.input.model_dump(), "shards": ["part.safetensors"], "trained": ["digits-mlp"],
+            "index": ["digits-mlp"]}  # fmt: skip
+    made = client.post("/v1/admin/datasets/fresh", json=body)
+    assert made.status_code == 200, made.text
+    (building,) = made.json()["indexes"]
+    assert building["status"] == "queued" and building["dataset"] == "fresh"
+    worker.work(burst=True)
+    index = client.get(building["links"]["self"]).json()
+    assert index["status"] == "finished" and index["index"]["records"] == train.shards[0].size
+    unknown = client.post("/v1/admin/datasets/other", json={**body, "index": ["no-such-model"]})
+    assert unknown.status_code == 404

@@ -36,6 +36,7 @@ from .forward_inf import AttributionInputError, ForwardInf
 from .forward_inf.data import spread
 from .forward_inf.sketch import Basis
 from .jobs import Context, Reporter, _begin, _counted, _current, _queries, engine, finish, prepare_shard, summarize
+from .leakage import embed_shard, embeds
 from .store import write_aside
 
 SEED = 0  # the basis' random sketch: the same on every worker
@@ -89,14 +90,16 @@ def build_part(job: IndexJob, ctx: Context, reporter: Reporter, first: int, stop
         shard, before = data_m.shards[n], sum(batches[:i])
         path = shard_path(ctx.settings, job.basis, shard.sha256)
         started = time.perf_counter()
-        if not path.is_file():  # else sketched before in this basis (an earlier version of the dataset)
+        made = not path.is_file()  # else sketched before in this basis (an earlier version of the dataset)
+        if made:
             prepare_shard(ctx, fi, model_m, data_m, n, job.dtype)
             vectors = fi.sketch(basis, lambda done, _t, before=before: reporter(before + done, total))
             index = search.make(vectors.float().cpu().numpy())
             write_aside(path, lambda f, index=index: f.write(search.dump(index)))
             kinds.add(search.kind(index))
-        seconds = time.perf_counter() - started if kinds else 0.0
-        shards.append(IndexShard(sha256=shard.sha256, records=shard.size, bytes=path.stat().st_size, seconds=seconds))
+        size = path.stat().st_size + (embed_shard(ctx, job.basis, model_m, data_m, n) if embeds(model_m) else 0)
+        seconds = time.perf_counter() - started if made else 0.0
+        shards.append(IndexShard(sha256=shard.sha256, records=shard.size, bytes=size, seconds=seconds))
         reporter(before + batches[i], total, force=True)
     summary = {"shards": [s.model_dump() for s in shards], "search": sorted(kinds)}
     return summary | {"parameters": basis.names, "exact": basis.exact}
@@ -116,7 +119,7 @@ def catalog(job: IndexJob, ctx: Context, summaries: list[dict]) -> dict:
     entry = IndexEntry(
         id=job.key, model=job.model, dataset=job.dataset, method=job.method, settings=job.settings, dtype=job.dtype,
         basis=job.basis, basis_of=job.basis_of or job.dataset, parameters=basis.names, exact=basis.exact, records=data_m.size, bytes=size,
-        bytes_per_record=size / max(data_m.size, 1), search="ivf" if "ivf" in kinds else "flat", shards=shards,
+        bytes_per_record=size / max(data_m.size, 1), search="pq" if "pq" in kinds else "flat", shards=shards,
         build_s=sum(s.seconds for s in shards), recall=recall, recall_method=how, created=datetime.now(UTC),
     )  # fmt: skip
     ctx.store.put_index(entry)
@@ -197,6 +200,9 @@ def two_stage(job: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
     high, low = shards.search(queries.float().cpu().numpy(), job.candidates)
     columns = np.unique(np.concatenate([high.ravel(), low.ravel()]))
     columns = columns[columns >= 0]
+    reporter.timing["search_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     fi.prepare(ctx.warm.examples(data_m, columns.tolist()))
     total = fi.train.num_batches() * -(-mirror.test_loss.shape[0] // fi.config.max_param_sets)
     scores = fi.sweep(mirror, lambda done, _t: reporter(done, total)).float()  # (rows, candidates)
@@ -214,4 +220,4 @@ def _shards(ctx: Context, entry: IndexEntry, data_m: DatasetManifest) -> search.
         if not path.is_file():
             raise RegistryError(f"index {entry.id!r}: shard {n}'s file is gone (deleted?): build the index again")
         parts.append((int(bounds[n]), search.load(path.read_bytes())))
-    return search.Shards(parts)
+    return search.Shards(parts, sum(s.bytes for s in entry.shards))

@@ -24,6 +24,7 @@ from contract.registry import FILE, ID, TOKENIZER_FILES, RegistryError
 from contract.schemas import (
     DatasetRegistered,
     DatasetRegistration,
+    IndexCreate,
     ModelRegistered,
     ModelRegistration,
     Probe,
@@ -31,7 +32,8 @@ from contract.schemas import (
 )
 
 from ..auth import Principal, require
-from ..deps import JobsDep, RegistryDep, SettingsDep
+from ..deps import IndexesDep, JobsDep, RegistryDep, SettingsDep
+from ..resolve import resolve_index
 from .jobs import problems
 from .models import _dataset, _model
 
@@ -149,12 +151,21 @@ def _family_defaults(architecture: str, folder: FilePath) -> dict:
     return {}
 
 
-@router.post("/datasets/{entry_id}", operation_id="register_dataset", responses=problems(400, 404, 422))
+@router.post("/datasets/{entry_id}", operation_id="register_dataset", responses=problems(400, 404, 422, 429, 503))
 async def register_dataset(
-    entry_id: EntryId, body: DatasetRegistration, who: Admin, registry: RegistryDep
+    entry_id: EntryId,
+    body: DatasetRegistration,
+    who: Admin,
+    registry: RegistryDep,
+    indexes: IndexesDep,
+    settings: SettingsDep,
 ) -> DatasetRegistered:
-    """Register the uploaded shards (or tokenize an uploaded JSONL corpus with a model's tokenizer)."""
-    fields = body.model_dump(exclude={"dry_run", "text"}, exclude_none=True, mode="json")
+    """Register the uploaded shards (or tokenize an uploaded JSONL corpus with a model's tokenizer); with
+    `index`, then build each named model's index on it."""
+    for model in body.index:
+        if registry.model(model) is None:
+            raise NotFound(f"unknown model {model!r} (index)")
+    fields = body.model_dump(exclude={"dry_run", "text", "index"}, exclude_none=True, mode="json")
     try:
         if body.text is not None:
             model = registry.model(body.text.model)
@@ -174,7 +185,11 @@ async def register_dataset(
             manifest = registry.dataset(entry_id)
     except RegistryError as exc:
         raise _refused(exc) from None
-    return DatasetRegistered(dataset=_dataset(manifest), registered=not body.dry_run)
+    built = []
+    for model in [] if body.dry_run else body.index:
+        job = resolve_index(IndexCreate(model=model, dataset=entry_id), registry, settings, await indexes.entries())
+        built.append((await indexes.create(job, who, manifest.parts(settings.part_records)))[0])
+    return DatasetRegistered(dataset=_dataset(manifest), registered=not body.dry_run, indexes=built)
 
 
 @router.delete("/{kind}/{entry_id}", status_code=204, operation_id="delete_entry", responses=problems(404))

@@ -9,7 +9,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from contract.schemas import AnalysisPublic, LeakageCreate, MemorizationCreate, MislabeledCreate
 
 from ..auth import Reader, Submitter
-from ..deps import JobsDep, RegistryDep, SettingsDep
+from ..deps import IndexesDep, JobsDep, RegistryDep, SettingsDep
 from . import jobs as shared
 from .attributions import REPORT, SCORES
 from .jobs import CREATE, READ, Format, JobId, WaitS, Window
@@ -24,11 +24,18 @@ CREATED = {
 
 @router.post("/leakage", operation_id="create_leakage_analysis", **CREATED)
 async def create_leakage(
-    body: LeakageCreate, who: Submitter, jobs: JobsDep, registry: RegistryDep, settings: SettingsDep
+    body: LeakageCreate,
+    who: Submitter,
+    jobs: JobsDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    indexes: IndexesDep,
 ) -> Response:
     """Which test points are present in the training set: per test point the closest training record,
-    a calibrated leaked/not decision (threshold and calibration reported) and the 5 closest as evidence."""
-    return await shared.create("leakage", body, who, jobs, registry, settings)
+    a calibrated leaked/not decision (threshold and calibration reported) and the 5 closest as evidence.
+    Where the model and dataset have an index, any number of test points (up to ATTR_MAX_INDEX_TEST_POINTS),
+    each confirmed against its most similar records."""
+    return await shared.create("leakage", body, who, jobs, registry, settings, indexes)
 
 
 @router.post("/mislabeled", operation_id="create_mislabeled_analysis", **CREATED)

@@ -12,7 +12,8 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from contract.problems import InvalidInput
+from contract.jobs import InlinePoints, Job, LeakageJob
+from contract.problems import Conflict, InvalidInput
 from contract.schemas import JobPage, Problem, Status
 
 from .. import metrics
@@ -56,13 +57,23 @@ async def create(
     job = resolve(kind, body, registry, settings, index)
     if body.webhook is not None:
         check(body.webhook, settings)
-    parts = registry.dataset(job.dataset.id).parts(settings.part_records)  # one job, or a fan-out over parts
+    parts = _parts(job, registry, settings)  # one job, or a fan-out over parts
     public, status, handle = await jobs.submit(job, who, getattr(body, "top_k", None), parts)
     if body.webhook is not None:
         await jobs.webhooks.register(handle, job.key, body.webhook)
     metrics.CACHE.labels("hit" if status == 200 else "miss").inc()
     headers = {} if status == 200 else {"Location": links(kind, handle)["self"]}
     return Response(public, status_code=status, headers=headers, media_type="application/json")
+
+
+def _parts(job: Job, registry, settings) -> list[tuple[int, int]]:
+    """What a computation fans out over: groups of the training set's shards; for a leakage analysis through
+    an index, groups of its test points, then its calibration records (at most so many)."""
+    if isinstance(job, LeakageJob) and job.index:
+        n = len(job.points.inputs if isinstance(job.points, InlinePoints) else job.points.indices)
+        step = settings.leakage_part_rows
+        return [(lo, min(n, lo + step)) for lo in range(0, n, step)] + [(n, n + job.calibration_records)]
+    return registry.dataset(job.dataset.id).parts(settings.part_records)
 
 
 async def view(jobs: Jobs, settings, handle: str, who: Principal, top_k, wait_s: float, analysis: bool) -> Response:
@@ -137,6 +148,8 @@ async def scores(
     """A window of the score matrix (default: all of it): .npy streamed row by row, or JSON in pages of at
     most ATTR_SCORES_PAGE_VALUES scores, each with the `next` page's URL."""
     result, store = await jobs.finished(handle, who, analysis)
+    if not store.columns:
+        raise Conflict(f"{handle!r} was answered through an index: it keeps no score matrix (candidates only)")
     r0, r1 = _window(rows, store.rows, "rows")
     c0, c1 = _window(columns, store.columns, "columns")
     if format == "npy" or (format is None and "application/x-npy" in request.headers.get("accept", "")):
@@ -175,7 +188,7 @@ async def _npy(store, r0: int, r1: int, c0: int, c1: int, chunk: int):
 
 async def report(jobs: Jobs, handle: str, who: Principal, analysis: bool, registry) -> HTMLResponse:
     result, store = await jobs.finished(handle, who, analysis)
-    step = math.ceil(store.columns / SAMPLE)  # histograms of every step-th record's score
+    step = max(1, math.ceil(store.columns / SAMPLE))  # histograms of every step-th record's score
     sample = await store.window(0, min(store.rows, ROWS), 0, store.columns, step)
     return HTMLResponse(await run_in_threadpool(render, handle, result, sample, step, registry))
 

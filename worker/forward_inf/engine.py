@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch.func import jvp, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import AUTO_HESSIAN_FLOPS, AUTO_HESSIAN_PARAMS, TAIL_INPUTS_BYTES, AttributionInputError, MirrorConfig
@@ -470,6 +471,44 @@ class ForwardInf:
             raise AttributionInputError("call prepare(train) before sketch(basis)")
         fm, batches = self._training(validate=False)
         return project(fm, self.task, batches, basis, progress)
+
+    def losses(self, records) -> torch.Tensor:
+        """(n,) the model's loss on each record (the base losses of records outside the bound training set)."""
+        examples = Examples(records, self.config.batch_size, "records")
+        with torch.no_grad():
+            return torch.cat([self.task.loss(self.fm.caller(self.fm.theta), b) for b in self._batches(examples)]).cpu()
+
+    def paired(self, m: Mirror, records, per_row: int, progress: Progress | None = None) -> torch.Tensor:
+        """(k, per_row) each row's signed score (as `sweep`'s, score="signed") of its own records, not of a
+        shared training set: `records` holds k * per_row records, row j's at j * per_row .. (j+1) * per_row - 1
+        (the index's candidates of each test point, worker/leakage.py). Rows are swept max_param_sets at a time."""
+        if self.config.score != "signed" or self.tail is not None:
+            raise AttributionInputError("paired scores are signed scores of the whole model")
+        deltas = m.first if self.config.mode == "linear" else m.total
+        k = m.test_loss.shape[0]
+        batch = next(self._batches(Examples(records, 1 << 62, "candidates")))
+        batch = {key: v.reshape(k, per_row, *v.shape[1:]) for key, v in batch.items()}  # (k, per_row, ...)
+
+        def loss(params, rows):  # (per_row,) losses of one row's records under its parameters
+            return self.task.loss(self.fm.caller(params), rows)
+
+        def linear(tangent, rows):
+            return jvp(lambda p: loss(p, rows), (self.fm.theta,), (tangent,))[1]
+
+        out, size = [], self.config.max_param_sets
+        with torch.no_grad():
+            for lo in range(0, k, size):
+                rows = {key: v[lo : lo + size] for key, v in batch.items()}
+                part = {n: d[lo : lo + size] for n, d in deltas.items()}
+                if self.config.mode == "finite":
+                    moved = {n: self.fm.theta[n] + d for n, d in part.items()}
+                    value = vmap(loss)(moved, rows) - vmap(lambda r: loss(self.fm.theta, r))(rows)
+                else:
+                    value = vmap(linear)(part, rows)
+                out.append(self.config.sign * value)
+                if progress:
+                    progress(lo // size + 1, -(-k // size))
+        return torch.cat(out).cpu()
 
     def scores(self, test, progress: Progress | None = None) -> torch.Tensor:
         """(n_test, n_train) scores, or (1, n_train) in group mode; positive = the training point

@@ -59,6 +59,10 @@ class Indexes:
             return self._finished(entry)
         names = await self.aredis.hgetall(self.settings.key("index-request", id))
         state = await run_in_threadpool(self.jobs.state, id) if names else None
+        if state is not None and state["status"] == "finished":  # it finished since the entry was read
+            if (entry := await self._entry(id)) is not None:
+                return self._finished(entry)
+            state = None  # deleted meanwhile
         if state is None:
             raise NotFound(f"no index {id!r} (unknown, deleted, or its build's record expired)")
         names = {k.decode(): v.decode() for k, v in names.items()}

@@ -16,7 +16,7 @@ from fnmatch import fnmatch
 
 import numpy as np
 
-from contract.indexes import LEAKAGE_CANDIDATES, IndexEntry, default_candidates
+from contract.indexes import LEAKAGE_CANDIDATES, TRUSTED_RECALL, IndexEntry, default_candidates
 from contract.jobs import (
     AttributionJob,
     DatasetRef,
@@ -103,7 +103,19 @@ def _pair(request: Request | IndexCreate, registry: Registry) -> tuple[ModelMani
             f"dataset {dataset.id!r} holds {dataset.input.dtype} examples of shape {dataset.input.shape}; "
             f"model {model.id!r} takes {model.input.dtype} of shape {model.input.shape}"
         )
+    if not trained_on(model, dataset) and not request.untrained:
+        raise InvalidInput(
+            f"model {model.id!r} was not trained on {dataset.id!r} (it trained {', '.join(dataset.trained)}): its "
+            "scores would not say which records made it predict; set untrained: true if that is intended",
+            _loc("untrained"),
+        )
     return model, dataset
+
+
+def trained_on(model: ModelManifest, dataset: DatasetManifest) -> bool:
+    """Whether the dataset says the model (or, for an adapter, its base) trained on it; a dataset that names
+    no model says nothing against any."""
+    return not dataset.trained or bool({model.id, model.base} & set(dataset.trained))
 
 
 def _common(
@@ -126,14 +138,21 @@ def _common(
         "dataset": DatasetRef(id=dataset.id, digest=dataset.digest),
         "dtype": settings.dtype,
         "method": method,
+        "untrained": not trained_on(model, dataset),
     }
 
 
 def _two_stage(job: AttributionJob, candidates: int | None, index: IndexEntry | None, dataset) -> AttributionJob:
     """Two-stage where the request asks for candidates, or says nothing and an index was built for its
-    method (and dtype); the full sweep where it asks for 0, or where the candidates would cover the set
-    (a sweep of every record is then as cheap, and complete)."""
-    usable = index is not None and (index.method, index.dtype) == (job.method, job.dtype)
+    method (and dtype) whose recall, measured at build, is at least TRUSTED_RECALL (a sketch that ranks a
+    method's scores poorly, such as a finite Adam step's, is used only when asked for); the full sweep
+    where it asks for 0, or where the candidates would cover the set (a sweep of every record is then as
+    cheap, and complete)."""
+    usable = (
+        index is not None
+        and (index.method, index.dtype) == (job.method, job.dtype)
+        and (index.recall or 0.0) >= TRUSTED_RECALL
+    )
     if candidates is None:
         candidates = default_candidates(dataset.size) if usable else 0
     if candidates and index is None:

@@ -25,6 +25,9 @@ from contract.schemas import (
     DatasetPublic,
     DatasetRegistered,
     DatasetRegistration,
+    IndexCreate,
+    IndexPage,
+    IndexPublic,
     JobPage,
     JobPublic,
     JobSummary,
@@ -163,6 +166,23 @@ class _Operations:
 
     def datasets(self):
         return self._run(Call("GET", "/v1/datasets", lambda r: [DatasetPublic.model_validate(d) for d in r.json()]))
+
+    # -- indexes (two-stage attribution; building and deleting need an admin key) --------------------------
+    def create_index(self, model: str, dataset: str, method: dict | None = None, **settings):
+        """Build the index of a model and dataset (IndexSettings' fields: dims, rank): its view, building or
+        built. Attributions on them then take `candidates=` (or use it by default for its method)."""
+        body = IndexCreate(model=model, dataset=dataset, method=method or {}, settings=settings)
+        parse = lambda r: IndexPublic.model_validate(r.json())  # noqa: E731
+        return self._run(Call("POST", "/v1/indexes", parse, body.model_dump(exclude_none=True)))
+
+    def index(self, id: str):
+        return self._run(Call("GET", f"/v1/indexes/{id}", lambda r: IndexPublic.model_validate(r.json())))
+
+    def indexes(self):
+        return self._run(Call("GET", "/v1/indexes", lambda r: IndexPage.model_validate(r.json()).items))
+
+    def delete_index(self, id: str) -> None:
+        return self._run(Call("DELETE", f"/v1/indexes/{id}", lambda r: None))
 
     # -- registration (an admin key) -----------------------------------------------------------------
     def upload(self, kind: str, id: str, path: Path):

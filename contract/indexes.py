@@ -31,6 +31,7 @@ from .settings import Settings
 
 __all__ = [
     "LEAKAGE_CANDIDATES",
+    "TRUSTED_RECALL",
     "IndexEntry",
     "IndexShard",
     "basis_path",
@@ -40,6 +41,7 @@ __all__ = [
     "shard_path",
 ]
 LEAKAGE_CANDIDATES = 16  # leakage through an index: records per test point (and image re-alignment) confirmed
+TRUSTED_RECALL = 0.9  # an index is used by default (a request that names no `candidates`) from this recall up
 
 
 def default_candidates(size: int) -> int:

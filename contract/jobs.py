@@ -111,12 +111,19 @@ def echo(points: RecordPoints | InlinePoints, record_ids: Sequence[str]) -> list
     return [{"digest": digest([x, y])} for x, y in zip(points.inputs, targets, strict=True)]
 
 
+def _unset(value) -> bool:  # a field added after a kind's first release leaves older identities as they were
+    return value is None or value is False
+
+
 class _Job(_Frozen):
     engine_version: str = ENGINE_VERSION
     model: ModelRef
     dataset: DatasetRef
     dtype: Dtype = Field(description="the compute dtype (the service's ATTR_DTYPE when it was resolved)")
     method: Method
+    untrained: bool = Field(
+        False, exclude_if=_unset, description="the model was not trained on the dataset, and the request said so"
+    )
 
     @property
     def key(self) -> str:
@@ -127,10 +134,6 @@ class _Job(_Frozen):
     def functions(self) -> tuple[str, str | None, str | None]:
         """The worker's entry points for this payload: (a whole job, a part, the reduce); None: one job only."""
         return JOB_FUNC, PART_FUNC, REDUCE_FUNC
-
-
-def _unset(value) -> bool:  # a field added after a kind's first release leaves older identities as they were
-    return value is None
 
 
 class AttributionJob(_Job):

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .indexes import IndexEntry
+from .indexes import TRUSTED_RECALL, IndexEntry
 from .jobs import IndexSettings, RankBy
 from .method import Method, MethodDefaults, MethodSettings
 from .registry import ID, REGISTERABLE, InputSpec
@@ -97,6 +97,11 @@ class JobCreate(BaseModel):
 
     model: str = Field(description="registered model id")
     dataset: str = Field(description="registered training dataset id")
+    untrained: Annotated[bool, Field(strict=True)] = Field(
+        False,
+        description="the model was not trained on this dataset (it is not in the dataset's `trained` list) and that "
+        "is intended, e.g. to score a candidate training set; otherwise such a pair is a 422",
+    )
     method: MethodSettings = Field(default_factory=MethodSettings)
     webhook: Webhook | None = Field(None, description="optional: be called when the job ends, instead of polling")
 
@@ -121,7 +126,8 @@ class AttributionCreate(JobCreate):
         None,
         description="two-stage: re-score only this many candidates per test point at each end of the ranking, "
         "found by the model's and dataset's index (POST /v1/indexes); 0: the full sweep. Default: with an index "
-        "built for the request's method, max(1,000, 0.1% of the training set); else the full sweep",
+        f"built for the request's method whose recall measured at build is at least {TRUSTED_RECALL}, max(1,000, "
+        "0.1% of the training set); else the full sweep",
     )
 
 
@@ -248,6 +254,9 @@ class IndexCreate(BaseModel):
 
     model: str = Field(description="registered model id")
     dataset: str = Field(description="registered training dataset id")
+    untrained: Annotated[bool, Field(strict=True)] = Field(
+        False, description="as a request's: the model was not trained on this dataset, and that is intended"
+    )
     method: MethodSettings = Field(
         default_factory=MethodSettings,
         description="the attribution method it sketches for (resolved as an attribution's: request > preset > the "

@@ -19,6 +19,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from attribution_client import AsyncClient, Client, InvalidInput, NotFound, verify
+from contract.indexes import TRUSTED_RECALL
 from contract.registry import Registry
 from contract.schemas import AnalysisPublic, AttributionPublic
 from tests.conftest import wait_for
@@ -288,3 +289,21 @@ def test_a_webhook_gets_one_signed_delivery_per_job_with_retries(live):
         for receiver in (failing, ok):
             receiver.shutdown()
             receiver.server_close()
+
+
+def test_the_client_builds_an_index_and_asks_two_stage(live):
+    linear = {"precondition": "none"}  # the gradient dot product: no curvature to estimate, a quick sweep
+    test = {"dataset": "digits-test", "indices": [0]}
+    with Client(live) as client:
+        building = client.create_index(*BIG.values(), method=linear, dims=128, rank=0)
+        index = wait_for(lambda: (i := client.index(building.id)).status == "finished" and i, timeout=300)
+        assert index.index.records == 57_480 and index.index.settings.dims == 128 and index.index.recall is not None
+        assert [i.id for i in client.indexes()] == [index.id]
+        job = client.wait(client.attribute(*BIG.values(), test, method=linear, candidates=500))
+        assert job.result.index.index == index.id and job.result.index.candidates == 500
+        assert 500 <= job.result.index.rescored <= 1000
+        by_default = client.wait(client.attribute(*BIG.values(), test, method=linear))  # used when it proved itself
+        assert (by_default.result.index is not None) == (index.index.recall >= TRUSTED_RECALL)
+        client.delete_index(index.id)
+        with pytest.raises(NotFound):
+            client.index(index.id)

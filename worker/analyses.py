@@ -117,9 +117,17 @@ class Similarity:
         self.image_shape, train = image_shape, train.flatten(1).float()
         standardize = standardize and not image_shape
         self.mean, self.std = (train.mean(0), train.std(0).clamp_min(1e-12)) if standardize else (0.0, 1.0)
-        self.train = self._scaled(train)
+        self.train = self.scaled(train)
 
-    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def of_spread(cls, mean: torch.Tensor, std: torch.Tensor, image_shape: list[int] | None) -> Similarity:
+        """For pairs only (`pairs`, `scaled`): features standardized by a spread measured before (an index's
+        sample of the training set: worker/leakage.py) instead of the whole set's."""
+        out = cls.__new__(cls)
+        out.image_shape, out.mean, out.std, out.train = image_shape, mean, std, None
+        return out
+
+    def scaled(self, x: torch.Tensor) -> torch.Tensor:
         return (x.flatten(1).float() - self.mean) / self.std
 
     def _both(self, x: torch.Tensor, x_aligned: torch.Tensor, y: torch.Tensor, pair) -> torch.Tensor:
@@ -129,15 +137,15 @@ class Similarity:
 
     def __call__(self, x: torch.Tensor, block: int = 4096) -> torch.Tensor:
         """(rows, N) each query's similarity with every training record."""
-        x = self._scaled(x)
+        x = self.scaled(x)
         x_unit, x_aligned = _unit(x), _unit(aligned(x, self.image_shape))  # once, for every block
         blocks = self.train.split(block)
         return torch.cat([self._both(x_unit, x_aligned, t, lambda a, b: a @ b.mT) for t in blocks], dim=1)
 
     def pairs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(n,) the similarity of x[i] with y[i]."""
-        x = self._scaled(x)
-        return self._both(_unit(x), _unit(aligned(x, self.image_shape)), self._scaled(y), lambda a, b: (a * b).sum(-1))
+        x = self.scaled(x)
+        return self._both(_unit(x), _unit(aligned(x, self.image_shape)), self.scaled(y), lambda a, b: (a * b).sum(-1))
 
 
 def variants(x: torch.Tensor, image_shape: list[int] | None, lo: float, hi: float) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ import time
 from datetime import UTC, datetime
 
 import numpy as np
-from rq.job import JobStatus
+import torch
 from safetensors.torch import load_file, save
 
 from contract.indexes import IndexEntry, IndexShard, basis_path, default_candidates, shard_path
@@ -32,47 +32,56 @@ from contract.registry import DatasetManifest, RegistryError
 from contract.schemas import IndexUse
 
 from . import search
-from .forward_inf import AttributionInputError, ForwardInf
+from .forward_inf import ForwardInf
 from .forward_inf.data import spread
 from .forward_inf.sketch import Basis
-from .jobs import Context, Reporter, _begin, _counted, _current, _queries, engine, finish, prepare_shard, summarize
+from .jobs import (
+    Context,
+    Reporter,
+    begin,
+    counted,
+    current,
+    engine,
+    finish,
+    finished_parts,
+    prepare_shard,
+    request_rows,
+    summarize,
+)
 from .leakage import embed_shard, embeds
 from .store import write_aside
 
 SEED = 0  # the basis' random sketch: the same on every worker
 PROBES = 8  # recall at build: training records spread over the set, used as queries
-PROBE_SAMPLE = 20_000  # ... against this many records spread over the set
+RECALL_RECORDS = 10_000_000  # ... scored by a full sweep up to this many records; past it, on a sample of
+PROBE_SAMPLE = 20_000  # this many records spread over the set
 
 
 # -- RQ entry points --------------------------------------------------------------------------------
 def run(payload: dict) -> dict:
-    job, rq_job, ctx = _begin(payload, lambda key: key)
-    with _counted(ctx):
-        data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+    job, rq_job, ctx = begin(payload, lambda key: key)
+    with counted(ctx):
+        data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
         summary = build_part(job, ctx, Reporter(rq_job, ctx), 0, len(data_m.shards))
         return catalog(job, ctx, [summary])
 
 
 def run_part(payload: dict, first: int, stop: int) -> dict:
-    job, rq_job, ctx = _begin(payload, lambda key: part_id(key, first))
-    with _counted(ctx):
+    job, rq_job, ctx = begin(payload, lambda key: part_id(key, first))
+    with counted(ctx):
         return build_part(job, ctx, Reporter(rq_job, ctx, (job.key, first)), first, stop)
 
 
 def reduce(payload: dict) -> dict:
-    job, rq_job, ctx = _begin(payload, lambda key: key)
-    summaries = []
-    for part in rq_job.fetch_dependencies() if rq_job is not None else []:
-        if part.get_status(refresh=False) != JobStatus.FINISHED:
-            raise AttributionInputError(f"a part of the index failed: {part.meta.get('error') or 'it did not finish'}")
-        summaries.append(part.return_value())
-    with _counted(ctx):
+    job, rq_job, ctx = begin(payload, lambda key: key)
+    summaries = finished_parts(rq_job, "of the index")
+    with counted(ctx):
         return catalog(job, ctx, summaries)
 
 
 def attribute(payload: dict) -> dict:
-    job, rq_job, ctx = _begin(payload, lambda key: key)
-    with _counted(ctx):
+    job, rq_job, ctx = begin(payload, lambda key: key)
+    with counted(ctx):
         return two_stage(job, ctx, Reporter(rq_job, ctx))
 
 
@@ -80,12 +89,12 @@ def attribute(payload: dict) -> dict:
 def build_part(job: IndexJob, ctx: Context, reporter: Reporter, first: int, stop: int) -> dict:
     """Sketch shards [first, stop) into their FAISS files; returns the part's summary (JSON)."""
     reporter(0, None)
-    model_m = _current(ctx.registry.model(job.model.id), job.model, "model")
-    data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+    model_m = current(ctx.registry.model(job.model.id), job.model, "model")
+    data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
     fi = engine(ctx, model_m, data_m, job.method, job.dtype)
     basis = _basis(ctx, job.basis, None if job.basis_of else fi, job)
     batches = [-(-s.size // fi.config.batch_size) for s in data_m.shards[first:stop]]
-    total, shards, kinds = sum(batches), [], set()
+    total, shards = sum(batches), []
     for i, n in enumerate(range(first, stop)):
         shard, before = data_m.shards[n], sum(batches[:i])
         path = shard_path(ctx.settings, job.basis, shard.sha256)
@@ -96,32 +105,44 @@ def build_part(job: IndexJob, ctx: Context, reporter: Reporter, first: int, stop
             vectors = fi.sketch(basis, lambda done, _t, before=before: reporter(before + done, total))
             index = search.make(vectors.float().cpu().numpy())
             write_aside(path, lambda f, index=index: f.write(search.dump(index)))
-            kinds.add(search.kind(index))
         size = path.stat().st_size + (embed_shard(ctx, job.basis, model_m, data_m, n) if embeds(model_m) else 0)
         seconds = time.perf_counter() - started if made else 0.0
         shards.append(IndexShard(sha256=shard.sha256, records=shard.size, bytes=size, seconds=seconds))
         reporter(before + batches[i], total, force=True)
-    summary = {"shards": [s.model_dump() for s in shards], "search": sorted(kinds)}
-    return summary | {"parameters": basis.names, "exact": basis.exact}
+    return {"shards": [s.model_dump() for s in shards]}
 
 
 def catalog(job: IndexJob, ctx: Context, summaries: list[dict]) -> dict:
     """The finished index's catalog entry (the parts' shards in the dataset's order), with its recall."""
-    model_m = _current(ctx.registry.model(job.model.id), job.model, "model")
-    data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+    model_m = current(ctx.registry.model(job.model.id), job.model, "model")
+    data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
     by_sha = {s["sha256"]: IndexShard(**s) for part in summaries for s in part["shards"]}
     shards = [by_sha[s.sha256] for s in data_m.shards]
     fi = engine(ctx, model_m, data_m, job.method, job.dtype)
     basis = _basis(ctx, job.basis)
-    recall, how = _recall(ctx, job, fi, basis, data_m)
+    recall, how = _recall(ctx, job, fi, basis, data_m, shards)
     size = sum(s.bytes for s in shards)
-    kinds = {k for part in summaries for k in part["search"]} or {"flat"}  # adopted shards: flat unless said
     entry = IndexEntry(
-        id=job.key, model=job.model, dataset=job.dataset, method=job.method, settings=job.settings, dtype=job.dtype,
-        basis=job.basis, basis_of=job.basis_of or job.dataset, parameters=basis.names, exact=basis.exact, records=data_m.size, bytes=size,
-        bytes_per_record=size / max(data_m.size, 1), search="pq" if "pq" in kinds else "flat", shards=shards,
-        build_s=sum(s.seconds for s in shards), recall=recall, recall_method=how, created=datetime.now(UTC),
-    )  # fmt: skip
+        id=job.key,
+        model=job.model,
+        dataset=job.dataset,
+        method=job.method,
+        settings=job.settings,
+        dtype=job.dtype,
+        basis=job.basis,
+        basis_of=job.basis_of or job.dataset,
+        parameters=basis.names,
+        exact=basis.exact,
+        records=data_m.size,
+        bytes=size,
+        bytes_per_record=size / max(data_m.size, 1),
+        search="pq" if any(search.kind_for(s.records) == "pq" for s in shards) else "flat",
+        shards=shards,
+        build_s=sum(s.seconds for s in shards),
+        recall=recall,
+        recall_method=how,
+        created=datetime.now(UTC),
+    )
     ctx.store.put_index(entry)
     return {"key": job.key, "records": entry.records, "bytes": entry.bytes}
 
@@ -150,28 +171,44 @@ def _basis(ctx: Context, name: str, fi: ForwardInf | None = None, job: IndexJob 
     return ctx.warm.keep(("index-basis", name), load)
 
 
-def _recall(ctx: Context, job: IndexJob, fi: ForwardInf, basis: Basis, data_m: DatasetManifest):
-    """(The share of the default method's top-10 at each end that the sketch puts among its top c, how it
-    was measured): PROBES training records as queries against PROBE_SAMPLE records spread over the set,
-    c the same share of the sample as default_candidates is of the set."""
-    sample = spread(data_m.size, PROBE_SAMPLE).tolist()
-    records = ctx.warm.examples(data_m, sample)
-    probes = ctx.warm.examples(data_m, spread(data_m.size, PROBES).tolist())
-    fi.prepare(records)
-    mirror = fi.mirror(probes)
-    exact = fi.sweep(mirror)  # (PROBES, sample)
-    approx = fi.config.sign * basis.queries(mirror.first) @ fi.sketch(basis).T
-    c = min(len(sample), max(10, math.ceil(len(sample) * default_candidates(data_m.size) / data_m.size)))
-    top = min(10, len(sample))
+def _recall(
+    ctx: Context, job: IndexJob, fi: ForwardInf, basis: Basis, data_m: DatasetManifest, shards: list[IndexShard]
+):
+    """(The share of the method's true top-10 at each end that the index puts among its default candidates,
+    how it was measured): PROBES training records spread over the set as queries, each one itself left out.
+    Up to RECALL_RECORDS records, the truth is a full sweep of the probes and the candidates the index's own
+    search (what a two-stage answer gets); past it, PROBE_SAMPLE records spread over the set, and the sketch's
+    top c of them, c the same share of the sample as the default candidates are of the set (an estimate
+    that runs low: the sample's top-10 are less extreme than the set's)."""
+    model_m = current(ctx.registry.model(job.model.id), job.model, "model")
+    size, m = data_m.size, default_candidates(data_m.size)
+    own = spread(size, PROBES)
+    mirror = fi.mirror(ctx.warm.examples(data_m, own.tolist()))
+    queries = fi.config.sign * basis.queries(mirror.first)
+    if size <= RECALL_RECORDS:
+        exact = []
+        for n in range(len(data_m.shards)):
+            prepare_shard(ctx, fi, model_m, data_m, n, job.dtype)
+            exact.append(fi.sweep(mirror))
+        exact, columns = torch.cat(exact, dim=1), torch.arange(size)  # (PROBES, N)
+        found = shards_of(ctx, job.basis, shards, data_m).search(queries.float().cpu().numpy(), m + 1)
+        how = f"{PROBES} training records as queries, each scored by a full sweep; the index's own {m:,} candidates"
+    else:
+        columns = spread(size, PROBE_SAMPLE)
+        fi.prepare(ctx.warm.examples(data_m, columns.tolist()))
+        exact, approx = fi.sweep(mirror), (queries @ fi.sketch(basis).T).cpu()  # (PROBES, sample)
+        c = max(10, math.ceil(len(columns) * m / size))
+        found = [columns[approx.topk(c + 1, dim=1, largest=largest).indices].numpy() for largest in (True, False)]
+        how = (f"{PROBES} training records as queries against {len(columns):,} records spread over the set: their "
+               f"top-10 at each end among the sketch's top {c} (the share of the sample that {m:,} candidates are "
+               "of the set: an estimate that runs low)")  # fmt: skip
     hits = 0
-    for largest in (True, False):
-        truth = exact.topk(top, dim=1, largest=largest).indices
-        found = approx.cpu().topk(c, dim=1, largest=largest).indices
-        hits += sum(len(set(t.tolist()) & set(f.tolist())) for t, f in zip(truth, found, strict=True))
-    how = (f"{PROBES} training records as queries against {len(sample)} records spread over the set: their top-{top} "
-           f"at each end among the sketch's top {c} (the share of the sample that {default_candidates(data_m.size)} "
-           f"candidates are of the set)")  # fmt: skip
-    return hits / (2 * top * PROBES), how
+    for j, probe in enumerate(own.tolist()):
+        for side, largest in enumerate((True, False)):
+            row = exact[j].masked_fill(columns == probe, -math.inf if largest else math.inf)
+            truth = set(columns[row.topk(10, largest=largest).indices].tolist())
+            hits += len(truth & (set(found[side][j].tolist()) - {probe}))
+    return hits / (20 * PROBES), how
 
 
 # -- two-stage attribution ------------------------------------------------------------------------------
@@ -180,15 +217,15 @@ def two_stage(job: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
     forward sweep over them alone: the result of a full sweep over those records, stored as one."""
     reporter(0, None)
     t = time.perf_counter()
-    model_m = _current(ctx.registry.model(job.model.id), job.model, "model")
-    data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+    model_m = current(ctx.registry.model(job.model.id), job.model, "model")
+    data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
     entry = ctx.store.index(job.index)
     if entry is None or (entry.model, entry.dataset) != (job.model, job.dataset):
         raise RegistryError(f"index {job.index!r} was deleted or is not this model's and dataset's: submit again")
-    test = _queries(job, ctx, model_m, data_m)
+    test = request_rows(job, ctx, model_m, data_m)
     fi = engine(ctx, model_m, data_m, job.method, job.dtype)
     basis = _basis(ctx, entry.basis)
-    shards = ctx.warm.keep(("index", entry.id), lambda: _shards(ctx, entry, data_m))
+    shards = ctx.warm.keep(("index", entry.id), lambda: shards_of(ctx, entry.basis, entry.shards, data_m))
     reporter.timing["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -212,12 +249,13 @@ def two_stage(job: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
     return finish(job, ctx, [summary | {"columns": columns.tolist(), "index": use.model_dump()}])
 
 
-def _shards(ctx: Context, entry: IndexEntry, data_m: DatasetManifest) -> search.Shards:
+def shards_of(ctx: Context, basis: str, shards: list[IndexShard], data_m: DatasetManifest) -> search.Shards:
+    """The searchable sketches of the dataset's shards (in its order), from their files in basis' folder."""
     bounds = data_m.bounds
     parts = []
-    for n, shard in enumerate(entry.shards):
-        path = shard_path(ctx.settings, entry.basis, shard.sha256)
+    for n, shard in enumerate(shards):
+        path = shard_path(ctx.settings, basis, shard.sha256)
         if not path.is_file():
-            raise RegistryError(f"index {entry.id!r}: shard {n}'s file is gone (deleted?): build the index again")
+            raise RegistryError(f"the index's sketches of shard {n} are gone (deleted?): build the index again")
         parts.append((int(bounds[n]), search.load(path.read_bytes())))
-    return search.Shards(parts, sum(s.bytes for s in entry.shards))
+    return search.Shards(parts, sum(s.bytes for s in shards))

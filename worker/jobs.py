@@ -106,31 +106,40 @@ class Reporter:
 
 # -- RQ entry points --------------------------------------------------------------------------------
 def run(payload: dict) -> dict:
-    job, rq_job, ctx = _begin(payload, lambda key: key)
-    with _counted(ctx):
-        data = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+    job, rq_job, ctx = begin(payload, lambda key: key)
+    with counted(ctx):
+        data = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
         summary = sweep_part(job, ctx, Reporter(rq_job, ctx), 0, len(data.shards))
         return finish(job, ctx, [summary])
 
 
 def run_part(payload: dict, first: int, stop: int) -> dict:
-    job, rq_job, ctx = _begin(payload, lambda key: part_id(key, first))
-    with _counted(ctx):
+    job, rq_job, ctx = begin(payload, lambda key: part_id(key, first))
+    with counted(ctx):
         return sweep_part(job, ctx, Reporter(rq_job, ctx, (job.key, first)), first, stop)
 
 
 def reduce(payload: dict) -> dict:
-    job, rq_job, ctx = _begin(payload, lambda key: key)
-    parts = rq_job.fetch_dependencies() if rq_job is not None else []
+    job, rq_job, ctx = begin(payload, lambda key: key)
+    summaries = finished_parts(rq_job, "of the training set")
+    with counted(ctx):
+        return finish(job, ctx, summaries)
+
+
+def finished_parts(rq_job: RQJob | None, of: str) -> list[dict]:
+    """A reduce's parts' summaries (their RQ return values), in the parts' order; where a part failed, an
+    AttributionInputError with its reason (the reduce runs once every part has ended, failed ones too)."""
+    parts = sorted(
+        rq_job.fetch_dependencies() if rq_job is not None else [], key=lambda p: int(p.id.rpartition("-p")[2])
+    )
     summaries = []
-    for n, part in enumerate(sorted(parts, key=lambda p: int(p.id.rpartition("-p")[2]))):
+    for n, part in enumerate(parts):
         status = part.get_status(refresh=False)
         if status != JobStatus.FINISHED:
             reason = part.meta.get("error") or f"it ended {status}"
-            raise AttributionInputError(f"part {n + 1} of {len(parts)} of the training set failed: {reason}")
+            raise AttributionInputError(f"part {n + 1} of {len(parts)} {of} failed: {reason}")
         summaries.append(part.return_value())
-    with _counted(ctx):
-        return finish(job, ctx, summaries)
+    return summaries
 
 
 def probe(payload: dict) -> dict:
@@ -167,7 +176,7 @@ def probe(payload: dict) -> dict:
     }
 
 
-def _begin(payload: dict, expected_id) -> tuple[Job, RQJob | None, Context]:
+def begin(payload: dict, expected_id) -> tuple[Job, RQJob | None, Context]:
     if _context is None:
         raise RuntimeError(f"{__name__} runs inside `python -m worker` (no worker context bound)")
     job = JOB.validate_python(payload)
@@ -182,7 +191,7 @@ def _begin(payload: dict, expected_id) -> tuple[Job, RQJob | None, Context]:
 
 
 @contextlib.contextmanager
-def _counted(ctx: Context):
+def counted(ctx: Context):
     started = time.time()
     try:
         yield
@@ -196,9 +205,9 @@ def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int
     """Score block of shards [first, stop) into the score store; returns the part's summary (JSON)."""
     reporter(0, None)  # a job told to stop before its first batch stops here
     t = time.perf_counter()
-    model_m = _current(ctx.registry.model(job.model.id), job.model, "model")
-    data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
-    test = _queries(job, ctx, model_m, data_m)
+    model_m = current(ctx.registry.model(job.model.id), job.model, "model")
+    data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+    test = request_rows(job, ctx, model_m, data_m)
     fi = engine(ctx, model_m, data_m, job.method, job.dtype)
     reporter.timing["load_s"] = time.perf_counter() - t
 
@@ -247,7 +256,7 @@ def summarize(job: Job, ctx: Context, fi: ForwardInf, mirror: Mirror, scores: to
     summary = {
         "block": block.model_dump(),
         "rows": scores.shape[0],
-        "execution": execution(fi, job.method, mirror),
+        "execution": execution(fi, job, mirror),
         "test_loss": mirror.test_loss.tolist(),
         "self_score": mirror.self_score.tolist(),
         "memorized": mirror.memorized.tolist(),
@@ -272,7 +281,7 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
     """Merge the parts (in training-set order) into the result and store it."""
     summaries = sorted(summaries, key=lambda s: s["block"]["lo"])
     first = summaries[0]
-    data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+    data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
     blocks = [Block(**s["block"]) for s in summaries]
     batches = sum(s["batches"] for s in summaries)
     timing = {name: sum(s["timing"][name] for s in summaries) for name in first["timing"]}  # compute seconds
@@ -286,14 +295,14 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
         "timing": timing,
     } | {name: first[name] for name in ("columns", "index") if name in first}  # two-stage: the candidates
     record_ids = ctx.warm.record_ids(data_m)
-    tests = _echo(ctx, job.points) if isinstance(job, AttributionJob | LeakageJob) else []
+    tests = echoed(ctx, job.points) if isinstance(job, AttributionJob | LeakageJob) else []
     if isinstance(job, AttributionJob):
         result["rows"] = _top(summaries, first, record_ids, tests, ctx.settings.max_top_k)
     else:
         t = time.perf_counter()
         calibration = calibration_records(job, data_m)
         scores = torch.from_numpy(np.concatenate([ctx.store.get_block(job.key, b, rows) for b in blocks], axis=1))
-        model_m = _current(ctx.registry.model(job.model.id), job.model, "model")
+        model_m = current(ctx.registry.model(job.model.id), job.model, "model")
         labels = None
         if model_m.task == "classification":
             shards = range(len(data_m.shards))
@@ -337,7 +346,7 @@ def _calibrated(key: str) -> str:
     return f"{key}/calibrated"
 
 
-def _queries(job: Job, ctx: Context, model_m: ModelManifest, data_m: DatasetManifest) -> dict:
+def request_rows(job: Job, ctx: Context, model_m: ModelManifest, data_m: DatasetManifest) -> dict:
     """The request's rows as a batch: its test points, then the training records an analysis adds as
     calibration queries (for its thresholds)."""
     test = _test_points(job.points, ctx, model_m, job.dtype)
@@ -371,7 +380,7 @@ def _leakage_inputs(job: LeakageJob, ctx: Context, model_m: ModelManifest, data_
     return {"texts": [text(row) for row in train], "query_texts": [text(row) for row in test.tolist()]}
 
 
-def _echo(ctx: Context, points: RecordPoints | InlinePoints) -> list[dict]:
+def echoed(ctx: Context, points: RecordPoints | InlinePoints) -> list[dict]:
     """Each test point's echo in the result (contract.jobs.echo), with its dataset's record ids."""
     if not isinstance(points, RecordPoints):
         return echo(points, [])
@@ -380,7 +389,7 @@ def _echo(ctx: Context, points: RecordPoints | InlinePoints) -> list[dict]:
 
 def _points_dataset(ctx: Context, points: RecordPoints) -> DatasetManifest:
     """The dataset the records come from, as the request saw it."""
-    return _current(ctx.registry.dataset(points.dataset.id), points.dataset, "dataset")
+    return current(ctx.registry.dataset(points.dataset.id), points.dataset, "dataset")
 
 
 def _stored_base(ctx: Context, model_m: ModelManifest, data_m: DatasetManifest, n: int, dtype: str) -> torch.Tensor:
@@ -454,12 +463,15 @@ def prepare_shard(ctx: Context, fi: ForwardInf, model_m: ModelManifest, data_m: 
     fi.prepare(shard, base=base, norms=norms, tail_inputs=tail)
 
 
-def execution(fi: ForwardInf, method: Method, mirror: Mirror) -> dict:
+def execution(fi: ForwardInf, job: Job, mirror: Mirror) -> dict:
     """What ran: the job's method with precondition and params as the engine resolved them, and the rest
     of the engine's own account (contract.schemas.Execution), with the repairs made to this request's step."""
     ran = fi.execution()
     ran["notes"] += mirror.notes
-    resolved = method.model_copy(update={"precondition": ran.pop("precondition"), "params": tuple(ran["parameters"])})
+    if job.untrained:
+        ran["notes"].append(f"the model was not trained on {job.dataset.id!r}: the request said this is intended")
+    update = {"precondition": ran.pop("precondition"), "params": tuple(ran["parameters"])}
+    resolved = job.method.model_copy(update=update)
     return Execution(method=resolved, engine_version=ENGINE_VERSION, **ran).model_dump(mode="json")
 
 
@@ -471,7 +483,7 @@ def calibration_records(job: Job, data_m: DatasetManifest) -> torch.Tensor:
     return torch.linspace(0, data_m.size - 1, count).round().long().unique()
 
 
-def _current(manifest, ref: ModelRef | DatasetRef, what: str):
+def current(manifest, ref: ModelRef | DatasetRef, what: str):
     """The registry's entry for `ref`, refused when it is gone or has changed since the request."""
     if manifest is None:
         raise RegistryError(f"{what} {ref.id!r} is no longer registered")

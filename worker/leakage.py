@@ -24,7 +24,6 @@ import math
 
 import numpy as np
 import torch
-from rq.job import JobStatus
 from safetensors.torch import load_file, save
 
 from contract.indexes import basis_path, inputs_path
@@ -46,24 +45,25 @@ from .analyses import (  # fmt: skip
     text_variants,
     variants,
 )
-from .forward_inf import AttributionInputError
 from .forward_inf.data import spread
 from .jobs import (
     Context,
     Reporter,
-    _begin,
-    _counted,
-    _current,
-    _echo,
-    _queries,
+    begin,
     calibration_records,
+    counted,
+    current,
+    echoed,
     engine,
-    execution,  # fmt: skip
+    execution,
+    finished_parts,
+    request_rows,
 )
 from .store import write_aside
 
 EMBED_DIMS = 256  # an input embedding's dimensions at most (a random projection of more)
 EMBED_SAMPLE = 20_000  # records whose spread standardizes vectors' features (Similarity's mean and std)
+CHUNK_ROWS = 256  # test points confirmed together (their mirrored steps, candidates and records in memory)
 
 
 def embeds(model_m: ModelManifest) -> bool:
@@ -80,7 +80,7 @@ class Embedding:
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
         """(n, D) float32 embeddings of n inputs (vectors, or text profiles), as compared."""
-        return self.unit(self.similar._scaled(x))
+        return self.unit(self.similar.scaled(x))
 
     def unit(self, v: torch.Tensor) -> np.ndarray:
         v = v - v.mean(-1, keepdim=True)
@@ -89,7 +89,7 @@ class Embedding:
 
     def views(self, x: torch.Tensor) -> np.ndarray:
         """(A, n, D): the embeddings of each input's re-alignments (images; else the input alone)."""
-        scaled = self.similar._scaled(x)
+        scaled = self.similar.scaled(x)
         return np.stack([self.unit(v) for v in aligned(scaled, self.similar.image_shape)])
 
 
@@ -121,11 +121,10 @@ def embedding(ctx: Context, basis: str, model_m: ModelManifest, data_m: DatasetM
     def load() -> Embedding:
         ctx.store.once(f"index-inputs-{basis}", make, path.is_file)
         arrays = load_file(path)
-        similar = Similarity(torch.zeros(1, len(arrays["mean"])), model_m.input.image_shape, standardize=False)
-        similar.mean, similar.std = arrays["mean"], arrays["std"]
+        similar = Similarity.of_spread(arrays["mean"], arrays["std"], model_m.input.image_shape)
         return Embedding(similar, arrays.get("projection"))
 
-    return ctx.warm.keep(("index-inputs", basis), load)
+    return ctx.warm.keep(("index-embedding", basis), load)
 
 
 def embed_shard(ctx: Context, basis: str, model_m: ModelManifest, data_m: DatasetManifest, n: int) -> int:
@@ -152,29 +151,25 @@ def rows_of(job: LeakageJob, data_m: DatasetManifest) -> int:
 
 
 def run(payload: dict) -> dict:
-    job, rq_job, ctx = _begin(payload, lambda key: key)
-    with _counted(ctx):
-        data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+    job, rq_job, ctx = begin(payload, lambda key: key)
+    with counted(ctx):
+        data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
         part = confirm(job, ctx, Reporter(rq_job, ctx), 0, rows_of(job, data_m))
         return verdict(job, ctx, [part])
 
 
 def run_part(payload: dict, first: int, stop: int) -> dict:
-    job, rq_job, ctx = _begin(payload, lambda key: part_id(key, first))
-    with _counted(ctx):
-        data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+    job, rq_job, ctx = begin(payload, lambda key: part_id(key, first))
+    with counted(ctx):
+        data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
         stop = min(stop, rows_of(job, data_m))  # the API's last part: the calibration rows, at most so many
         return confirm(job, ctx, Reporter(rq_job, ctx, (job.key, first)), first, stop)
 
 
 def reduce(payload: dict) -> dict:
-    job, rq_job, ctx = _begin(payload, lambda key: key)
-    parts = []
-    for part in rq_job.fetch_dependencies() if rq_job is not None else []:
-        if part.get_status(refresh=False) != JobStatus.FINISHED:
-            raise AttributionInputError(f"a part of the analysis failed: {part.meta.get('error') or 'it did not end'}")
-        parts.append(part.return_value())
-    with _counted(ctx):
+    job, rq_job, ctx = begin(payload, lambda key: key)
+    parts = finished_parts(rq_job, "of the test points")
+    with counted(ctx):
         return verdict(job, ctx, parts)
 
 
@@ -197,7 +192,7 @@ class Searcher:
                 size += path.stat().st_size
             return search.Shards(parts, size)
 
-        self.shards = ctx.warm.keep(("index-inputs", entry.id), load)
+        self.shards = ctx.warm.keep(("index-embeddings", entry.id), load)
 
     def candidates(self, x: torch.Tensor, count: int) -> list[list[int]]:
         """Each input's `count` most similar records for each of its re-alignments, their union."""
@@ -207,56 +202,59 @@ class Searcher:
 
 
 def confirm(job: LeakageJob, ctx: Context, reporter: Reporter, first: int, stop: int) -> dict:
-    """Rows [first, stop): each one's candidates, its distance to each (the copy rule's, from the model's
-    response to its mirrored step and the losses) and their exact input similarity."""
+    """Rows [first, stop), CHUNK_ROWS at a time: each one's candidates, its distance to each (the copy rule's,
+    from the model's response to its mirrored step and the losses) and their exact input similarity; for a
+    calibration record, also its distance to itself and to its nearest other record (the copy rule's noise
+    and chance)."""
     reporter(0, None)
-    model_m = _current(ctx.registry.model(job.model.id), job.model, "model")
-    data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+    model_m = current(ctx.registry.model(job.model.id), job.model, "model")
+    data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
     searcher = Searcher(ctx, job, model_m, data_m)
-    rows = _queries(job, ctx, model_m, data_m)
-    rows = {k: v[first:stop] for k, v in rows.items()}
+    fi = engine(ctx, model_m, data_m, job.method, job.dtype)
+    every = request_rows(job, ctx, model_m, data_m)
     calibration = calibration_records(job, data_m).tolist()
     n_tests = rows_of(job, data_m) - len(calibration)
-    x = inputs_of(model_m, rows)
-    found = searcher.candidates(x, job.candidates)
-    for j in range(stop - first):  # a calibration record is its own first candidate (itself: the noise)
-        if first + j >= n_tests and (own := calibration[first + j - n_tests]) not in found[j]:
-            found[j] = [own, *found[j]]
-    width = max(len(f) for f in found)
-    ids = torch.tensor([f + [f[0]] * (width - len(f)) for f in found])  # padded with a repeat, masked below
-    mask = torch.tensor([[c < len(f) for c in range(width)] for f in found])
-    fi = engine(ctx, model_m, data_m, job.method, job.dtype)
-    records = ctx.warm.examples(data_m, ids.flatten().tolist())
-    mirror = fi.mirror(rows)
-    scores = fi.paired(mirror, records, width, lambda done, total: reporter(done, total))
-    base = fi.losses(records).reshape(ids.shape)
-    dist = distance(scores.double(), mirror.self_score.double().cpu(), base.double(), mirror.test_loss.double().cpu())
-    dist = dist.masked_fill(~mask, math.inf)
-    candidates = inputs_of(model_m, records)
-    similarity = searcher.embed.similar.pairs(x.repeat_interleave(width, 0), candidates).reshape(ids.shape)
-    out = []
-    for j in range(stop - first):
-        keep = mask[j]
-        chosen = set(dist[j].masked_fill(~keep, math.inf).topk(EVIDENCE, largest=False).indices.tolist())
-        chosen |= set(similarity[j].masked_fill(~keep, -math.inf).topk(EVIDENCE).indices.tolist())
-        matches = [{"index": int(ids[j, c]), "distance": float(dist[j, c]), "similarity": float(similarity[j, c])}
-                   for c in sorted(chosen) if keep[c]]  # fmt: skip
-        row = {"matches": matches}
-        if first + j >= n_tests:  # a calibration record: its distance to itself and to its nearest other record
-            own = calibration[first + j - n_tests]
-            itself = (ids[j] == own) & keep
-            row["itself"] = float(dist[j][itself].min())
-            row["nearest_other"] = float(dist[j][keep & ~itself].min()) if (keep & ~itself).any() else math.inf
-        out.append(row)
-    reporter(1, 1, force=True)
-    return {"first": first, "rows": out, "rescored": int(mask.sum()), "execution": execution(fi, job.method, mirror)}
+    out, rescored = [], 0
+    for lo in range(first, stop, CHUNK_ROWS):
+        hi = min(stop, lo + CHUNK_ROWS)
+        rows = {k: v[lo:hi] for k, v in every.items()}
+        own = [calibration[i - n_tests] if i >= n_tests else None for i in range(lo, hi)]
+        x = inputs_of(model_m, rows)
+        found = searcher.candidates(x, job.candidates)
+        found = [f if o is None or o in f else [o, *f] for f, o in zip(found, own, strict=True)]  # itself: the noise
+        width = max(len(f) for f in found)
+        ids = torch.tensor([f + [f[0]] * (width - len(f)) for f in found])  # padded with a repeat, masked below
+        mask = torch.arange(width)[None] < torch.tensor([len(f) for f in found])[:, None]
+        records = ctx.warm.examples(data_m, ids.flatten().tolist())
+        mirror = fi.mirror(rows)
+        scores = fi.paired(mirror, records, width)
+        base = fi.losses(records).reshape(ids.shape)
+        dist = distance(scores.double(), mirror.self_score.double().cpu(), base.double(),
+                        mirror.test_loss.double().cpu()).masked_fill(~mask, math.inf)  # fmt: skip
+        similarity = searcher.embed.similar.pairs(x.repeat_interleave(width, 0), inputs_of(model_m, records))
+        similarity = similarity.reshape(ids.shape).masked_fill(~mask, -math.inf)
+        k = min(EVIDENCE, width)
+        for j, o in enumerate(own):
+            chosen = set(dist[j].topk(k, largest=False).indices.tolist()) | set(similarity[j].topk(k).indices.tolist())
+            matches = [{"index": int(ids[j, c]), "distance": float(dist[j, c]), "similarity": float(similarity[j, c])}
+                       for c in sorted(chosen) if mask[j, c]]  # fmt: skip
+            row = {"matches": matches}
+            if o is not None:
+                itself = ids[j] == o
+                row["itself"] = float(dist[j][itself].min())
+                row["nearest_other"] = float(dist[j][~itself].min())  # inf where it has no other candidate
+            out.append(row)
+        rescored += int(mask.sum())
+        reporter(hi - first, stop - first)
+    reporter(stop - first, stop - first, force=True)
+    return {"first": first, "rows": out, "rescored": rescored, "execution": execution(fi, job, mirror)}
 
 
 def verdict(job: LeakageJob, ctx: Context, parts: list[dict]) -> dict:
     """The calibration (copy rule from the calibration rows, near-duplicate rule from the null: training
     records spread over the set, each against its candidates) and each test point's verdict; stored."""
-    model_m = _current(ctx.registry.model(job.model.id), job.model, "model")
-    data_m = _current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+    model_m = current(ctx.registry.model(job.model.id), job.model, "model")
+    data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
     rows = [r for part in sorted(parts, key=lambda p: p["first"]) for r in part["rows"]]
     calibration = calibration_records(job, data_m)
     n = len(rows) - len(calibration)
@@ -296,7 +294,7 @@ def verdict(job: LeakageJob, ctx: Context, parts: list[dict]) -> dict:
     matches = [[{**m, "record_id": record_ids[m["index"]]} for m in r["matches"]] for r in rows[:n]]
     use = IndexUse(index=job.index, candidates=job.candidates, rescored=sum(p["rescored"] for p in parts),
                    recall=searcher.entry.recall)  # fmt: skip
-    analysis = answer(_echo(ctx, job.points), matches, account, use.model_dump())
+    analysis = answer(echoed(ctx, job.points), matches, account, use.model_dump())
     batches = len(parts)
     result = {
         "job": job.model_dump(mode="json"),

@@ -39,8 +39,9 @@ def make(vectors: np.ndarray) -> faiss.Index:
     return index
 
 
-def kind(index: faiss.Index) -> str:
-    return "pq" if isinstance(index, faiss.IndexPQFastScan) else "flat"
+def kind_for(records: int) -> str:
+    """How a shard of this many records is searched (make)."""
+    return "flat" if records <= FLAT_RECORDS else "pq"
 
 
 def dump(index: faiss.Index) -> bytes:

@@ -35,7 +35,7 @@ from .mirror import Functional, Params
 
 __all__ = ["MAX_SKETCH_PARAMS", "Basis", "basis", "project"]
 
-MAX_SKETCH_PARAMS = 1 << 16  # perturbed parameters a sketch takes (B and Q: dims x P each, float32)
+MAX_SKETCH_PARAMS = 1 << 18  # perturbed parameters a sketch takes (B and Q: dims x P float32 each, 512 MB at 256)
 GRADIENT_BYTES = 1 << 28  # per-example gradients held at once while sketching (rows x P float32)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import tomllib
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from contract.problems import Forbidden, Unauthorized
+from contract.problems import Forbidden, Unauthorized, Unavailable
 
 SCOPES = ("read", "submit", "admin")
+log = logging.getLogger("app.auth")
 PREFIX = "fi"
 
 
@@ -49,7 +51,14 @@ class KeyStore:
     def _keys(self) -> dict:
         mtime = self.path.stat().st_mtime_ns if self.path.exists() else 0
         if mtime != self._loaded[0]:
-            self._loaded = (mtime, tomllib.loads(self.path.read_text()).get("keys", {}) if mtime else {})
+            try:
+                keys = tomllib.loads(self.path.read_text()).get("keys", {}) if mtime else {}
+                if not isinstance(keys, dict) or not all(isinstance(k, dict) and "tenant" in k for k in keys.values()):
+                    raise ValueError("expected [keys.<id>] tables with a tenant")
+            except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError is a ValueError
+                log.error("the API keys file %s cannot be read: %s", self.path, exc)
+                raise Unavailable("the API keys file cannot be read; the operator must fix it", 30) from None
+            self._loaded = (mtime, keys)
         return self._loaded[1]
 
     def authenticate(self, token: str | None) -> Principal:

@@ -8,7 +8,7 @@ enqueue, views, long polls, cancel and delete, the job list.
     fi:holders:K    the handles that still want K: when the last one lets go, a queued or running K stops
                     and a finished K's result and scores are deleted
     fi:jobs:T       tenant T's handles by creation time (GET /v1/jobs)
-    fi:active:T     computations T started that may still be queued or running (its concurrency cap)
+    fi:admitted:T   computations T started that may still be queued or running, by admission time (its cap)
 
 A computation is one RQ job (id K) when its training set is one part (DatasetManifest.parts), else a
 fan-out: one shard job per part (id `part_id(K, first shard)`, on that part's affinity queue) and a reduce
@@ -74,6 +74,16 @@ STATUS = {
     JobStatus.CANCELED: "canceled",
 }
 ACTIVE = ("queued", "running")
+# a tenant's active computations (KEYS[1], a sorted set by admission time ARGV[3]) take ARGV[1] below the cap
+# ARGV[2]: 2 added, 1 there already, 0 refused
+ADMIT = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 2
+"""
+ADMITTED = 2
+ENQUEUE_GRACE_S = 60  # an admitted computation without an RQ job this long after is gone (expired), not starting
 View = dict  # a job's public view, JSON-ready: the AttributionPublic or AnalysisPublic schema (contract/schemas.py)
 LARGE = 1 << 16  # stored results larger than this are parsed in a thread, not on the event loop
 
@@ -174,14 +184,13 @@ class Jobs:
         the same before and it has finished (`cached`), else 202 (new, joined, or finished for another).
         `parts`: the training set's parts (shard ranges); more than one fans the computation out."""
         key = job.key
-        handle, window = self.handle_of(who.tenant, key), self.key("rate", who.key_id, str(int(time.time() // 60)))
-        async with self.aredis.pipeline(transaction=False) as pipe:  # one round trip for both
-            count, raw = await pipe.incr(window).hgetall(self.key("handle", handle)).execute()
-        await self._rate(window, count)
+        handle = self.handle_of(who.tenant, key)
+        raw = await self.aredis.hgetall(self.key("handle", handle))
         record = {k.decode(): v.decode() for k, v in raw.items()}
         known = bool(record) and not record.get("canceled")  # asked before and did not let go (else others kept it)
         result = await self.results.get(self.aredis, self.key("result", key))
-        if result is None:
+        if result is None:  # work to do: counted against the tenant's rate (an answer from the cache is not)
+            await self._rate(who.tenant)
             await run_in_threadpool(self.start, job, who.tenant, parts or [(0, 1)])
         if not known:
             record = await self._hold(handle, who.tenant, job, top_k)
@@ -191,14 +200,15 @@ class Jobs:
         body = self.results.view(name, (handle, k, known), lambda: _encode(self._finished(handle, result, k, known)))
         return body, 200 if known else 202, handle
 
-    async def _rate(self, window: str, count: int) -> None:
-        """The key's `count`-th submission in this minute's `window`: refused past the limit."""
-        if count == 1:
-            await self.aredis.expire(window, 120)
+    async def _rate(self, tenant: str) -> None:
+        """One more submission of work by `tenant` this minute: refused past ATTR_SUBMIT_RATE_PER_MINUTE."""
+        window = self.key("rate", tenant, str(int(time.time() // 60)))
+        async with self.aredis.pipeline(transaction=False) as pipe:
+            count, _ = await pipe.incr(window).expire(window, 120).execute()
         if count > self.settings.submit_rate_per_minute:
             raise TooManyRequests(
-                f"this API key has submitted {self.settings.submit_rate_per_minute} requests this minute "
-                "(ATTR_SUBMIT_RATE_PER_MINUTE)",
+                f"this tenant has submitted {self.settings.submit_rate_per_minute} requests for new work this minute "
+                "(ATTR_SUBMIT_RATE_PER_MINUTE; answers from the cache are not counted)",
                 60 - int(time.time()) % 60,
             )
 
@@ -212,7 +222,17 @@ class Jobs:
         existing = self._fetch(key)
         if existing is not None and STATUS.get(existing.get_status(refresh=False)) in ACTIVE:
             return
-        self._caps(tenant)
+        admitted = self._admit(tenant, key)
+        try:
+            self._enqueue(job, parts, existing)
+        except BaseException:
+            if admitted == ADMITTED:
+                self.redis.zrem(self.key("admitted", tenant), key)
+            raise
+
+    def _enqueue(self, job: Job, parts: list[tuple[int, int]], existing: RQJob | None) -> None:
+        key = job.key
+        whole, part_func, reduce_func = job.functions
         if existing is not None:  # a new try of something that failed, was canceled, or whose result expired
             for part in existing.meta.get("parts", []):
                 with contextlib.suppress(NoSuchJobError):
@@ -250,7 +270,6 @@ class Jobs:
                 return  # another API process is enqueueing it: joined
         except DuplicateJobError:  # an identical request got there first: join it
             return
-        self.redis.sadd(self.key("active", tenant), key)
 
     async def probe(self, model_id: str) -> dict:
         """Registration's dry run on a worker (PROBE_FUNC): its answer, or the reason it failed (422), or
@@ -277,21 +296,31 @@ class Jobs:
             self.queues[name] = Queue(name, connection=self.redis, serializer=JSONSerializer)
         return self.queues[name]
 
-    def _caps(self, tenant: str) -> None:
+    def _admit(self, tenant: str, key: str) -> int:
+        """Count computation `key` among the tenant's queued or running ones, or refuse it (429) at the cap:
+        one atomic check-and-add in Redis (ADMIT), so concurrent requests never pass the cap together (a
+        count, then an add, let 34 of 300 concurrent POSTs in against a cap of 16). Ended computations are
+        dropped from the count first, and one admitted but not enqueued only after ENQUEUE_GRACE_S (another
+        request's admission, still being enqueued). Returns ADMITTED where this call added it."""
         s = self.settings
         if (waiting := queued(self.redis, s)) >= s.max_queued_jobs:
             raise Unavailable(f"the queue is full ({waiting} jobs waiting; ATTR_MAX_QUEUED_JOBS)", s.retry_after_s)
-        name = self.key("active", tenant)
-        started = [k.decode() for k in self.redis.smembers(name)]
-        ended = [k for k in started if self._state(k) not in ACTIVE]
+        name, now = self.key("admitted", tenant), time.time()
+        ended = []
+        for member, admitted_at in self.redis.zrange(name, 0, -1, withscores=True):
+            state = self._state(member.decode())  # None: not enqueued yet (admitted a moment ago), or expired
+            if state not in ACTIVE and (state is not None or now - admitted_at > ENQUEUE_GRACE_S):
+                ended.append(member)
         if ended:
-            self.redis.srem(name, *ended)
-        if len(started) - len(ended) >= s.max_active_jobs_per_tenant:
+            self.redis.zrem(name, *ended)
+        admitted = self.redis.eval(ADMIT, 1, name, key, s.max_active_jobs_per_tenant, now)
+        if not admitted:
             raise TooManyRequests(
                 f"{s.max_active_jobs_per_tenant} of this tenant's jobs are queued or running "
                 "(ATTR_MAX_ACTIVE_JOBS_PER_TENANT); wait for one to end",
                 s.retry_after_s,
             )
+        return admitted
 
     async def _hold(self, handle: str, tenant: str, job: Job, top_k: int | None) -> dict[str, str]:
         """The tenant's handle on computation `job.key`: created (or renewed, and un-canceled)."""

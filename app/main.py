@@ -68,6 +68,9 @@ def refuse_placeholders(settings: Settings) -> None:
         raise RuntimeError(
             "ATTR_ENVIRONMENT=production needs ATTR_API_KEYS_FILE (python -m app.keys) and ATTR_SECRET set"
         )
+    if len(settings.secret.encode()) < 32:
+        raise RuntimeError("ATTR_SECRET must be at least 32 bytes in production (e.g. python -c 'import secrets; "
+                           "print(secrets.token_hex(32))')")  # fmt: skip
 
 
 def problem(request: Request, exc: ServiceError) -> JSONResponse:
@@ -88,7 +91,7 @@ def translate(exc: Exception) -> ServiceError:
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, RedisError):
-        return Unavailable(f"the job store (Redis) is unavailable: {type(exc).__name__}; retry shortly")
+        return Unavailable(f"the job store (Redis) is unavailable: {type(exc).__name__}; retry shortly", 1)
     if isinstance(exc, RequestValidationError):
         errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
@@ -98,7 +101,7 @@ def translate(exc: Exception) -> ServiceError:
         error.status, error.title = exc.status_code, HTTPStatus(exc.status_code).phrase
         return error
     if isinstance(exc, RegistryError):
-        return Unavailable(f"a registry entry cannot be served ({exc}); the operator must fix it")
+        return Unavailable(f"a registry entry cannot be served ({exc}); the operator must fix it", 60)
     return ServiceError("internal error; the request was not processed")
 
 
@@ -124,7 +127,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.aredis.aclose()
         app.state.redis.close()
 
-    app = FastAPIOffline(  # /docs and /redoc with the package's own assets: no CDN, works offline
+    hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None}  # ATTR_DOCS=false
+    app = (FastAPIOffline if settings.docs else FastAPI)(  # /docs and /redoc with the package's own assets
+        **({} if settings.docs else hidden),
         title="Training-data attribution service",
         version="1.0.0",
         lifespan=lifespan,

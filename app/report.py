@@ -6,6 +6,7 @@ through the registry with numpy, every record a page shows in one read of only t
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import struct
 import zlib
@@ -31,6 +32,27 @@ td,th{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left;vertical-alig
 .card pre,.query pre{white-space:pre-wrap;font-size:11px;margin:0;max-height:7em;overflow:hidden}
 .bad{color:#b00020;font-weight:600} .ok{color:#1b5e20} .muted{color:#666} mark{background:#ffe08a}
 """
+
+
+# marks the page once every image has loaded (report screenshots and the browser test wait on it)
+READY = (
+    "addEventListener('load',()=>{const i=[...document.images];"
+    "document.body.dataset.images=i.filter(x=>x.complete&&x.naturalWidth>0).length+'/'+i.length})"
+)
+
+
+def _hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+# A page runs its own script and style alone, shows data: images alone, and reaches nothing: a record's text
+# that got past escaping still could not load or send anything. In the page itself too (a <meta>), so a saved
+# or mailed copy keeps it; the header adds what a <meta> cannot say (no framing).
+PAGE_CSP = (
+    f"default-src 'none'; script-src {_hash(READY)}; style-src {_hash(STYLE)}; img-src data:; "
+    "base-uri 'none'; form-action 'none'"
+)
+CSP = PAGE_CSP + "; frame-ancestors 'none'"
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -307,13 +329,11 @@ def _page(key: str, result: dict, body: str, step: int) -> str:
     summary = ", ".join(f"{k}={method[k]}" for k in ("mode", "optimizer", "lr", "precondition", "group", "score"))
     title = f"{job['kind']} {key}"
     return (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{PAGE_CSP}"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
         f"<p>model <b>{html.escape(job['model']['id'])}</b>, training set <b>{html.escape(job['dataset']['id'])}</b>"
         f" ({int(result['shape'][1])} records{f'; histograms of every {step}th' if step > 1 else ''})"
         f"<br><span class=muted>{html.escape(summary)}</span></p>{body}"
-        # marks the page once every image has loaded (report screenshots and the browser test wait on it)
-        "<script>addEventListener('load',()=>{const i=[...document.images];"
-        "document.body.dataset.images=i.filter(x=>x.complete&&x.naturalWidth>0).length+'/'+i.length})</script>"
-        "</body></html>"
+        f"<script>{READY}</script></body></html>"
     )

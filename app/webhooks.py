@@ -31,12 +31,19 @@ log = logging.getLogger("app.webhooks")
 
 
 def check(hook: Webhook, settings: Settings) -> None:
-    """Refuse (422) a webhook on a host the operator has not allowed: the service must not be a way to
-    reach arbitrary hosts on its network."""
-    host = urlsplit(hook.url).hostname or ""
-    if "*" not in settings.webhook_hosts and host not in settings.webhook_hosts:
+    """Refuse (422) a webhook the operator has not allowed: the service must not be a way to reach arbitrary
+    hosts and ports on its network. An ATTR_WEBHOOK_HOSTS entry is a host (any port), `host:port` (that port)
+    or `*`; the service's own Redis is never a target, whatever the list says."""
+    url = urlsplit(hook.url)
+    try:
+        host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:
+        raise InvalidInput("webhook url: not a valid port", [{"loc": ["body", "webhook", "url"]}]) from None
+    redis = urlsplit(settings.redis_url)
+    allowed = {"*", host, f"{host}:{port}"} & set(settings.webhook_hosts)
+    if not allowed or (host, port) == (redis.hostname, redis.port or 6379):
         raise InvalidInput(
-            f"webhook host {host!r} is not allowed (ATTR_WEBHOOK_HOSTS: {', '.join(settings.webhook_hosts)})",
+            f"webhook target {host}:{port} is not allowed (ATTR_WEBHOOK_HOSTS: {', '.join(settings.webhook_hosts)})",
             [{"loc": ["body", "webhook", "url"]}],
         )
 

@@ -99,5 +99,5 @@ class TooManyRequests(ServiceError):
 class Unavailable(ServiceError):
     status, title = 503, "Service unavailable"
 
-    def __init__(self, detail: str, retry_after_s: int | None = None):
-        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after_s))} if retry_after_s else None)
+    def __init__(self, detail: str, retry_after_s: int):
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after_s))})

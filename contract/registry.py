@@ -22,6 +22,7 @@ import logging
 import math
 import re
 import shutil
+import time
 import tomllib
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -354,7 +355,9 @@ def _layout(path: Path, size: int, mtime_ns: int) -> dict[str, Layout]:
             shape, fortran, dtype = readers[version](f)
             if fortran or dtype.hasobject or not shape:
                 raise RegistryError(f"{path.name}: needs a C-ordered array of numbers with a first dimension")
-            return {"array": Layout(f.tell(), dtype, tuple(shape))}
+            layout = Layout(f.tell(), dtype, tuple(shape))
+            _fits(path, size, layout.offset, dtype.itemsize * math.prod(shape), "the array")
+            return {"array": layout}
     length, header = _header(path, size, mtime_ns)
     out = {}
     for name, entry in header.items():
@@ -363,8 +366,19 @@ def _layout(path: Path, size: int, mtime_ns: int) -> dict[str, Layout]:
         if entry["dtype"] not in SAFETENSORS_DTYPES or not entry["shape"]:
             raise RegistryError(f"{path.name}: {name!r} is {entry['dtype']} {entry['shape']}: not readable as rows")
         dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
-        out[name] = Layout(8 + length + entry["data_offsets"][0], dtype, tuple(entry["shape"]))
+        begin, end = entry["data_offsets"]
+        if end - begin != dtype.itemsize * math.prod(entry["shape"]):
+            raise RegistryError(f"{path.name}: {name!r}'s offsets do not hold its shape {entry['shape']}")
+        out[name] = Layout(8 + length + begin, dtype, tuple(entry["shape"]))
+        _fits(path, size, out[name].offset, end - begin, repr(name))
     return out
+
+
+def _fits(path: Path, size: int, offset: int, nbytes: int, what: str) -> None:
+    """Refuse a file shorter than its header says (a header may claim any number of rows)."""
+    if offset + nbytes > size:
+        raise RegistryError(f"{path.name}: its header puts {what} at bytes {offset}..{offset + nbytes}, past its "
+                            f"{size} bytes")  # fmt: skip
 
 
 def _read_rows(path: Path, layout: Layout, rows: np.ndarray) -> np.ndarray:
@@ -512,6 +526,17 @@ class Registry:
         if not re.match(ID, id):
             raise RegistryError(f"invalid id {id!r}: lowercase letters, digits, '.', '_', '-'")
         return self.root / STAGING / f"{kind}s" / id
+
+    def expire_staging(self, max_age_s: float) -> int:
+        """Remove staged entries (uploads never registered) untouched for `max_age_s`; returns how many."""
+        removed = 0
+        for folder in (self.root / STAGING / kind for kind in ("models", "datasets")):
+            for entry in folder.iterdir() if folder.is_dir() else ():
+                times = [p.stat().st_mtime for p in entry.iterdir()] or [entry.stat().st_mtime]
+                if time.time() - max(times) > max_age_s:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed += 1
+        return removed
 
     def stage_path(self, kind: str, id: str, name: str) -> Path:
         """Where an uploaded file goes; refuses names outside FILE and pickle formats."""

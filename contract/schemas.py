@@ -86,7 +86,11 @@ class Webhook(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(pattern=r"^https?://[^\s/?#]+", max_length=2048, description="on a host ATTR_WEBHOOK_HOSTS allows")
+    url: str = Field(
+        pattern=r"^https?://[^\s/?#]+[^\x00-\x20\x7f]*$",
+        max_length=2048,
+        description="on a host (and port) ATTR_WEBHOOK_HOSTS allows; no spaces or control characters",
+    )
     secret: str = Field(min_length=16, max_length=256, description="the key of the signature's HMAC-SHA256")
 
 

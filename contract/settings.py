@@ -38,9 +38,12 @@ class Settings(BaseSettings):
         PLACEHOLDER_SECRET, description="HMAC key of job handles (unguessable ids); required outside development"
     )
     local_tenant: str = Field("local", description="the tenant of every request when there is no keys file")
+    docs: bool = Field(True, description="serve /docs, /redoc and /openapi.json (no key needed); false hides them")
 
     # quotas (429 / 503 with Retry-After)
-    submit_rate_per_minute: int = Field(120, description="requests an API key may submit per minute")
+    submit_rate_per_minute: int = Field(
+        120, description="requests for new work a tenant may submit per minute (answers from the cache not counted)"
+    )
     max_active_jobs_per_tenant: int = Field(16, description="computations a tenant may have queued or running")
     max_queued_jobs: int = Field(1000, description="jobs waiting in the queue before new work is refused")
     retry_after_s: int = Field(5, description="Retry-After hint when a cap (not the rate) refuses work")
@@ -49,6 +52,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = 8 << 20
     max_upload_bytes: int = Field(8 << 30, description="one file uploaded to the registry (admin scope)")
     probe_timeout_s: int = Field(300, description="registration waits this long for a worker to load the model")
+    staging_ttl_s: int = Field(
+        24 * 3600, description="uploads staged for registration and left unregistered this long are removed"
+    )
     max_test_points: int = 256
     max_index_test_points: int = Field(
         100_000, description="test points of a leakage analysis through an index (its candidates are few)"

@@ -58,18 +58,26 @@ def test_cancel_a_running_job(api, big_settings):
         stop_worker(worker)
 
 
-def test_a_long_poll_returns_as_soon_as_the_job_ends(api, big_settings):
+def test_a_long_poll_returns_as_soon_as_the_job_ends(big_settings):
+    """One request, held until the job's end is published: it answers finished, well before its (generous)
+    deadline, whatever the machine's load (a loaded one once ran the job past a 25 s window)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    deadline = 600
     worker = start_worker(big_settings, "poller")
     try:
-        wait_for(lambda: api.get("/readyz").status_code == 200)
-        url = submit(api)
-        start = time.monotonic()
-        done = api.get(url, params={"wait_s": 25}).json()  # one request, held until the end is published
-        elapsed = time.monotonic() - start
+        with TestClient(create_app(big_settings.model_copy(update={"max_wait_s": deadline}))) as api:
+            wait_for(lambda: api.get("/readyz").status_code == 200)
+            url = submit(api)
+            start = time.monotonic()
+            done = api.get(url, params={"wait_s": deadline}).json()
+            elapsed = time.monotonic() - start
     finally:
         stop_worker(worker)
     assert done["status"] == "finished", done
-    assert elapsed < 20 and done["timing"]["sweep_s"] < elapsed  # it waited for the job, not for the deadline
+    assert done["timing"]["sweep_s"] < elapsed < deadline / 2  # it waited for the job, not for the deadline
 
 
 def test_a_sigterm_mid_job_finishes_the_job_then_exits(api, big_settings):

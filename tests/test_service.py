@@ -293,7 +293,7 @@ def test_redis_outage_is_a_fast_503_and_recovers(client, redis_server):
     try:
         start = time.monotonic()
         down = post(client)
-        assert time.monotonic() - start < 2
+        assert time.monotonic() - start < 10  # a refusal, not a hang on retries (~1 s on a quiet machine)
         assert down.status_code == 503
         assert down.headers["content-type"] == "application/problem+json"
         assert "Redis" in down.json()["detail"]

@@ -199,7 +199,7 @@ def test_200_held_long_polls_leave_healthz_fast(settings):
     print(
         f"\n/healthz with 200 long polls held: p50 {1000 * sorted(health)[10]:.1f} ms, max {1000 * max(health):.1f} ms"
     )
-    assert max(health) < 0.05
+    assert max(health) < 2  # answered at once, not after the polls' 6 s: they hold no thread or loop
 
 
 def _ready_or_503(base: str) -> bool:
@@ -229,3 +229,110 @@ def test_the_api_always_shuts_down(settings):
         [PYTHON, "-W", "ignore", "-c", CYCLES], cwd=ROOT, env=subprocess_env(settings), timeout=120, capture_output=True
     )
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process under `pid` (by parent, whatever session or group it moved to)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":  # zombies have exited
+                    out.add(pid)
+        except OSError:
+            pass
+    return out
+
+
+def command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def serve_env(settings, port: int, **extra) -> dict:
+    """scripts/serve on the test's registry, with its own private Redis (no REDIS_URL)."""
+    env = {**os.environ, "VENV": os.path.dirname(os.path.dirname(PYTHON)), "PORT": str(port),
+           "ATTR_REGISTRY_DIR": str(settings.registry_dir), "ATTR_SCORE_DIR": str(settings.score_dir),
+           "ATTR_WORKERS": "1", "ATTR_API_PROCESSES": "2", **extra}  # fmt: skip
+    for name in ("PYTEST_CURRENT_TEST", "REDIS_URL", "ATTR_REDIS_URL"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.mark.parametrize(
+    "sig, when",
+    [
+        (signal.SIGINT, "ready"),
+        (signal.SIGTERM, "ready"),
+        (signal.SIGTERM, "warming up"),
+        (signal.SIGINT, "redis first"),
+    ],
+)
+def test_a_signal_to_serves_group_ends_every_process(settings, sig, when):
+    """What a terminal's Ctrl-C or docker's stop sends: the signal to serve's whole process group. Every
+    process it started ends (they outlived it by minutes when Redis stopped first)."""
+    port = free_port()
+    env = serve_env(settings, port, ATTR_WARM_ON_START="true" if when == "warming up" else "false")
+    serve = subprocess.Popen([ROOT / "scripts" / "serve"], cwd=ROOT, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        if when == "warming up":  # a worker has started, and is not ready yet
+            wait_for(lambda: any(" -m worker" in command(p) for p in descendants(serve.pid)), timeout=120)
+        else:
+            wait_for(lambda: _ready(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5)), timeout=120)
+        started = descendants(serve.pid)
+        assert any("redis-server" in command(p) for p in started) and any("uvicorn" in command(p) for p in started)
+        if when == "redis first":
+            (redis_pid,) = [p for p in started if "redis-server" in command(p)]
+            os.kill(redis_pid, signal.SIGKILL)
+            time.sleep(0.5)
+        signalled = time.monotonic()
+        os.killpg(serve.pid, sig)
+        wait_for(lambda: not alive(started | {serve.pid}), timeout=60, interval=0.1)
+        print(f"\n{sig.name} ({when}): every process ended {time.monotonic() - signalled:.1f} s after the signal")
+    finally:
+        for pid in alive(descendants(serve.pid) | {serve.pid}):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_serve_recovers_when_the_api_master_is_killed(settings):
+    """A SIGKILLed uvicorn master left its workers serving the port, and serve looped on 'Address already in
+    use': now the master's process group goes with it and the API is back."""
+    port = free_port()
+    serve = subprocess.Popen([ROOT / "scripts" / "serve"], cwd=ROOT, env=serve_env(settings, port, ATTR_WARM_ON_START="false"),
+                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5)
+    try:
+        wait_for(lambda: _ready(api), timeout=120)
+        masters = [p for p in descendants(serve.pid) if "uvicorn" in command(p) and os.getpgid(p) == p]
+        assert len(masters) == 1, masters
+        children = descendants(masters[0])
+        os.kill(masters[0], signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: not alive(children), timeout=30, interval=0.1)  # its workers went with it
+        wait_for(lambda: _ready(api), timeout=60, interval=0.1)
+        restarted = [p for p in descendants(serve.pid) if "uvicorn" in command(p) and os.getpgid(p) == p]
+        assert restarted and restarted != masters
+        print(f"\nthe API answered again {time.monotonic() - killed:.1f} s after its master was killed")
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        wait_for(lambda: not alive(descendants(serve.pid) | {serve.pid}), timeout=60, interval=0.1)

@@ -163,3 +163,88 @@ def test_production_refuses_placeholder_secrets(settings, keys):
         create_app(settings.model_copy(update={"environment": "production", "api_keys_file": keys[0]}))
     with pytest.raises(RuntimeError, match="ATTR_API_KEYS_FILE"):
         create_app(settings.model_copy(update={"environment": "production", "secret": "s" * 32}))
+    with pytest.raises(RuntimeError, match="at least 32 bytes"):
+        create_app(settings.model_copy(update={"environment": "production", "api_keys_file": keys[0], "secret": "x"}))
+
+
+def test_the_cap_holds_under_concurrent_posts(settings, keys):
+    """300 different requests of one tenant, 64 at a time, against two API processes and no worker: the
+    concurrency cap (16) admits exactly 16 computations (a count, then an add, once let 34 in)."""
+    import asyncio
+    import subprocess
+
+    import httpx
+
+    from tests.conftest import PYTHON, ROOT, free_port, subprocess_env, wait_for
+
+    path, key = keys
+    port = free_port()
+    env = subprocess_env(settings, ATTR_API_KEYS_FILE=path, ATTR_SUBMIT_RATE_PER_MINUTE=10_000)
+    uvicorn = [PYTHON, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port), "--workers", "2",
+               "--log-level", "error"]  # fmt: skip
+    api = subprocess.Popen(uvicorn, cwd=ROOT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _up(base), timeout=60, interval=0.1)
+
+        async def flood():
+            gate = asyncio.Semaphore(64)
+            async with httpx.AsyncClient(base_url=base, timeout=60, headers=key["a"]) as client:
+
+                async def one(i):
+                    async with gate:
+                        body = {**BODY, "test": {**TEST, "indices": [i % 360, (i + 1) % 360]}}
+                        return (await client.post("/v1/attributions", json=body)).status_code
+
+                return await asyncio.gather(*(one(i) for i in range(300)))
+
+        codes = asyncio.run(flood())
+    finally:
+        api.terminate()
+        api.wait(10)
+    assert codes.count(202) == settings.max_active_jobs_per_tenant == 16, {c: codes.count(c) for c in set(codes)}
+    assert codes.count(429) == 300 - 16
+    assert len(queued_jobs(settings)) == 16
+
+
+def _up(base: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_the_rate_is_per_tenant_and_answers_from_the_cache_are_not_counted(settings, keys, capsys, worker):
+    path, key = keys
+    other = make_key(path, capsys, "team-a", "read,submit")  # a second key of the same tenant
+    variants = [{**BODY, "test": {**TEST, "indices": [i]}} for i in range(4)]
+    with app_with(settings, path, submit_rate_per_minute=2) as api:
+        assert api.post("/v1/attributions", json=variants[0], headers=key["a"]).status_code == 202
+        worker.work(burst=True)
+        assert api.post("/v1/attributions", json=variants[1], headers=other).status_code == 202
+        assert api.post("/v1/attributions", json=variants[2], headers=key["a"]).status_code == 429  # the tenant's 3rd
+        for _ in range(5):  # finished before: answered from the cache, not counted
+            assert api.post("/v1/attributions", json=variants[0], headers=other).status_code in (200, 202)
+        assert api.post("/v1/attributions", json=variants[3], headers=key["b"]).status_code == 202  # another tenant
+
+
+def test_a_broken_keys_file_is_a_503_with_retry_after(settings, keys):
+    path, key = keys
+    with app_with(settings, path) as api:
+        path.write_text("[keys\nthis is not toml")
+        answer = api.get("/v1/jobs", headers=key["a"])
+    assert answer.status_code == 503 and answer.headers["retry-after"] and "keys file" in answer.json()["detail"]
+
+
+def test_production_metrics_need_an_admin_key_and_docs_can_be_hidden(settings, keys, capsys):
+    path, key = keys
+    admin = make_key(path, capsys, "ops", "admin")
+    production = {"environment": "production", "secret": "s" * 32}
+    with app_with(settings, path, **production) as api:
+        assert api.get("/metrics").status_code == 401
+        assert api.get("/metrics", headers=key["a"]).status_code == 403
+        assert api.get("/metrics", headers=admin).status_code == 200
+    with app_with(settings, path, docs=False) as api:
+        assert {api.get(p).status_code for p in ("/docs", "/redoc", "/openapi.json")} == {404}

@@ -33,6 +33,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 from redis import Redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -55,6 +56,7 @@ from .warm import Warm, resolve_device
 
 log = logging.getLogger("worker")
 MAX_SLOTS = 256  # workers past this many own no affinity queue and take work by stealing only
+STOP_GRACE_S = 2.0  # asked to stop, a worker that cannot reach Redis this long after exits without it
 
 
 def owned_buckets(spec: str, buckets: int) -> set[int]:
@@ -205,8 +207,26 @@ class WarmWorker(SimpleWorker):
         the signal handler when idle, wherever the main thread is; inside an `except Exception` it is
         swallowed and the worker never stops (measured: logging's emit, writing a maintenance line, did
         it). The dequeue loop above returns within steal_after_s and RQ's work loop then ends; a job in
-        flight finishes first. A second signal is RQ's cold shutdown."""
+        flight finishes first. A second signal is RQ's cold shutdown. Where Redis cannot be reached
+        STOP_GRACE_S after the request, the worker exits there (`_leave_if_unreachable`)."""
+        if not self._stop_requested:
+            threading.Thread(target=self._leave_if_unreachable, daemon=True, name="stop-grace").start()
         self._stop_requested = True
+
+    def _leave_if_unreachable(self) -> None:
+        """Asked to stop with Redis gone (stopped first by the same Ctrl-C, say), the worker would retry it
+        for minutes (every command ~25 s: worker_redis_retries) with nothing it could finish or record:
+        exit instead. A job it held is requeued by the fleet once its heartbeat lapses."""
+        time.sleep(STOP_GRACE_S)
+        probe = Redis.from_url(self.settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            probe.ping()
+        except RedisError:
+            log.warning("asked to stop, and Redis is unreachable: exiting without it")
+            logging.shutdown()
+            os._exit(0)
+        finally:
+            probe.close()
 
     # -- how jobs end (module docstring) -------------------------------------------------------------
     def kill_horse(self, sig=None) -> None:

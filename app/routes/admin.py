@@ -60,7 +60,9 @@ async def upload_file(
     registry: RegistryDep,
     settings: SettingsDep,
 ) -> UploadedFile:
-    """Stage one file of an entry being registered (the request body is the file's bytes)."""
+    """Stage one file of an entry being registered (the request body is the file's bytes). Staged entries left
+    unregistered for ATTR_STAGING_TTL_S are removed."""
+    await run_in_threadpool(registry.expire_staging, settings.staging_ttl_s)
     try:
         path = registry.stage_path(kind[:-1], entry_id, name)
     except RegistryError as exc:

@@ -21,7 +21,7 @@ from ..auth import Principal, Reader
 from ..deps import JobsDep
 from ..indexes import Indexes
 from ..jobs import Jobs, links
-from ..report import ROWS, SAMPLE, render
+from ..report import CSP, ROWS, SAMPLE, render
 from ..resolve import Request as JobRequest
 from ..resolve import resolve
 from ..webhooks import check
@@ -190,7 +190,8 @@ async def report(jobs: Jobs, handle: str, who: Principal, analysis: bool, regist
     result, store = await jobs.finished(handle, who, analysis)
     step = max(1, math.ceil(store.columns / SAMPLE))  # histograms of every step-th record's score
     sample = await store.window(0, min(store.rows, ROWS), 0, store.columns, step)
-    return HTMLResponse(await run_in_threadpool(render, handle, result, sample, step, registry))
+    page = await run_in_threadpool(render, handle, result, sample, step, registry)
+    return HTMLResponse(page, headers={"Content-Security-Policy": CSP})
 
 
 async def cancel(jobs: Jobs, handle: str, who: Principal, analysis: bool) -> Response:

@@ -216,8 +216,7 @@ class Jobs:
         """Enqueue the computation unless an identical one is queued or running (then it is joined): one job
         (the payload's `functions`), or one per part and a reduce where it has parts and is split."""
         key = job.key
-        whole, part_func, reduce_func = job.functions
-        if part_func is None:
+        if job.functions[1] is None:  # a payload that runs as one job only (two-stage attribution)
             parts = [(0, 1)]
         existing = self._fetch(key)
         if existing is not None and STATUS.get(existing.get_status(refresh=False)) in ACTIVE:

@@ -167,8 +167,9 @@ ENGINE_FINGERPRINTS = {
         # scores of its own candidates (ForwardInf.paired, .losses) and the analysis split into reusable steps:
         # what the existing settings and analyses compute is unchanged
         "dbfb5d9d06e87a4e",
-        # the sketch takes up to 262,144 parameters; Similarity.of_spread (an index's sample) and `scaled` public
-        "9a68e3b04ad964a1",
+        # the sketch takes up to 262,144 parameters; Similarity.of_spread (an index's sample) and `scaled` public;
+        # an unused property dropped
+        "9af2561eb1089245",
     },
 }
 

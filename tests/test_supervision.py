@@ -295,8 +295,13 @@ def test_a_signal_to_serves_group_ends_every_process(settings, sig, when):
     serve = subprocess.Popen([ROOT / "scripts" / "serve"], cwd=ROOT, env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        if when == "warming up":  # a worker has started, and is not ready yet
-            wait_for(lambda: any(" -m worker" in command(p) for p in descendants(serve.pid)), timeout=120)
+        if when == "warming up":  # the worker and the API have started; the worker is not ready yet
+
+            def started_all() -> bool:
+                commands = [command(p) for p in descendants(serve.pid)]
+                return any(" -m worker" in c for c in commands) and any("uvicorn" in c for c in commands)
+
+            wait_for(started_all, timeout=120)
         else:
             wait_for(lambda: _ready(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5)), timeout=120)
         started = descendants(serve.pid)

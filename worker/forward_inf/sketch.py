@@ -51,10 +51,6 @@ class Basis:
     query: torch.Tensor  # (D, P)
     exact: int
 
-    @property
-    def dims(self) -> int:
-        return self.database.shape[0]
-
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"database": self.database, "query": self.query}
 

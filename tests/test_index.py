@@ -139,8 +139,12 @@ def test_an_index_built_by_two_workers_equals_one_built_by_one(sharded, sharded_
         view = wait_for(lambda: (v := sharded_client.get(created["links"]["self"]).json())["status"] == "finished" and v,
                         timeout=300, interval=0.2)  # fmt: skip
     finally:
-        for w in workers:
-            stop_worker(w)
+        try:
+            for w in workers:
+                stop_worker(w)
+        finally:  # none outlives the test, even when one would not stop in time
+            for w in workers:
+                w.kill()
     assert len(view["index"]["shards"]) == 3
     from rq.job import Job as RQJob
 

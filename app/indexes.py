@@ -9,11 +9,11 @@ other digests, hence another id, and never finds an old index.
 
 from __future__ import annotations
 
-import shutil
+import time
 
 from starlette.concurrency import run_in_threadpool
 
-from contract.indexes import IndexEntry, index_dir, inputs_path, shard_path
+from contract.indexes import IndexEntry
 from contract.jobs import IndexJob
 from contract.problems import NotFound
 
@@ -79,28 +79,18 @@ class Indexes:
         return {"items": items}
 
     async def delete(self, id: str) -> None:
-        """Stop a build, forget the index and free its files: the shard files no other index of its basis
-        (another version of the dataset) uses, and its basis folder when none does."""
+        """Stop a build and forget the index; the workers' maintenance then frees its files (Store.
+        free_indexes: the shard files no other index of its basis uses, the basis folder when none does)."""
         view = await self.view(id)
         if view["status"] in ACTIVE:
             await run_in_threadpool(self.jobs.stop, id)
         entry = await self._entry(id)
         async with self.aredis.pipeline(transaction=True) as pipe:
             pipe.srem(IndexEntry.catalog(self.settings), id).delete(IndexEntry.key(self.settings, id))
-            await pipe.delete(self.settings.key("index-request", id)).execute()
-        if entry is not None:
-            others = [e for e in await self.entries() if e.basis == entry.basis]
-            await run_in_threadpool(self._free, entry, others)
-
-    def _free(self, entry: IndexEntry, others: list[IndexEntry]) -> None:
-        if not others:
-            shutil.rmtree(index_dir(self.settings, entry.basis), ignore_errors=True)
-            return
-        kept = {s.sha256 for e in others for s in e.shards}
-        for shard in entry.shards:
-            if shard.sha256 not in kept:
-                shard_path(self.settings, entry.basis, shard.sha256).unlink(missing_ok=True)
-                inputs_path(self.settings, entry.basis, shard.sha256).unlink(missing_ok=True)
+            pipe.delete(self.settings.key("index-request", id))
+            if entry is not None:
+                pipe.zadd(IndexEntry.orphans(self.settings), {entry.basis: time.time()})
+            await pipe.execute()
 
     async def _entry(self, id: str) -> IndexEntry | None:
         raw = await self.aredis.get(IndexEntry.key(self.settings, id))

@@ -5,6 +5,9 @@ requests against it; both name its parts here.
     fi:index:<id>                       the catalog entry (`IndexEntry`, JSON), written when the build ends;
                                         kept until deleted (no TTL: an index is built once, used for long)
     fi:indexes                          the set of catalog ids
+    fi:index-orphans                    the bases of deleted indexes, by deletion time: a worker's maintenance
+                                        frees the files no remaining index uses (the API mounts the score
+                                        directory read-only)
     score_dir/indexes/<basis>/basis.safetensors   the sketch basis (B and Q; names, sizes in its metadata)
     score_dir/indexes/<basis>/<shard>.faiss       one shard's sketches as a FAISS index (faiss' own format)
     score_dir/indexes/<basis>/<shard>.inputs.faiss   its records' input embedding (leakage), where inputs
@@ -96,6 +99,11 @@ class IndexEntry(BaseModel):
     def catalog(settings: Settings) -> str:
         return settings.key("indexes")
 
+    @staticmethod
+    def orphans(settings: Settings) -> str:
+        """The bases deleted indexes used, by deletion time: the workers free their unused files."""
+        return settings.key("index-orphans")
+
 
 def index_dir(settings: Settings, basis: str) -> Path:
     return settings.score_dir / "indexes" / basis
@@ -111,3 +119,7 @@ def basis_path(settings: Settings, basis: str) -> Path:
 
 def inputs_path(settings: Settings, basis: str, sha256: str) -> Path:
     return index_dir(settings, basis) / f"{sha256[:32]}.inputs.faiss"
+
+
+def embedding_path(settings: Settings, basis: str) -> Path:
+    return index_dir(settings, basis) / "inputs.safetensors"

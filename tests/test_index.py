@@ -3,12 +3,14 @@ workers over HTTP, searched, and its candidates re-scored exactly."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from contract.indexes import shard_path
+from contract.indexes import IndexEntry, shard_path
 from contract.registry import Registry
 from contract.schemas import AttributionPublic, IndexPublic
 
@@ -169,7 +171,7 @@ def test_a_new_dataset_version_indexes_only_its_new_shard_and_deleting_frees_wha
     w.work(burst=True)
     old = sharded_client.get(old["links"]["self"]).json()["index"]
     files = [shard_path(settings, old["basis"], s["sha256"]) for s in old["shards"]]
-    stamps = [f.stat().st_mtime_ns for f in files]
+    inodes = [f.stat().st_ino for f in files]
 
     register(3)  # a new version: the two shards it had, and one more
     new = sharded_client.post("/v1/indexes", json=body).json()
@@ -178,7 +180,7 @@ def test_a_new_dataset_version_indexes_only_its_new_shard_and_deleting_frees_wha
     new = sharded_client.get(new["links"]["self"]).json()["index"]
     assert new["basis"] == old["basis"] and new["basis_of"] == old["dataset"]
     assert [s["seconds"] > 0 for s in new["shards"]] == [False, False, True]
-    assert [f.stat().st_mtime_ns for f in files] == stamps  # the old shards were not sketched again
+    assert [f.stat().st_ino for f in files] == inodes  # the old shards were not written again
     assert new["records"] == 1437
 
     # the old version's index is no longer served: the dataset changed
@@ -189,9 +191,19 @@ def test_a_new_dataset_version_indexes_only_its_new_shard_and_deleting_frees_wha
 
     assert sharded_client.delete(f"/v1/indexes/{old['id']}").status_code == 204
     assert sharded_client.get(f"/v1/indexes/{old['id']}").status_code == 404
+    w.run_maintenance_tasks()  # the workers free a deleted index's files (the API's mount is read-only)
     assert all(f.is_file() for f in files)  # the new index still uses them
     assert sharded_client.delete(f"/v1/indexes/{new['id']}").status_code == 204
-    assert not shard_path(settings, new["basis"], new["shards"][0]["sha256"]).parent.exists()
+    assert all(f.is_file() for f in files)
+    from worker.store import claim
+
+    time.sleep(0.05)
+    assert claim(files[0])  # a build of this basis started since the deletion and reuses this shard: kept
+    w.run_maintenance_tasks()
+    assert [f.is_file() for f in files] == [True, False]
+    w.context.store.redis.zadd(IndexEntry.orphans(settings), {new["basis"]: time.time() + 1})
+    w.run_maintenance_tasks()  # (that build was deleted too)
+    assert not files[0].parent.exists()
     assert sharded_client.get("/v1/indexes").json() == {"items": []}
     refused = sharded_client.post("/v1/attributions", json=two_stage)
     assert refused.status_code == 422 and "POST /v1/indexes" in refused.json()["detail"]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from contract.indexes import IndexEntry, IndexShard, basis_path, default_candidates, shard_path
+from contract.indexes import IndexEntry, IndexShard, basis_path, default_candidates, embedding_path, shard_path
 from contract.jobs import AttributionJob, IndexJob, part_id
 from contract.registry import DatasetManifest, RegistryError
 from contract.schemas import IndexUse
@@ -49,7 +49,7 @@ from .jobs import (
     summarize,
 )
 from .leakage import embed_shard, embeds
-from .store import write_aside
+from .store import claim, write_aside
 
 SEED = 0  # the basis' random sketch: the same on every worker
 PROBES = 8  # recall at build: training records spread over the set, used as queries
@@ -92,6 +92,12 @@ def build_part(job: IndexJob, ctx: Context, reporter: Reporter, first: int, stop
     model_m = current(ctx.registry.model(job.model.id), job.model, "model")
     data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
     fi = engine(ctx, model_m, data_m, job.method, job.dtype)
+    for path, kept in (
+        (basis_path(ctx.settings, job.basis), "index-basis"),
+        (embedding_path(ctx.settings, job.basis), "index-embedding"),
+    ):
+        if not claim(path):  # new, or its index was deleted meanwhile: made again, not served from memory
+            ctx.warm.drop((kept, job.basis))
     basis = _basis(ctx, job.basis, None if job.basis_of else fi, job)
     batches = [-(-s.size // fi.config.batch_size) for s in data_m.shards[first:stop]]
     total, shards = sum(batches), []
@@ -99,7 +105,7 @@ def build_part(job: IndexJob, ctx: Context, reporter: Reporter, first: int, stop
         shard, before = data_m.shards[n], sum(batches[:i])
         path = shard_path(ctx.settings, job.basis, shard.sha256)
         started = time.perf_counter()
-        made = not path.is_file()  # else sketched before in this basis (an earlier version of the dataset)
+        made = not claim(path)  # else sketched before in this basis (an earlier version of the dataset)
         if made:
             prepare_shard(ctx, fi, model_m, data_m, n, job.dtype)
             vectors = fi.sketch(basis, lambda done, _t, before=before: reporter(before + done, total))

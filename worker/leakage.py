@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from contract.indexes import basis_path, inputs_path
+from contract.indexes import embedding_path, inputs_path
 from contract.jobs import InlinePoints, LeakageJob, part_id
 from contract.registry import DatasetManifest, ModelManifest, RegistryError
 from contract.schemas import IndexUse
@@ -59,7 +59,7 @@ from .jobs import (
     finished_parts,
     request_rows,
 )
-from .store import write_aside
+from .store import claim, write_aside
 
 EMBED_DIMS = 256  # an input embedding's dimensions at most (a random projection of more)
 EMBED_SAMPLE = 20_000  # records whose spread standardizes vectors' features (Similarity's mean and std)
@@ -105,7 +105,7 @@ def inputs_of(model_m: ModelManifest, rows: dict) -> torch.Tensor:
 def embedding(ctx: Context, basis: str, model_m: ModelManifest, data_m: DatasetManifest) -> Embedding:
     """The index's input embedding: the sample's spread (vectors), the projection, kept in the basis folder
     (made once across the fleet; a new version of the dataset adopts it with the basis)."""
-    path = basis_path(ctx.settings, basis).with_name("inputs.safetensors")
+    path = embedding_path(ctx.settings, basis)
 
     def make() -> None:
         sample = inputs_of(model_m, ctx.warm.examples(data_m, spread(data_m.size, EMBED_SAMPLE).tolist()))
@@ -130,7 +130,7 @@ def embedding(ctx: Context, basis: str, model_m: ModelManifest, data_m: DatasetM
 def embed_shard(ctx: Context, basis: str, model_m: ModelManifest, data_m: DatasetManifest, n: int) -> int:
     """Write shard n's input embedding (its FAISS file) unless the basis holds it; returns its bytes."""
     path = inputs_path(ctx.settings, basis, data_m.shards[n].sha256)
-    if not path.is_file():
+    if not claim(path):
         embed = embedding(ctx, basis, model_m, data_m)
         vectors = np.concatenate(
             [embed(inputs_of(model_m, {k: torch.from_numpy(v) for k, v in rows.items()})) for rows in

@@ -7,6 +7,7 @@ long polls (app/events.py). Nothing here is pickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from redis.exceptions import LockError, RedisError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from contract.indexes import IndexEntry
+from contract.indexes import IndexEntry, index_dir
 from contract.jobs import artifact_id
 from contract.scores import Block, blob_key, blob_path, block_key, block_path, place
 from contract.settings import Settings
@@ -35,6 +36,16 @@ def write_aside(path: Path, write: Callable[[BinaryIO], object]) -> None:
     with open(partial, "wb") as f:
         write(f)
     partial.replace(path)
+
+
+def claim(path: Path) -> bool:
+    """Whether `path` exists, marking it in use when it does (its mtime: Store.free_indexes frees only the
+    files older than their index's deletion, so a build that reuses one keeps it)."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class Store:
@@ -92,7 +103,7 @@ class Store:
                 age = now - entry.stat().st_mtime
             except FileNotFoundError:
                 continue
-            if entry.name == "indexes":  # kept until the index is deleted (app/indexes.py)
+            if entry.name == "indexes":  # kept until their index is deleted (app/indexes.py): free_indexes
                 continue
             if entry.name == "blobs":
                 for blob in entry.iterdir():
@@ -102,6 +113,29 @@ class Store:
             elif age > self.settings.job_timeout_s and not self.redis.exists(self.settings.key("result", entry.name)):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
+        return removed + self.free_indexes()
+
+    def free_indexes(self) -> int:
+        """Remove the files of deleted indexes (the API only forgets them: its mount of the score directory is
+        read-only): in each basis a deleted index used, the shard files no remaining index of that basis names,
+        and the folder where none remains; files written after the deletion (a rebuild) are kept."""
+        orphans, removed = IndexEntry.orphans(self.settings), 0
+        for raw, deleted in self.redis.zrange(orphans, 0, -1, withscores=True):
+            basis = raw.decode()
+            kept = {s.sha256[:32] for e in self.indexes() if e.basis == basis for s in e.shards}
+            folder = index_dir(self.settings, basis)
+            for path in folder.iterdir() if folder.is_dir() else ():
+                stem = path.name.split(".")[0]  # a shard's sha256 (its sketches, its inputs), or the basis' own
+                needed = bool(kept) if stem in ("basis", "inputs") else stem in kept
+                if needed:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_mtime < deleted:
+                        path.unlink()
+                        removed += 1
+            with contextlib.suppress(OSError):  # empty: no index of this basis remains
+                folder.rmdir()
+            self.redis.zrem(orphans, raw)
         return removed
 
     # -- the index catalog (contract/indexes.py) ---------------------------------------------------
@@ -116,6 +150,11 @@ class Store:
     def index(self, id: str) -> IndexEntry | None:
         raw = self.redis.get(IndexEntry.key(self.settings, id))
         return None if raw is None else IndexEntry.model_validate_json(raw)
+
+    def indexes(self) -> list[IndexEntry]:
+        ids = [i.decode() for i in self.redis.smembers(IndexEntry.catalog(self.settings))]
+        raws = self.redis.mget([IndexEntry.key(self.settings, i) for i in ids]) if ids else []
+        return [IndexEntry.model_validate_json(raw) for raw in raws if raw is not None]
 
     # -- artifacts computed once across the fleet ---------------------------------------------------
     def _base_key(self, model_digest: str, dataset_digest: str, shard: int, dtype: str) -> str:

@@ -101,6 +101,10 @@ class Warm:
         """`load()`'s value under `key`, kept warm like everything else here (the index's basis and search)."""
         return self._get(("kept", *key), load)
 
+    def drop(self, key: tuple) -> None:
+        """Let go of what `keep` holds under `key` (its file was deleted: the next use makes it again)."""
+        self.items.pop(("kept", *key), None)
+
     # -- models --------------------------------------------------------------------------------------
     def model(self, m: ModelManifest, dtype: str) -> tuple[torch.nn.Module, Task]:
         return self._get(("model", m.digest, dtype), lambda: self.load_model(m, getattr(torch, dtype)))

@@ -62,6 +62,7 @@ async def get_index(index_id: IndexId, who: Reader, indexes: IndexesDep) -> dict
 
 @router.delete("/{index_id}", operation_id="delete_index", status_code=204, responses=READ)
 async def delete_index(index_id: IndexId, who: Admin, indexes: IndexesDep) -> Response:
-    """Stop its build, forget it and free its files (requests on its model and dataset sweep in full again)."""
+    """Stop its build and forget it (requests on its model and dataset sweep in full again); the workers' maintenance
+    then frees its files."""
     await indexes.delete(index_id)
     return Response(status_code=204)

@@ -9,6 +9,7 @@ enqueue, views, long polls, cancel and delete, the job list.
                     and a finished K's result and scores are deleted
     fi:jobs:T       tenant T's handles by creation time (GET /v1/jobs)
     fi:admitted:T   computations T started that may still be queued or running, by admission time (its cap)
+    fi:admitted-cost:T   their estimated worker-seconds (its budget; admission by cost: contract/cost.py)
 
 A computation is one RQ job (id K) when its training set is one part (DatasetManifest.parts), else a
 fan-out: one shard job per part (id `part_id(K, first shard)`, on that part's affinity queue) and a reduce
@@ -49,7 +50,8 @@ from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
-from contract.jobs import PROBE_FUNC, Job, affinity_queue, bucket_of, part_id
+from contract.cost import cheaper, cost_key, method_id, work
+from contract.jobs import PROBE_FUNC, Job, affinity_queue, bucket_of, part_id, queue_names
 from contract.problems import Conflict, InvalidInput, NotFound, TooManyRequests, Unavailable
 from contract.schemas import AnalysisPublic, AttributionPublic, JobSummary
 from contract.scores import block_key
@@ -74,12 +76,17 @@ STATUS = {
     JobStatus.CANCELED: "canceled",
 }
 ACTIVE = ("queued", "running")
-# a tenant's active computations (KEYS[1], a sorted set by admission time ARGV[3]) take ARGV[1] below the cap
-# ARGV[2]: 2 added, 1 there already, 0 refused
+# a tenant's active computations (KEYS[1], a sorted set by admission time ARGV[3]; KEYS[2], their estimated
+# worker-seconds) take ARGV[1], estimated at ARGV[4], below the cap ARGV[2] and within the budget ARGV[5]:
+# 2 added, 1 there already, 0 refused by the cap, -1 by the budget
 ADMIT = """
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+local spent = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[2])) do spent = spent + tonumber(v) end
+if tonumber(ARGV[4]) > 0 and spent + tonumber(ARGV[4]) > tonumber(ARGV[5]) then return -1 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
 return 2
 """
 ADMITTED = 2
@@ -89,8 +96,8 @@ LARGE = 1 << 16  # stored results larger than this are parsed in a thread, not o
 
 
 def queued(redis: Redis, settings: Settings) -> int:
-    """Jobs waiting in the main queue and every affinity queue."""
-    names = [settings.queue] + [affinity_queue(settings.queue, b) for b in range(settings.affinity_buckets)]
+    """Jobs waiting in every queue."""
+    names = queue_names(settings.queue, settings.affinity_buckets)
     with redis.pipeline(transaction=False) as pipe:
         for name in names:
             pipe.llen(Queue(name, connection=redis).key)
@@ -178,11 +185,17 @@ class Jobs:
 
     # -- submit -----------------------------------------------------------------------------------
     async def submit(
-        self, job: Job, who: Principal, top_k: int | None = None, parts: list[tuple[int, int]] | None = None
+        self,
+        job: Job,
+        who: Principal,
+        top_k: int | None = None,
+        parts: list[tuple[int, int]] | None = None,
+        records: int = 0,
     ) -> tuple[bytes, int, str]:
         """The job's view for this tenant (JSON), its status code and its handle: 200 when the tenant asked
         the same before and it has finished (`cached`), else 202 (new, joined, or finished for another).
-        `parts`: the training set's parts (shard ranges); more than one fans the computation out."""
+        `parts`: the training set's parts (shard ranges); more than one fans the computation out. `records`:
+        the training set's size, which prices the work (contract/cost.py)."""
         key = job.key
         handle = self.handle_of(who.tenant, key)
         raw = await self.aredis.hgetall(self.key("handle", handle))
@@ -190,8 +203,9 @@ class Jobs:
         known = bool(record) and not record.get("canceled")  # asked before and did not let go (else others kept it)
         result = await self.results.get(self.aredis, self.key("result", key))
         if result is None:  # work to do: counted against the tenant's rate (an answer from the cache is not)
+            estimate = await self.estimate(job, records)
             await self._rate(who.tenant)
-            await run_in_threadpool(self.start, job, who.tenant, parts or [(0, 1)])
+            await run_in_threadpool(self.start, job, who.tenant, parts or [(0, 1)], estimate)
         if not known:
             record = await self._hold(handle, who.tenant, job, top_k)
         if result is None:
@@ -199,6 +213,23 @@ class Jobs:
         name, k = self.key("result", key), top_k or int(record["top_k"])
         body = self.results.view(name, (handle, k, known), lambda: _encode(self._finished(handle, result, k, known)))
         return body, 200 if known else 202, handle
+
+    async def estimate(self, job: Job, records: int) -> float | None:
+        """The request's work in worker-seconds (contract/cost.py), None where its model was never measured;
+        refused (422) past the job time limit, with what makes it cheaper."""
+        units = work(job, records)
+        rates = await self.aredis.hgetall(cost_key(self.settings, job.model, job.dtype)) if units else {}
+        if not rates:
+            return None
+        rate = rates.get(method_id(job.method).encode()) or max(rates.values(), key=float)  # contract/cost.py
+        seconds, limit = float(rate) * units, self.settings.job_timeout_s
+        if seconds > limit:
+            raise InvalidInput(
+                f"this request would take about {seconds:,.0f} worker-seconds ({units:,} record-rows at "
+                f"{float(rate) * 1e6:.3g} µs each, as measured on this model), past the job time limit of "
+                f"{limit:,} s (ATTR_JOB_TIMEOUT_S): {cheaper(job)}"
+            )
+        return seconds
 
     async def _rate(self, tenant: str) -> None:
         """One more submission of work by `tenant` this minute: refused past ATTR_SUBMIT_RATE_PER_MINUTE."""
@@ -212,25 +243,29 @@ class Jobs:
                 60 - int(time.time()) % 60,
             )
 
-    def start(self, job: Job, tenant: str, parts: list[tuple[int, int]]) -> None:
+    def start(self, job: Job, tenant: str, parts: list[tuple[int, int]], estimate: float | None = None) -> None:
         """Enqueue the computation unless an identical one is queued or running (then it is joined): one job
-        (the payload's `functions`), or one per part and a reduce where it has parts and is split."""
+        (the payload's `functions`), or one per part and a reduce where it has parts and is split; on the
+        long queues where `estimate` (worker-seconds) passes long_job_s."""
         key = job.key
         if job.functions[1] is None:  # a payload that runs as one job only (two-stage attribution)
             parts = [(0, 1)]
         existing = self._fetch(key)
         if existing is not None and STATUS.get(existing.get_status(refresh=False)) in ACTIVE:
             return
-        admitted = self._admit(tenant, key)
+        admitted = self._admit(tenant, key, estimate)
         try:
-            self._enqueue(job, parts, existing)
+            self._enqueue(job, parts, existing, estimate)
         except BaseException:
             if admitted == ADMITTED:
                 self.redis.zrem(self.key("admitted", tenant), key)
+                self.redis.hdel(self.key("admitted-cost", tenant), key)
             raise
 
-    def _enqueue(self, job: Job, parts: list[tuple[int, int]], existing: RQJob | None) -> None:
+    def _enqueue(self, job: Job, parts: list[tuple[int, int]], existing: RQJob | None, estimate: float | None) -> None:
         key = job.key
+        long = estimate is not None and estimate > self.settings.long_job_s
+        admission = {"estimate_s": round(estimate, 1), "long": long} if estimate is not None else None
         whole, part_func, reduce_func = job.functions
         if existing is not None:  # a new try of something that failed, was canceled, or whose result expired
             for part in existing.meta.get("parts", []):
@@ -248,19 +283,21 @@ class Jobs:
         }
         try:
             if len(parts) == 1:  # on the affinity queue of the training set's first part, like a shard job
-                queue = self._queue(affinity_queue(s.queue, bucket_of(job.dataset.digest, 0, s.affinity_buckets)))
-                queue.enqueue(whole, payload, job_id=key, unique=True, meta={"kind": job.kind}, **common)
+                bucket = bucket_of(job.dataset.digest, 0, s.affinity_buckets)
+                queue = self._queue(affinity_queue(s.queue, bucket, long))
+                meta = {"kind": job.kind, "admission": admission}
+                queue.enqueue(whole, payload, job_id=key, unique=True, meta=meta, **common)
             elif self.redis.set(self.key("starting", key), "1", nx=True, ex=60):  # one API process fans out
                 try:
                     ids = [part_id(key, first) for first, _ in parts]
                     for (first, stop), id in zip(parts, ids, strict=True):
                         bucket = bucket_of(job.dataset.digest, first, s.affinity_buckets)
-                        queue = self._queue(affinity_queue(s.queue, bucket))
+                        queue = self._queue(affinity_queue(s.queue, bucket, long))
                         queue.enqueue(
                             part_func, payload, first, stop, job_id=id, unique=True, meta={"kind": "part"}, **common
                         )
                     after = Dependency(jobs=ids, allow_failure=True)  # runs to report a failed part too
-                    meta = {"kind": job.kind, "parts": ids}
+                    meta = {"kind": job.kind, "parts": ids, "admission": admission}
                     self.redis.delete(self.key("progress", key))
                     self.queue.enqueue(reduce_func, payload, job_id=key, depends_on=after, meta=meta, **common)
                 finally:
@@ -295,12 +332,13 @@ class Jobs:
             self.queues[name] = Queue(name, connection=self.redis, serializer=JSONSerializer)
         return self.queues[name]
 
-    def _admit(self, tenant: str, key: str) -> int:
-        """Count computation `key` among the tenant's queued or running ones, or refuse it (429) at the cap:
-        one atomic check-and-add in Redis (ADMIT), so concurrent requests never pass the cap together (a
-        count, then an add, let 34 of 300 concurrent POSTs in against a cap of 16). Ended computations are
-        dropped from the count first, and one admitted but not enqueued only after ENQUEUE_GRACE_S (another
-        request's admission, still being enqueued). Returns ADMITTED where this call added it."""
+    def _admit(self, tenant: str, key: str, estimate: float | None = None) -> int:
+        """Count computation `key` among the tenant's queued or running ones, or refuse it (429) at the cap
+        or past the tenant's budget of estimated worker-seconds: one atomic check-and-add in Redis (ADMIT),
+        so concurrent requests never pass either together (a count, then an add, let 34 of 300 concurrent
+        POSTs in against a cap of 16). Ended computations are dropped from the count first, and one
+        admitted but not enqueued only after ENQUEUE_GRACE_S (another request's admission, still being
+        enqueued). Returns ADMITTED where this call added it."""
         s = self.settings
         if (waiting := queued(self.redis, s)) >= s.max_queued_jobs:
             raise Unavailable(f"the queue is full ({waiting} jobs waiting; ATTR_MAX_QUEUED_JOBS)", s.retry_after_s)
@@ -310,9 +348,20 @@ class Jobs:
             state = self._state(member.decode())  # None: not enqueued yet (admitted a moment ago), or expired
             if state not in ACTIVE and (state is not None or now - admitted_at > ENQUEUE_GRACE_S):
                 ended.append(member)
+        costs = self.key("admitted-cost", tenant)
         if ended:
             self.redis.zrem(name, *ended)
-        admitted = self.redis.eval(ADMIT, 1, name, key, s.max_active_jobs_per_tenant, now)
+            self.redis.hdel(costs, *ended)
+        admitted = self.redis.eval(ADMIT, 2, name, costs, key, s.max_active_jobs_per_tenant, now, estimate or 0,
+                                   s.tenant_budget_s)  # fmt: skip
+        if admitted == -1:
+            spent = sum(float(v) for v in self.redis.hvals(costs))
+            raise TooManyRequests(
+                f"this tenant's queued and running work is estimated at {spent:,.0f} worker-seconds; this request's "
+                f"{estimate:,.0f} more would pass its budget of {s.tenant_budget_s:,.0f} (ATTR_TENANT_BUDGET_S): "
+                "wait for some of it to end",
+                s.retry_after_s,
+            )
         if not admitted:
             raise TooManyRequests(
                 f"{s.max_active_jobs_per_tenant} of this tenant's jobs are queued or running "
@@ -516,7 +565,8 @@ class Jobs:
             meta = {**meta, "progress": self._fanout_progress(key, len(meta["parts"]))}
             status = "running" if meta["progress"]["done"] or meta["progress"]["total"] else "queued"
         error = failure(job) if status == "failed" else None
-        return {"status": status, "progress": meta.get("progress", {}), "timing": meta.get("timing"), "error": error}
+        return {"status": status, "progress": meta.get("progress", {}), "timing": meta.get("timing"), "error": error,
+                "admission": meta.get("admission")}  # fmt: skip
 
     def _active(self, handle: str, record: dict[str, str]) -> View:
         """The view of a job without a result: canceled by this tenant, or RQ's state of the computation."""

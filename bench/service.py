@@ -60,10 +60,17 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @contextlib.contextmanager
-def service(registry_dir: Path, warm: bool, code: Path = ROOT, api_workers: int = 1, **settings: str):
+def service(
+    registry_dir: Path,
+    warm: bool,
+    code: Path = ROOT,
+    api_workers: int = 1,
+    worker_log: Path | None = None,
+    **settings: str,
+):
     """Redis, the API under uvicorn and one worker on free ports, running the code in `code`; yields an
-    httpx client once ready (`client.api_pid`: the API's process). `settings`: extra ATTR_* environment
-    variables (e.g. ATTR_MAX_TEST_POINTS="512")."""
+    httpx client once ready (`client.api_pid`: the API's process, `client.redis_url`). `settings`: extra
+    ATTR_* environment variables (e.g. ATTR_MAX_TEST_POINTS="512"); `worker_log`: where its log goes."""
     redis_port, api_port = free_port(), free_port()
     binary = subprocess.run(
         [str(ROOT / "scripts" / "redis")], capture_output=True, text=True, check=True
@@ -112,11 +119,11 @@ def service(registry_dir: Path, warm: bool, code: Path = ROOT, api_workers: int 
                 [sys.executable, "-m", "worker"],
                 cwd=code,
                 env={**env, "PYTHONPATH": str(code)},
-                stderr=subprocess.DEVNULL,
+                stderr=open(worker_log, "w") if worker_log else subprocess.DEVNULL,  # noqa: SIM115 (the child's)
             )
         )
         client = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30)
-        client.api_pid = procs[1].pid
+        client.api_pid, client.redis_url = procs[1].pid, env["REDIS_URL"]
         for _ in range(3000):  # the worker's warm-up computes the demo models' curvature first
             with contextlib.suppress(httpx.TransportError):
                 if client.get("/readyz").status_code == 200:

@@ -43,6 +43,7 @@ __all__ = [
     "REDUCE_FUNC",
     "PROBE_FUNC",
     "affinity_queue",
+    "queue_names",
     "digest",
     "echo",
     "bucket_of",
@@ -256,9 +257,15 @@ def part_id(key: str, first_shard: int) -> str:
     return f"{key}-p{first_shard}"
 
 
-def affinity_queue(queue: str, bucket: int) -> str:
-    """The name of affinity queue `bucket` (shard jobs) beside the main `queue` (whole jobs, reduces)."""
-    return f"{queue}.{bucket}"
+def affinity_queue(queue: str, bucket: int, long: bool = False) -> str:
+    """The name of affinity queue `bucket` (shard jobs) beside the main `queue` (whole jobs, reduces); `long`:
+    its twin for work estimated past long_job_s, taken only when no other work waits (contract/cost.py)."""
+    return f"{queue}.long.{bucket}" if long else f"{queue}.{bucket}"
+
+
+def queue_names(queue: str, buckets: int) -> list[str]:
+    """Every queue a worker takes work from: the main one, the affinity queues, their long twins."""
+    return [queue] + [affinity_queue(queue, b, long) for long in (False, True) for b in range(buckets)]
 
 
 def bucket_of(dataset_digest: str, first_shard: int, buckets: int) -> int:

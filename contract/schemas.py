@@ -142,6 +142,13 @@ class Progress(BaseModel):
     eta_s: float | None = None
 
 
+class Admission(BaseModel):
+    """What the door estimated and chose (contract/cost.py; README, "Admission by cost")."""
+
+    estimate_s: float = Field(description="the work in worker-seconds, from the workers' measured rate on this model")
+    long: bool = Field(description="waits on the long queues, taken only when no other work waits")
+
+
 class Timing(BaseModel):
     load_s: float = 0.0
     mirror_s: float = 0.0
@@ -239,6 +246,9 @@ class JobPublic(BaseModel):
     timing: Timing | None = None
     execution: Execution | None = Field(None, description="what ran, once finished")
     error: str | None = Field(None, description="why the job failed (the exception's message)")
+    admission: Admission | None = Field(
+        None, description="while queued or running: its estimate and queue; null where its model was never measured"
+    )
     cached: bool = Field(False, description="answered from an earlier computation of the same request")
     links: dict[str, str] = {}
 

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     max_active_jobs_per_tenant: int = Field(16, description="computations a tenant may have queued or running")
     max_queued_jobs: int = Field(1000, description="jobs waiting in the queue before new work is refused")
     retry_after_s: int = Field(5, description="Retry-After hint when a cap (not the rate) refuses work")
+    long_job_s: float = Field(
+        120.0, description="work estimated past this many worker-seconds waits on the long queues (contract/cost.py)"
+    )
+    tenant_budget_s: float = Field(
+        4 * 3600.0, description="estimated worker-seconds a tenant may have queued or running at once"
+    )
 
     # request limits
     max_body_bytes: int = 8 << 20

@@ -148,13 +148,13 @@ def worker(settings):
 
 
 def queued_jobs(settings) -> list[str]:
-    """Ids of the jobs waiting in the main queue and every affinity queue."""
+    """Ids of the jobs waiting in every queue."""
     from rq import Queue
 
-    from contract.jobs import affinity_queue
+    from contract.jobs import queue_names
 
     redis = redis_lib.Redis.from_url(settings.redis_url)
-    names = [settings.queue] + [affinity_queue(settings.queue, b) for b in range(settings.affinity_buckets)]
+    names = queue_names(settings.queue, settings.affinity_buckets)
     return [id for name in names for id in Queue(name, connection=redis).job_ids]
 
 

@@ -7,7 +7,9 @@ Which work it takes first: shard jobs go to affinity queues (contract/jobs.py: `
 worker owns a share of them: ATTR_WORKER_QUEUES, or else an even share among the live workers by a slot
 it claims in Redis (`fi:slot:<i>`, held while it lives). An idle worker waits on the main queue and its
 own affinity queues; after ATTR_STEAL_AFTER_S without such work it takes any other queue's, so a busy
-owner never starves a job and a shard's jobs keep landing where the shard is warm.
+owner never starves a job and a shard's jobs keep landing where the shard is warm. Work the API estimated
+as long (contract/cost.py) waits on the long twins of the affinity queues, taken only when nothing else
+waits: long work never starves short work.
 
 How a job ends, in RQ's own states:
 - it returns: FINISHED (the result and scores are in Redis under its id);
@@ -15,7 +17,8 @@ How a job ends, in RQ's own states:
   the exception's message (no traceback) in the job's meta "error", and never retried: the same payload
   would fail the same way;
 - a cancel sends RQ's stop-job command: this worker's `kill_horse` (it has no horse) sets a flag that the
-  job checks between batches, and RQ records it STOPPED;
+  job checks between batches (and, where a batch runs past STOP_WITHIN_S, raises Stopped in the job's
+  thread then, as RQ's time limit does), and RQ records it STOPPED;
 - its worker is asked to stop (SIGTERM, SIGINT): it finishes the job, then exits (`_shutdown`);
 - its worker dies (SIGKILL, OOM): while a job runs, a thread refreshes its heartbeat every
   heartbeat_ttl_s / 3. When the heartbeat lapses (heartbeat_ttl_s after the kill), the next maintenance
@@ -27,6 +30,7 @@ How a job ends, in RQ's own states:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -44,8 +48,8 @@ from rq.exceptions import AbandonedJobError
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
-from contract.jobs import affinity_queue
-from contract.method import MethodSettings, resolve_method
+from contract.jobs import ModelRef, queue_names
+from contract.method import MethodConflict, MethodSettings, resolve_method
 from contract.registry import Registry, RegistryError
 from contract.settings import Settings
 
@@ -56,7 +60,13 @@ from .warm import Warm, resolve_device
 
 log = logging.getLogger("worker")
 MAX_SLOTS = 256  # workers past this many own no affinity queue and take work by stealing only
-STOP_GRACE_S = 2.0  # asked to stop, a worker that cannot reach Redis this long after exits without it
+MEASURE_S = 1.0  # the warm-up's measurement of a model's sweep
+STOP_GRACE_S = 2.0
+STOP_WITHIN_S = 1.0  # a job told to stop that has not reached its next batch by then is interrupted  # asked to stop, a worker that cannot reach Redis this long after exits without it
+
+
+class Measured(Exception):
+    """The warm-up's measurement has seen enough batches."""
 
 
 def owned_buckets(spec: str, buckets: int) -> set[int]:
@@ -89,7 +99,7 @@ class WarmWorker(SimpleWorker):
         backoff = ExponentialWithJitterBackoff(base=0.1, cap=2.0)
         redis = Redis.from_url(settings.redis_url, retry=RedisRetry(backoff, settings.worker_redis_retries))
         name = name or f"{socket.gethostname()}-{os.getpid()}"
-        names = [settings.queue] + [affinity_queue(settings.queue, b) for b in range(settings.affinity_buckets)]
+        names = queue_names(settings.queue, settings.affinity_buckets)
         self.fixed = (
             owned_buckets(settings.worker_queues, settings.affinity_buckets) if settings.worker_queues else None
         )
@@ -115,17 +125,19 @@ class WarmWorker(SimpleWorker):
 
     # -- which queue first (module docstring) ----------------------------------------------------------
     def affinity(self) -> tuple[list[Queue], list[Queue]]:
-        """(the main queue and this worker's own affinity queues, every other affinity queue): the others
-        in an order that starts after this worker's slot, so idle workers steal from different queues."""
-        main, buckets = self.queues[0], self.queues[1:]
+        """(the main queue and this worker's own affinity queues, every other queue): the other affinity
+        queues in an order that starts after this worker's slot, so idle workers steal from different
+        queues, then the long queues (own first), which no worker takes while other work waits."""
+        n = self.settings.affinity_buckets
+        main, buckets, long = self.queues[0], self.queues[1 : n + 1], self.queues[n + 1 :]
         if self.fixed is not None:
             own = self.fixed
         else:
-            own = {b for b in range(len(buckets)) if b % self.live == self.slot % self.live}
-        mine = [main] + [q for b, q in enumerate(buckets) if b in own]
-        start = (self.slot * len(buckets)) // max(self.live, 1)
-        others = [q for b, q in enumerate(buckets[start:] + buckets[:start]) if q not in mine]
-        return mine, others
+            own = {b for b in range(n) if b % self.live == self.slot % self.live}
+        start = (self.slot * n) // max(self.live, 1)
+        order = [b for b in [*range(start, n), *range(start)] if b not in own]
+        mine = [main] + [buckets[b] for b in sorted(own)]
+        return mine, [buckets[b] for b in order] + [long[b] for b in [*sorted(own), *order]]
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         """RQ's dequeue with affinity: wait up to steal_after_s on the main queue and this worker's own
@@ -230,8 +242,14 @@ class WarmWorker(SimpleWorker):
 
     # -- how jobs end (module docstring) -------------------------------------------------------------
     def kill_horse(self, sig=None) -> None:
-        """RQ's stop-job command ends here: stop the running job at its next batch."""
+        """RQ's stop-job command ends here: stop the running job at its next batch, or STOP_WITHIN_S from
+        now where a batch takes longer (jobs.interrupt)."""
         self.context.stop.set()
+        threading.Timer(STOP_WITHIN_S, self._interrupt, (self.get_current_job_id(),)).start()
+
+    def _interrupt(self, job_id: str | None) -> None:
+        if jobs.interrupt(self.context):
+            log.info("job %s interrupted mid-batch, %.0f s after its stop command", job_id, STOP_WITHIN_S)
 
     def record_failure(self, job, exc_type, exc, tb) -> bool:
         """Exception handler: the reason a job failed, in one line, into its meta (the API shows it)."""
@@ -304,13 +322,31 @@ class WarmWorker(SimpleWorker):
                 if m.id not in d.trained or len(d.parts(self.settings.part_records)) > 1:
                     continue
                 try:
-                    method = resolve_method("attribution", MethodSettings(), m.method)
-                    fi = jobs.engine(ctx, m, d, method, self.settings.dtype)
-                    for n in range(len(d.shards)):
-                        jobs.prepare_shard(ctx, fi, m, d, n, self.settings.dtype)
-                    fi.mirror(ctx.warm.examples(d, [0]))
-                except (RegistryError, AttributionInputError, OSError) as exc:
+                    for kind in ("attribution", "leakage"):  # the default method first: it stays warm
+                        method = resolve_method(kind, MethodSettings(), m.method)
+                        fi = jobs.engine(ctx, m, d, method, self.settings.dtype)
+                        for n in range(len(d.shards)):
+                            jobs.prepare_shard(ctx, fi, m, d, n, self.settings.dtype)
+                        self.measure(fi, fi.mirror(ctx.warm.examples(d, [0])), m, method, d.shards[-1].size)
+                except (RegistryError, AttributionInputError, MethodConflict, OSError) as exc:
                     log.error("warm-up skipped %s on %s: %s", m.id, d.id, exc)
+
+    def measure(self, fi, mirror, m, method, records: int) -> None:
+        """About MEASURE_S of the prepared shard's sweep for one row: the method's rate on the model, which
+        prices requests at the door before any has run (contract/cost.py)."""
+        started, done = time.perf_counter(), 0
+
+        def tick(batches: int, _total) -> None:
+            nonlocal done
+            done = batches
+            if time.perf_counter() - started > MEASURE_S:
+                raise Measured
+
+        with contextlib.suppress(Measured):
+            fi.sweep(mirror, tick)
+        swept = min(records, done * fi.config.batch_size)
+        model = ModelRef(id=m.id, digest=m.digest)
+        self.context.store.measured(model, self.settings.dtype, method, time.perf_counter() - started, swept)
 
     def teardown(self):
         self._alive.set()

@@ -17,6 +17,7 @@ the next batch; only a worker that dies mid-job leaves it to be retried by anoth
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -66,6 +67,8 @@ class Context:
     store: Store
     warm: Warm
     stop: threading.Event = field(default_factory=threading.Event)  # set by the stop-job command
+    running: int | None = None  # the thread running a job's body (`counted`), for `interrupt`
+    lock: threading.Lock = field(default_factory=threading.Lock)
     stats: dict = field(default_factory=lambda: {"jobs": 0, "job_seconds": 0.0})
 
 
@@ -192,12 +195,27 @@ def begin(payload: dict, expected_id) -> tuple[Job, RQJob | None, Context]:
 
 @contextlib.contextmanager
 def counted(ctx: Context):
+    """A job's body: counted in the worker's stats, and interruptible by `interrupt`."""
     started = time.time()
+    with ctx.lock:
+        ctx.running = threading.get_ident()
     try:
         yield
     finally:
+        with ctx.lock:
+            ctx.running = None
         ctx.stats["jobs"] += 1
         ctx.stats["job_seconds"] += time.time() - started
+
+
+def interrupt(ctx: Context) -> bool:
+    """Raise Stopped in the thread of a job told to stop that is still running (a batch longer than the
+    stop check's wait: a large model, many rows), as RQ's own time limit raises in it; True if it did."""
+    with ctx.lock:
+        if ctx.running is None or not ctx.stop.is_set():
+            return False
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ctx.running), ctypes.py_object(Stopped))
+        return True
 
 
 # -- one part: the mirrored step and the sweep over shards [first, stop) ------------------------------------
@@ -230,6 +248,7 @@ def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int
             calibrated.append(fi.calibrated_log_probabilities(calibrator))
     scores = torch.cat(parts, dim=1).float()  # (rows, width)
     reporter.timing["sweep_s"] = time.perf_counter() - t
+    ctx.store.measured(job.model, job.dtype, job.method, reporter.timing["sweep_s"], scores.numel())
     lo = int(data_m.bounds[first])
     summary = summarize(job, ctx, fi, mirror, scores, lo, reporter, total)
     if calibrated:

@@ -23,8 +23,10 @@ from redis.exceptions import LockError, RedisError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from contract.cost import WEIGHT, cost_key, method_id
 from contract.indexes import IndexEntry, index_dir
-from contract.jobs import artifact_id
+from contract.jobs import ModelRef, artifact_id
+from contract.method import Method
 from contract.scores import Block, blob_key, blob_path, block_key, block_path, place
 from contract.settings import Settings
 
@@ -90,6 +92,18 @@ class Store:
         value = json.dumps({"done": done, "total": total, "eta_s": eta_s})
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(name, str(part), value).expire(name, self.settings.job_record_ttl_s).execute()
+
+    def measured(self, model: ModelRef, dtype: str, method: Method, seconds: float, units: int) -> None:
+        """A sweep of `method` took `seconds` for `units` record-rows: into its moving average (contract/cost.py),
+        which prices the next requests on this model at the door."""
+        if units <= 0 or seconds <= 0:
+            return
+        name, field = cost_key(self.settings, model, dtype), method_id(method)
+        rate, old = seconds / units, self.redis.hget(name, field)
+        if old is not None:
+            rate = (1 - WEIGHT) * float(old) + WEIGHT * rate
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(name, field, repr(rate)).expire(name, self.settings.score_ttl_s).execute()
 
     def sweep_files(self) -> int:
         """Remove score files whose result is gone (expired, deleted, or never finished) and that are older

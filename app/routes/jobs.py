@@ -58,7 +58,8 @@ async def create(
     if body.webhook is not None:
         check(body.webhook, settings)
     parts = _parts(job, registry, settings)  # one job, or a fan-out over parts
-    public, status, handle = await jobs.submit(job, who, getattr(body, "top_k", None), parts)
+    records = registry.dataset(job.dataset.id).size
+    public, status, handle = await jobs.submit(job, who, getattr(body, "top_k", None), parts, records)
     if body.webhook is not None:
         await jobs.webhooks.register(handle, job.key, body.webhook)
     metrics.CACHE.labels("hit" if status == 200 else "miss").inc()

@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Route
 
 from contract.problems import InvalidInput, PayloadTooLarge, ServiceError, Unavailable
 from contract.registry import Registry, RegistryError
@@ -86,6 +87,20 @@ def problem(request: Request, exc: ServiceError) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status, media_type=PROBLEM, headers=exc.headers)
 
 
+def allowed(app: FastAPI, scope: dict) -> str:
+    """The methods of the most specific routes on the request's path (fewest path parameters: POST
+    /v1/analyses/leakage, not GET /v1/analyses/{id}), as the OpenAPI document lists them; HEAD, GET's
+    twin, is not documented. (FastAPI wraps an included router: its routes are its `original_router`'s.)"""
+    routes = [r for top in app.router.routes for r in getattr(getattr(top, "original_router", None), "routes", [top])]
+    matched = []
+    for route in (r for r in routes if isinstance(r, Route)):
+        match, child = route.matches(scope)
+        if match != Match.NONE:
+            matched.append((len(child["path_params"]), route))
+    fewest = min((n for n, _ in matched), default=0)
+    return ", ".join(sorted({m for n, r in matched if n == fewest for m in r.methods or ()} - {"HEAD"}))
+
+
 def translate(exc: Exception) -> ServiceError:
     """Foreign exceptions -> the service's error tree (the one place this happens)."""
     if isinstance(exc, ServiceError):
@@ -146,7 +161,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception):
-        return problem(request, translate(exc))
+        error = translate(exc)
+        if error.status == 405:  # Starlette's names only the first route on the path; others serve more
+            error.headers["Allow"] = allowed(app, request.scope)
+        return problem(request, error)
 
     for foreign in (ServiceError, RedisError, RequestValidationError, RegistryError, HTTPException):
         app.add_exception_handler(foreign, on_error)

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from .method import Method
+from .method import Method, whole
 
 __all__ = [
     "ENGINE_VERSION",
@@ -209,10 +209,10 @@ class MemorizationJob(_Job):
 class IndexSettings(_Frozen):
     """How an index sketches each record (worker/forward_inf/sketch.py); defaults by measurement (bench.index)."""
 
-    dims: Annotated[int, Field(strict=True, ge=8, le=1024)] = Field(
+    dims: whole(ge=8, le=1024) = Field(
         256, description="sketch dimensions per record, stored as float16 (2 bytes each)"
     )
-    rank: Annotated[int, Field(strict=True, ge=0, le=1024)] = Field(
+    rank: whole(ge=0, le=1024) = Field(
         64,
         description="of which exact coordinates on the curvature's top eigenvectors (the rest: a whitened "
         "random sketch of what they leave out)",

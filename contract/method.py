@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
 
 __all__ = [
     "KIND_PRESET",
@@ -27,8 +27,19 @@ __all__ = [
     "MethodConflict",
     "MethodDefaults",
     "MethodSettings",
+    "whole",
     "resolve_method",
 ]
+
+
+def _whole(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def whole(**constraints: int) -> Any:
+    """An integer field as JSON Schema means it: any integral number (376.0 is 376), never a string or a
+    bool; `constraints`: ge, le."""
+    return Annotated[int, Field(strict=True, **constraints), BeforeValidator(_whole)]
 
 Kind = Literal["attribution", "leakage", "mislabeled", "memorization"]
 PresetName = Literal["attribution", "leakage", "mislabeled"]
@@ -42,7 +53,7 @@ class Method(BaseModel):
 
     optimizer: Literal["sgd", "adam", "signsgd"] = Field("sgd", description="update rule of the mirrored step")
     lr: Annotated[float, Field(strict=True, gt=0, le=100)] = Field(1e-3, description="step size")
-    steps: Annotated[int, Field(strict=True, ge=1, le=20)] = Field(
+    steps: whole(ge=1, le=20) = Field(
         1, description="mirrored steps (linear mode: the first)"
     )
     direction: Literal["ascent", "descent"] = Field("ascent", description="ascent = unlearn the test point")

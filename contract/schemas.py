@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .indexes import TRUSTED_RECALL, IndexEntry
 from .jobs import IndexSettings, RankBy
-from .method import Method, MethodDefaults, MethodSettings
+from .method import Method, MethodDefaults, MethodSettings, whole
 from .registry import ID, REGISTERABLE, InputSpec
 
 Status = Literal["queued", "running", "finished", "failed", "canceled"]
@@ -76,7 +76,7 @@ class DatasetTest(BaseModel):
 
     dataset: str
     records: list[str] | None = None
-    indices: list[Annotated[int, Field(strict=True, ge=0)]] | None = None
+    indices: list[whole(ge=0)] | None = None
 
 
 class Webhook(BaseModel):
@@ -125,8 +125,8 @@ class AttributionCreate(JobCreate):
     )
 
     test: InlineTest | DatasetTest | TextTest
-    top_k: Annotated[int, Field(strict=True, ge=1)] = 10
-    candidates: Annotated[int, Field(strict=True, ge=0)] | None = Field(
+    top_k: whole(ge=1) = 10
+    candidates: whole(ge=0) | None = Field(
         None,
         description="two-stage: re-score only this many candidates per test point at each end of the ranking, "
         "found by the model's and dataset's index (POST /v1/indexes); 0: the full sweep. Default: with an index "
@@ -327,7 +327,7 @@ class LeakageCreate(JobCreate):
         }
     )
     test: InlineTest | DatasetTest | TextTest
-    calibration_records: Annotated[int, Field(strict=True, ge=16, le=1024)] = Field(
+    calibration_records: whole(ge=16, le=1024) = Field(
         128, description="training records used as queries to calibrate the decision threshold"
     )
     false_flag_rate: Annotated[float, Field(ge=0.001, le=0.2)] = Field(
@@ -335,7 +335,7 @@ class LeakageCreate(JobCreate):
         description="near duplicates: the share of clean test points the similarity threshold may flag (measured "
         "on training records against the rest)",
     )
-    candidates: Annotated[int, Field(strict=True, ge=0, le=1000)] | None = Field(
+    candidates: whole(ge=0, le=1000) | None = Field(
         None,
         description="through the model's and dataset's index (POST /v1/indexes): the records most similar to each "
         "test point (and to each small re-alignment of an image) that are confirmed; up to "
@@ -367,7 +367,7 @@ class MislabeledCreate(JobCreate):
         "loss (Forward-INF group mode, cosine score); combined: the sum of the loss and harm ranks. "
         "Default by measurement (docs/benchmarks.md).",
     )
-    review_size: Annotated[int, Field(strict=True, ge=1, le=10_000)] | None = Field(
+    review_size: whole(ge=1, le=10_000) | None = Field(
         None, description="length of the review list; default: the expected number of wrong labels (sum of p_wrong)"
     )
 
@@ -387,10 +387,10 @@ class MemorizationCreate(JobCreate):
         }
     )
     records: DatasetTest = Field(description="records of the training dataset to audit (ids or indices)")
-    neighbours: Annotated[int, Field(strict=True, ge=1, le=100)] = Field(
+    neighbours: whole(ge=1, le=100) = Field(
         10, description="other records that may explain it"
     )
-    calibration_records: Annotated[int, Field(strict=True, ge=16, le=1024)] = Field(
+    calibration_records: whole(ge=16, le=1024) = Field(
         128, description="training records whose reliance sets the outlier threshold"
     )
 

@@ -194,11 +194,22 @@ async def register_dataset(
     return DatasetRegistered(dataset=_dataset(manifest), registered=not body.dry_run, indexes=built)
 
 
-@router.delete("/{kind}/{entry_id}", status_code=204, operation_id="delete_entry", responses=problems(404))
-def delete_entry(kind: Kind, entry_id: EntryId, who: Admin, registry: RegistryDep) -> Response:
-    """Unregister a model or dataset (and drop anything staged for it). Finished results that used it stay
-    readable by their handles; new requests naming it are refused."""
-    staged = registry.delete(kind[:-1], entry_id, staged=True)
-    if not registry.delete(kind[:-1], entry_id) and not staged:
-        raise NotFound(f"unknown {kind[:-1]} {entry_id!r}")
+@router.delete("/models/{entry_id}", status_code=204, operation_id="delete_model", responses=problems(404, 422))
+def delete_model(entry_id: EntryId, who: Admin, registry: RegistryDep) -> Response:
+    """Unregister a model (and drop anything staged for it). Finished results that used it stay readable by
+    their handles; new requests naming it are refused."""
+    return _delete("model", entry_id, registry)
+
+
+@router.delete("/datasets/{entry_id}", status_code=204, operation_id="delete_dataset", responses=problems(404, 422))
+def delete_dataset(entry_id: EntryId, who: Admin, registry: RegistryDep) -> Response:
+    """Unregister a dataset (and drop anything staged for it), as a model is."""
+    return _delete("dataset", entry_id, registry)
+
+
+def _delete(kind: str, entry_id: str, registry) -> Response:
+    """(DELETE on /models/{id} and /datasets/{id}, beside their POSTs: one path, one Allow header.)"""
+    staged = registry.delete(kind, entry_id, staged=True)
+    if not registry.delete(kind, entry_id) and not staged:
+        raise NotFound(f"unknown {kind} {entry_id!r}")
     return Response(status_code=204)

@@ -25,7 +25,14 @@ from redis.retry import Retry
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Route
 
-from contract.problems import InvalidInput, PayloadTooLarge, ServiceError, Unavailable
+from contract.problems import (
+    BadRequest,
+    InvalidInput,
+    PayloadTooLarge,
+    ServiceError,
+    Unavailable,
+    UnsupportedMediaType,
+)
 from contract.registry import Registry, RegistryError
 from contract.settings import PLACEHOLDER_SECRET, Settings
 
@@ -101,12 +108,28 @@ def allowed(app: FastAPI, scope: dict) -> str:
     return ", ".join(sorted({m for n, r in matched if n == fewest for m in r.methods or ()} - {"HEAD"}))
 
 
-def translate(exc: Exception) -> ServiceError:
-    """Foreign exceptions -> the service's error tree (the one place this happens)."""
+def _bad_json(exc: RequestValidationError, content_type: str | None) -> ServiceError | None:
+    """A body that is not JSON (400, where it breaks) or not sent as JSON (415, the header to send)."""
+    for e in exc.errors():
+        if e["type"] == "json_invalid" and isinstance(exc.body, str | bytes):
+            doc, at = exc.body if isinstance(exc.body, str) else exc.body.decode(errors="replace"), e["loc"][-1]
+            line, column = doc.count("\n", 0, at) + 1, at - doc.rfind("\n", 0, at)
+            return BadRequest(f"the body is not valid JSON: {e['ctx']['error']} at line {line}, column {column}")
+        if tuple(e["loc"]) == ("body",) and "json" not in (content_type or "").lower():
+            got = f"it says {content_type!r}" if content_type else "it has none"
+            return UnsupportedMediaType(f"send the body as JSON with the header content-type: application/json ({got})")
+    return None
+
+
+def translate(exc: Exception, content_type: str | None = None) -> ServiceError:
+    """Foreign exceptions -> the service's error tree (the one place this happens); `content_type`: the
+    request's, which a body that is not an object is blamed on first."""
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, RedisError):
         return Unavailable(f"the job store (Redis) is unavailable: {type(exc).__name__}; retry shortly", 1)
+    if isinstance(exc, RequestValidationError) and (bad := _bad_json(exc, content_type)):
+        return bad
     if isinstance(exc, RequestValidationError):
         errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
@@ -161,7 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception):
-        error = translate(exc)
+        error = translate(exc, request.headers.get("content-type"))
         if error.status == 405:  # Starlette's names only the first route on the path; others serve more
             error.headers["Allow"] = allowed(app, request.scope)
         return problem(request, error)

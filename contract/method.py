@@ -41,6 +41,7 @@ def whole(**constraints: int) -> Any:
     bool; `constraints`: ge, le."""
     return Annotated[int, Field(strict=True, **constraints), BeforeValidator(_whole)]
 
+
 Kind = Literal["attribution", "leakage", "mislabeled", "memorization"]
 PresetName = Literal["attribution", "leakage", "mislabeled"]
 
@@ -53,9 +54,7 @@ class Method(BaseModel):
 
     optimizer: Literal["sgd", "adam", "signsgd"] = Field("sgd", description="update rule of the mirrored step")
     lr: Annotated[float, Field(strict=True, gt=0, le=100)] = Field(1e-3, description="step size")
-    steps: whole(ge=1, le=20) = Field(
-        1, description="mirrored steps (linear mode: the first)"
-    )
+    steps: whole(ge=1, le=20) = Field(1, description="mirrored steps (linear mode: the first)")
     direction: Literal["ascent", "descent"] = Field("ascent", description="ascent = unlearn the test point")
     mode: Literal["finite", "linear"] = Field(
         "linear", description="finite = take the step; linear = exact first order"

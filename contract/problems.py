@@ -85,6 +85,10 @@ class PayloadTooLarge(ServiceError):
     status, title = 413, "Payload too large"
 
 
+class UnsupportedMediaType(ServiceError):
+    status, title = 415, "Unsupported media type"
+
+
 class InvalidInput(ServiceError):
     status, title = 422, "Invalid input"
 

@@ -387,9 +387,7 @@ class MemorizationCreate(JobCreate):
         }
     )
     records: DatasetTest = Field(description="records of the training dataset to audit (ids or indices)")
-    neighbours: whole(ge=1, le=100) = Field(
-        10, description="other records that may explain it"
-    )
+    neighbours: whole(ge=1, le=100) = Field(10, description="other records that may explain it")
     calibration_records: whole(ge=16, le=1024) = Field(
         128, description="training records whose reliance sets the outlier threshold"
     )

@@ -56,6 +56,8 @@ def test_cancel_a_running_job(api, big_settings):
         assert worker.poll() is None  # the worker stays up for the next job
     finally:
         stop_worker(worker)
+    log = worker.log.read_text()  # a cancel is one INFO line; RQ's maintenance (every 1 s here) is not logged
+    assert "stopped on request (canceled)" in log and "Traceback" not in log and "cleaning registries" not in log
 
 
 def test_a_long_poll_returns_as_soon_as_the_job_ends(big_settings):

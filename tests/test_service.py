@@ -342,7 +342,10 @@ def test_errors_are_problem_json(client, changes, status, needle):
 
 def test_more_errors_are_problem_json(client, settings):
     cases = [
-        (client.post("/v1/attributions", content=b"{not json", headers={"content-type": "application/json"}), 422),
+        (
+            client.post("/v1/attributions", content=b"{not json", headers={"content-type": "application/json"}),
+            400,
+        ),  # with where it breaks
         (
             client.post(
                 "/v1/attributions",
@@ -416,3 +419,14 @@ def test_job_payload_is_json_and_names_the_function(client, settings):
     data = json.loads(zlib.decompress(raw.hget(f"rq:job:{job_id}", "data")))  # JSON, never a pickle
     assert data[0] == JOB_FUNC and data[2][0]["model"]["id"] == "digits-mlp"
     assert raw.hget(f"rq:job:{job_id}", "description").decode().startswith(JOB_FUNC)
+
+
+def test_a_body_that_is_not_json_or_not_sent_as_json_says_what_to_fix(client):
+    body = json.dumps({"model": "digits-mlp", "dataset": "digits-train", "test": TEST, "method": FAST})
+    for headers in ({}, {"content-type": "text/plain"}):
+        answer = client.post("/v1/attributions", content=body, headers=headers)
+        assert answer.status_code == 415 and "content-type: application/json" in answer.json()["detail"]
+        assert answer.headers["content-type"] == "application/problem+json"
+    broken = client.post("/v1/attributions", content='{\n  "model": x\n}', headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and "line 2, column 12" in broken.json()["detail"]
+    assert client.post("/v1/attributions", json=[1]).status_code == 422  # JSON, but not an object: the field's error

@@ -65,6 +65,15 @@ STOP_GRACE_S = 2.0  # asked to stop, a worker that cannot reach Redis this long 
 STOP_WITHIN_S = 1.0  # a job told to stop that has not reached its next batch by then is interrupted
 
 
+def routine(record: logging.LogRecord) -> bool:
+    """RQ's maintenance pass at DEBUG: a line per queue every maintenance interval (476 of 684 lines of a
+    serve log), and one per job; shown only where rq.worker logs DEBUG."""
+    if str(record.msg).startswith("Worker %s: cleaning "):
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger("rq.worker").isEnabledFor(logging.DEBUG)
+    return True
+
+
 class Measured(Exception):
     """The warm-up's measurement has seen enough batches."""
 
@@ -251,10 +260,18 @@ class WarmWorker(SimpleWorker):
         if jobs.interrupt(self.context):
             log.info("job %s interrupted mid-batch, %.0f s after its stop command", job_id, STOP_WITHIN_S)
 
+    def handle_exception(self, job, *exc_info):
+        """A job stopped on request (a cancel) is not a failure: one INFO line instead of RQ's ERROR with
+        a traceback."""
+        if isinstance(exc_info[1], jobs.Stopped):
+            log.info("job %s stopped on request (canceled)", job.id)
+            return
+        super().handle_exception(job, *exc_info)
+
     def record_failure(self, job, exc_type, exc, tb) -> bool:
         """Exception handler: the reason a job failed, in one line, into its meta (the API shows it)."""
-        if isinstance(exc, jobs.Stopped) or (isinstance(exc, AbandonedJobError) and job.retries_left):
-            return True  # stopped on request, or requeued: not a failure
+        if isinstance(exc, AbandonedJobError) and job.retries_left:
+            return True  # requeued: not a failure (one stopped on request never gets here: handle_exception)
         if isinstance(exc, AbandonedJobError):
             reason = "its worker died mid-job (killed, out of memory or lost) on every try"
         elif isinstance(exc, JobTimeoutException):
@@ -321,6 +338,7 @@ class WarmWorker(SimpleWorker):
             for d in ctx.registry.datasets():
                 if m.id not in d.trained or len(d.parts(self.settings.part_records)) > 1:
                     continue
+                started = time.perf_counter()
                 try:
                     for kind in ("attribution", "leakage"):  # the default method first: it stays warm
                         method = resolve_method(kind, MethodSettings(), m.method)
@@ -329,6 +347,7 @@ class WarmWorker(SimpleWorker):
                             jobs.prepare_shard(ctx, fi, m, d, n, self.settings.dtype)
                         rows = ctx.warm.examples(d, list(range(min(MEASURE_ROWS, d.size))))
                         self.measure(fi, fi.mirror(rows), m, method, d.shards[-1].size)
+                    log.info("warm-up: %s on %s ready in %.1f s", m.id, d.id, time.perf_counter() - started)
                 except (RegistryError, AttributionInputError, MethodConflict, OSError) as exc:
                     log.error("warm-up skipped %s on %s: %s", m.id, d.id, exc)
 
@@ -371,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it loads, tried in turn
+    logging.getLogger("rq.worker").addFilter(routine)
     settings = Settings()
     if settings.torch_threads:  # e.g. one thread per worker, N workers on an N-core host
         import torch

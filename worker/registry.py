@@ -58,10 +58,12 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.if_absent and registry.model("digits-audit-mlp") and registry.dataset("digits-audit-test")):
                 from .demo import build_demo_registry
 
+                print("demo: training two digits MLPs (seconds) ...", flush=True)  # noqa: T201 (what serve waits on)
                 build_demo_registry(registry)
             if args.generative and not (args.if_absent and registry.model("digits-ddpm")):
                 from .generative import build_generative_registry
 
+                print("demo: training a tiny GPT and a tiny DDPM (about a minute) ...", flush=True)  # noqa: T201
                 build_generative_registry(registry, full=args.full)
             print(f"demo registry built in {registry.root}")  # noqa: T201
         elif args.command == "add-model":

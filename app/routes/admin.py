@@ -82,7 +82,7 @@ async def upload_file(
     return UploadedFile(name=name, size=size, sha256=digest.hexdigest())
 
 
-@router.post("/models/{entry_id}", operation_id="register_model", responses=problems(400, 404, 422, 503))
+@router.post("/models/{entry_id}", operation_id="register_model", responses=problems(400, 404, 415, 422, 503))
 async def register_model(
     entry_id: EntryId, body: ModelRegistration, who: Admin, registry: RegistryDep, jobs: JobsDep
 ) -> ModelRegistered:
@@ -153,7 +153,7 @@ def _family_defaults(architecture: str, folder: FilePath) -> dict:
     return {}
 
 
-@router.post("/datasets/{entry_id}", operation_id="register_dataset", responses=problems(400, 404, 422, 429, 503))
+@router.post("/datasets/{entry_id}", operation_id="register_dataset", responses=problems(400, 404, 415, 422, 429, 503))
 async def register_dataset(
     entry_id: EntryId,
     body: DatasetRegistration,

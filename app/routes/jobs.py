@@ -34,7 +34,7 @@ def problems(*codes: int) -> dict:
 
 READ = problems(404, 422, 503)
 RESULT = problems(404, 409, 422, 503)
-CREATE = problems(400, 404, 413, 422, 429, 503)
+CREATE = problems(400, 404, 413, 415, 422, 429, 503)
 JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="a job id, as its POST returned it")]
 TopK = Annotated[int | None, Query(ge=1, le=1000, description="default: the creating request's")]
 WaitS = Annotated[float, Query(ge=0, le=3600, description="wait up to this long (capped by ATTR_MAX_WAIT_S)")]

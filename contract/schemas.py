@@ -177,7 +177,10 @@ class RowAttribution(BaseModel):
     row: int
     test: TestPoint
     test_loss: float
-    memorized: bool = Field(description="loss below the memorised-point threshold (see the engine docs)")
+    memorized: bool = Field(
+        description="a training record whose loss is below the memorised-point threshold (see the engine docs); "
+        "false for every point outside the training set"
+    )
     proponents: list[Influence] = Field(description="highest scores: training points that support the prediction")
     opponents: list[Influence] = Field(description="lowest scores: training points that work against it")
 

@@ -430,3 +430,16 @@ def test_a_body_that_is_not_json_or_not_sent_as_json_says_what_to_fix(client):
     broken = client.post("/v1/attributions", content='{\n  "model": x\n}', headers={"content-type": "application/json"})
     assert broken.status_code == 400 and "line 2, column 12" in broken.json()["detail"]
     assert client.post("/v1/attributions", json=[1]).status_code == 422  # JSON, but not an object: the field's error
+
+
+def test_only_training_records_are_called_memorised(client, worker):
+    """digits-test:0 and :1 have near-zero loss (the engine treats them as it treats memorised points), but
+    they are held out: the API says memorized only of training records."""
+    held_out = post(client, test={"dataset": "digits-test", "indices": [0, 1]}).json()
+    trained = post(client, test={"dataset": "digits-train", "indices": list(range(8))}).json()
+    worker.work(burst=True)
+    rows = {name: client.get(job["links"]["self"]).json()["result"]["rows"] for name, job in
+            (("held_out", held_out), ("trained", trained))}  # fmt: skip
+    assert [r["memorized"] for r in rows["held_out"]] == [False, False]
+    assert all(r["test_loss"] < 1e-4 for r in rows["held_out"])  # what made them "memorised" before
+    assert any(r["memorized"] for r in rows["trained"])

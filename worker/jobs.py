@@ -316,7 +316,8 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
     record_ids = ctx.warm.record_ids(data_m)
     tests = echoed(ctx, job.points) if isinstance(job, AttributionJob | LeakageJob) else []
     if isinstance(job, AttributionJob):
-        result["rows"] = _top(summaries, first, record_ids, tests, ctx.settings.max_top_k)
+        training = isinstance(job.points, RecordPoints) and job.points.dataset.digest == job.dataset.digest
+        result["rows"] = _top(summaries, first, record_ids, tests, ctx.settings.max_top_k, training)
     else:
         t = time.perf_counter()
         calibration = calibration_records(job, data_m)
@@ -418,8 +419,10 @@ def _stored_base(ctx: Context, model_m: ModelManifest, data_m: DatasetManifest, 
     return torch.frombuffer(bytearray(raw), dtype=getattr(torch, dtype)).float()
 
 
-def _top(summaries: list[dict], first: dict, record_ids, tests: list[dict], k: int) -> list[dict]:
-    """Each row's top-k proponents and opponents over the whole training set, from every part's own."""
+def _top(summaries: list[dict], first: dict, record_ids, tests: list[dict], k: int, training: bool) -> list[dict]:
+    """Each row's top-k proponents and opponents over the whole training set, from every part's own.
+    `training`: the rows are training records, which alone can be memorised (a held-out point the model
+    predicts with near-zero loss is not)."""
 
     def merged(side: str, largest: bool):
         values = torch.cat([torch.tensor(s["top"][side][0]) for s in summaries], dim=1)
@@ -440,7 +443,7 @@ def _top(summaries: list[dict], first: dict, record_ids, tests: list[dict], k: i
             row=j,
             test=tests[j],
             test_loss=first["test_loss"][j],
-            memorized=first["memorized"][j],
+            memorized=training and first["memorized"][j],
             proponents=entries(hv[j], hi[j]),
             opponents=entries(lv[j], li[j]),
         ).model_dump(mode="json")

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from contract.indexes import IndexEntry, IndexShard, basis_path, default_candidates, embedding_path, shard_path
-from contract.jobs import AttributionJob, IndexJob, part_id
+from contract.jobs import AttributionJob, IndexJob
 from contract.registry import DatasetManifest, RegistryError
 from contract.schemas import IndexUse
 
@@ -42,8 +42,8 @@ from .jobs import (
     counted,
     current,
     engine,
+    entry_points,
     finish,
-    finished_parts,
     prepare_shard,
     request_rows,
     summarize,
@@ -57,28 +57,7 @@ RECALL_RECORDS = 10_000_000  # ... scored by a full sweep up to this many record
 PROBE_SAMPLE = 20_000  # this many records spread over the set
 
 
-# -- RQ entry points --------------------------------------------------------------------------------
-def run(payload: dict) -> dict:
-    job, rq_job, ctx = begin(payload, lambda key: key)
-    with counted(ctx):
-        data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
-        summary = build_part(job, ctx, Reporter(rq_job, ctx), 0, len(data_m.shards))
-        return catalog(job, ctx, [summary])
-
-
-def run_part(payload: dict, first: int, stop: int) -> dict:
-    job, rq_job, ctx = begin(payload, lambda key: part_id(key, first))
-    with counted(ctx):
-        return build_part(job, ctx, Reporter(rq_job, ctx, (job.key, first)), first, stop)
-
-
-def reduce(payload: dict) -> dict:
-    job, rq_job, ctx = begin(payload, lambda key: key)
-    summaries = finished_parts(rq_job, "of the index")
-    with counted(ctx):
-        return catalog(job, ctx, summaries)
-
-
+# -- RQ entry points (run, run_part, reduce: at the end) ---------------------------------------------
 def attribute(payload: dict) -> dict:
     job, rq_job, ctx = begin(payload, lambda key: key)
     with counted(ctx):
@@ -265,3 +244,6 @@ def shards_of(ctx: Context, basis: str, shards: list[IndexShard], data_m: Datase
             raise RegistryError(f"the index's sketches of shard {n} are gone (deleted?): build the index again")
         parts.append((int(bounds[n]), search.load(path.read_bytes())))
     return search.Shards(parts, sum(s.bytes for s in shards))
+
+
+run, run_part, reduce = entry_points(build_part, catalog, "of the index")

@@ -20,7 +20,9 @@ import contextlib
 import ctypes
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,25 +110,34 @@ class Reporter:
 
 
 # -- RQ entry points --------------------------------------------------------------------------------
-def run(payload: dict) -> dict:
-    job, rq_job, ctx = begin(payload, lambda key: key)
-    with counted(ctx):
-        data = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
-        summary = sweep_part(job, ctx, Reporter(rq_job, ctx), 0, len(data.shards))
-        return finish(job, ctx, [summary])
+Part = Callable[[Any, "Context", Reporter, int, int], dict]  # (job, context, reporter, first, stop) -> summary
+Merge = Callable[[Any, "Context", list[dict]], dict]  # (job, context, the parts' summaries) -> result
 
 
-def run_part(payload: dict, first: int, stop: int) -> dict:
-    job, rq_job, ctx = begin(payload, lambda key: part_id(key, first))
-    with counted(ctx):
-        return sweep_part(job, ctx, Reporter(rq_job, ctx, (job.key, first)), first, stop)
+def entry_points(part: Part, merge: Merge, of: str, size=lambda job, data_m: len(data_m.shards)):
+    """A kind's three RQ entry points (contract/jobs.py names them by dotted path): the whole job as one
+    part, one part [first, stop) (at most `size(job, data_m)`), and the reduce over the parts' summaries
+    (`of`: what the parts split, for a failed part's message)."""
 
+    def run(payload: dict) -> dict:
+        job, rq_job, ctx = begin(payload, lambda key: key)
+        with counted(ctx):
+            data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+            return merge(job, ctx, [part(job, ctx, Reporter(rq_job, ctx), 0, size(job, data_m))])
 
-def reduce(payload: dict) -> dict:
-    job, rq_job, ctx = begin(payload, lambda key: key)
-    summaries = finished_parts(rq_job, "of the training set")
-    with counted(ctx):
-        return finish(job, ctx, summaries)
+    def run_part(payload: dict, first: int, stop: int) -> dict:
+        job, rq_job, ctx = begin(payload, lambda key: part_id(key, first))
+        with counted(ctx):
+            data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
+            return part(job, ctx, Reporter(rq_job, ctx, (job.key, first)), first, min(stop, size(job, data_m)))
+
+    def reduce(payload: dict) -> dict:
+        job, rq_job, ctx = begin(payload, lambda key: key)
+        summaries = finished_parts(rq_job, of)
+        with counted(ctx):
+            return merge(job, ctx, summaries)
+
+    return run, run_part, reduce
 
 
 def finished_parts(rq_job: RQJob | None, of: str) -> list[dict]:
@@ -533,3 +544,6 @@ def _concat(a: torch.Tensor, b: torch.Tensor, pad: int) -> torch.Tensor:
         width = max(a.shape[1], b.shape[1])
         a, b = (torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad) for t in (a, b))
     return torch.cat([a, b])
+
+
+run, run_part, reduce = entry_points(sweep_part, finish, "of the training set")

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from contract.indexes import embedding_path, inputs_path
-from contract.jobs import InlinePoints, LeakageJob, part_id
+from contract.jobs import InlinePoints, LeakageJob
 from contract.registry import DatasetManifest, ModelManifest, RegistryError
 from contract.schemas import IndexUse
 
@@ -49,14 +49,12 @@ from .forward_inf.data import spread
 from .jobs import (
     Context,
     Reporter,
-    begin,
     calibration_records,
-    counted,
     current,
     echoed,
     engine,
+    entry_points,
     execution,
-    finished_parts,
     request_rows,
 )
 from .store import claim, write_aside
@@ -148,29 +146,6 @@ def rows_of(job: LeakageJob, data_m: DatasetManifest) -> int:
     return len(points.inputs if isinstance(points, InlinePoints) else points.indices) + len(
         calibration_records(job, data_m)
     )
-
-
-def run(payload: dict) -> dict:
-    job, rq_job, ctx = begin(payload, lambda key: key)
-    with counted(ctx):
-        data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
-        part = confirm(job, ctx, Reporter(rq_job, ctx), 0, rows_of(job, data_m))
-        return verdict(job, ctx, [part])
-
-
-def run_part(payload: dict, first: int, stop: int) -> dict:
-    job, rq_job, ctx = begin(payload, lambda key: part_id(key, first))
-    with counted(ctx):
-        data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
-        stop = min(stop, rows_of(job, data_m))  # the API's last part: the calibration rows, at most so many
-        return confirm(job, ctx, Reporter(rq_job, ctx, (job.key, first)), first, stop)
-
-
-def reduce(payload: dict) -> dict:
-    job, rq_job, ctx = begin(payload, lambda key: key)
-    parts = finished_parts(rq_job, "of the test points")
-    with counted(ctx):
-        return verdict(job, ctx, parts)
 
 
 class Searcher:
@@ -308,3 +283,7 @@ def verdict(job: LeakageJob, ctx: Context, parts: list[dict]) -> dict:
     }
     ctx.store.put_result(job.key, result)
     return {"key": job.key, "shape": result["shape"], "parts": len(parts)}
+
+
+# parts of rows (the API's last part: the calibration rows, at most so many)
+run, run_part, reduce = entry_points(confirm, verdict, "of the test points", rows_of)

@@ -340,7 +340,7 @@ class WarmWorker(SimpleWorker):
                     continue
                 started = time.perf_counter()
                 try:
-                    for kind in ("attribution", "leakage"):  # the default method first: it stays warm
+                    for kind in ("attribution", "leakage"):  # both engines stay warm (within the budget)
                         method = resolve_method(kind, MethodSettings(), m.method)
                         fi = jobs.engine(ctx, m, d, method, self.settings.dtype)
                         for n in range(len(d.shards)):
@@ -356,21 +356,23 @@ class WarmWorker(SimpleWorker):
         which prices requests at the door before any has run (contract/cost.py). Measured on several rows, as
         requests come: one row sweeps faster per row than many (4x on the text model); timed from the end of
         the first batch (the first call chooses how rows are stacked: 2.6x slower on the text model), on a
-        second sweep where the first was one batch."""
+        second sweep where the first was one batch; a first batch past MEASURE_S is the measurement (a large
+        model's warm-up takes no second batch)."""
         ticks = [time.perf_counter()]
 
         def tick(_done: int, _total) -> None:
             ticks.append(time.perf_counter())
-            if ticks[-1] - ticks[0] > MEASURE_S and len(ticks) > 2:
+            if ticks[-1] - ticks[0] > MEASURE_S:
                 raise Measured
 
         with contextlib.suppress(Measured):
             for _ in range(2):
                 fi.sweep(mirror, tick)
+        first = 1 if len(ticks) > 2 else 0
         rows = min(mirror.test_loss.shape[0], fi.config.max_param_sets)  # a pass's rows
-        swept = (len(ticks) - 2) * min(records, fi.config.batch_size) * rows  # record-rows after the first batch
+        swept = (len(ticks) - 1 - first) * min(records, fi.config.batch_size) * rows  # record-rows timed
         self.context.store.measured(ModelRef(id=m.id, digest=m.digest), self.settings.dtype, method,
-                                    ticks[-1] - ticks[1], swept)  # fmt: skip
+                                    ticks[-1] - ticks[first], swept)  # fmt: skip
 
     def teardown(self):
         self._alive.set()

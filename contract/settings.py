@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     warm_bytes: int = Field(2 << 30, description="budget of the worker's warm cache (models, shards, losses)")
     warm_on_start: bool = True
     progress_interval_s: float = 0.25
+    stop_within_s: float = Field(
+        1.0, ge=0, description="a canceled job still inside a batch of its sweep this long after is interrupted"
+    )
 
     def key(self, *parts: str) -> str:
         return ":".join((self.namespace, *parts))

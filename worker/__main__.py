@@ -17,8 +17,8 @@ How a job ends, in RQ's own states:
   the exception's message (no traceback) in the job's meta "error", and never retried: the same payload
   would fail the same way;
 - a cancel sends RQ's stop-job command: this worker's `kill_horse` (it has no horse) sets a flag that the
-  job checks between batches (and, where a batch runs past STOP_WITHIN_S, raises Stopped in the job's
-  thread then, as RQ's time limit does), and RQ records it STOPPED;
+  job checks between batches (and, where a batch of its sweep runs past ATTR_STOP_WITHIN_S, raises Stopped
+  in the job's thread then, as RQ's time limit does: jobs.interruptible), and RQ records it STOPPED;
 - its worker is asked to stop (SIGTERM, SIGINT): it finishes the job, then exits (`_shutdown`);
 - its worker dies (SIGKILL, OOM): while a job runs, a thread refreshes its heartbeat every
   heartbeat_ttl_s / 3. When the heartbeat lapses (heartbeat_ttl_s after the kill), the next maintenance
@@ -62,7 +62,6 @@ log = logging.getLogger("worker")
 MAX_SLOTS = 256  # workers past this many own no affinity queue and take work by stealing only
 MEASURE_S, MEASURE_ROWS = 1.0, 16  # the warm-up's measurement of a method's sweep: about a second, 16 rows
 STOP_GRACE_S = 2.0  # asked to stop, a worker that cannot reach Redis this long after exits without it
-STOP_WITHIN_S = 1.0  # a job told to stop that has not reached its next batch by then is interrupted
 
 
 def routine(record: logging.LogRecord) -> bool:
@@ -251,14 +250,14 @@ class WarmWorker(SimpleWorker):
 
     # -- how jobs end (module docstring) -------------------------------------------------------------
     def kill_horse(self, sig=None) -> None:
-        """RQ's stop-job command ends here: stop the running job at its next batch, or STOP_WITHIN_S from
-        now where a batch takes longer (jobs.interrupt)."""
+        """RQ's stop-job command ends here: stop the running job at its next batch, or ATTR_STOP_WITHIN_S
+        from now where a batch of its sweep takes longer (jobs.interrupt)."""
         self.context.stop.set()
-        threading.Timer(STOP_WITHIN_S, self._interrupt, (self.get_current_job_id(),)).start()
+        threading.Timer(self.settings.stop_within_s, self._interrupt, (self.get_current_job_id(),)).start()
 
     def _interrupt(self, job_id: str | None) -> None:
         if jobs.interrupt(self.context):
-            log.info("job %s interrupted mid-batch, %.0f s after its stop command", job_id, STOP_WITHIN_S)
+            log.info("job %s interrupted mid-batch, %g s after its stop command", job_id, self.settings.stop_within_s)
 
     def handle_exception(self, job, *exc_info):
         """A job stopped on request (a cancel) is not a failure: one INFO line instead of RQ's ERROR with

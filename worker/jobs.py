@@ -69,7 +69,8 @@ class Context:
     store: Store
     warm: Warm
     stop: threading.Event = field(default_factory=threading.Event)  # set by the stop-job command
-    running: int | None = None  # the thread running a job's body (`counted`), for `interrupt`
+    sweeping: bool = False  # inside `interruptible`
+    running: int | None = None  # ... past its first batch: the thread `interrupt` may stop
     lock: threading.Lock = field(default_factory=threading.Lock)
     stats: dict = field(default_factory=lambda: {"jobs": 0, "job_seconds": 0.0})
 
@@ -95,6 +96,9 @@ class Reporter:
     def __call__(self, done: int, total: int | None, force: bool = False) -> None:
         if self.context.stop.is_set():
             raise Stopped
+        if done and self.context.sweeping and self.context.running is None:
+            with self.context.lock:
+                self.context.running = threading.get_ident()
         now = time.time()
         if not force and now - self.last < self.context.settings.progress_interval_s:
             return
@@ -206,22 +210,32 @@ def begin(payload: dict, expected_id) -> tuple[Job, RQJob | None, Context]:
 
 @contextlib.contextmanager
 def counted(ctx: Context):
-    """A job's body: counted in the worker's stats, and interruptible by `interrupt`."""
     started = time.time()
-    with ctx.lock:
-        ctx.running = threading.get_ident()
     try:
         yield
     finally:
-        with ctx.lock:
-            ctx.running = None
         ctx.stats["jobs"] += 1
         ctx.stats["job_seconds"] += time.time() - started
 
 
+@contextlib.contextmanager
+def interruptible(ctx: Context):
+    """The engine's sweep, which `interrupt` may stop once its first batch has ended (the Reporter marks
+    it): not before, where a first call imports modules lazily (an exception inside an import leaves the
+    module broken for every later job: measured, torch._dynamo) and chooses how rows stack; never outside
+    it, where the job writes to Redis and files."""
+    ctx.sweeping = True
+    try:
+        yield
+    finally:
+        with ctx.lock:
+            ctx.sweeping, ctx.running = False, None
+
+
 def interrupt(ctx: Context) -> bool:
-    """Raise Stopped in the thread of a job told to stop that is still running (a batch longer than the
-    stop check's wait: a large model, many rows), as RQ's own time limit raises in it; True if it did."""
+    """Raise Stopped in the thread of a job told to stop that is still inside a batch of its sweep (a batch
+    longer than the stop check's wait: a large model, many rows), as RQ's own time limit raises in a job;
+    True if it did."""
     with ctx.lock:
         if ctx.running is None or not ctx.stop.is_set():
             return False
@@ -254,7 +268,8 @@ def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int
     for i, n in enumerate(range(first, stop)):
         before = sum(per_shard[:i])
         prepare_shard(ctx, fi, model_m, data_m, n, job.dtype)
-        parts.append(fi.sweep(mirror, lambda done, _t, before=before: reporter(before + done, total)))
+        with interruptible(ctx):
+            parts.append(fi.sweep(mirror, lambda done, _t, before=before: reporter(before + done, total)))
         if calibrator is not None:
             calibrated.append(fi.calibrated_log_probabilities(calibrator))
     scores = torch.cat(parts, dim=1).float()  # (rows, width)

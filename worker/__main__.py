@@ -253,7 +253,9 @@ class WarmWorker(SimpleWorker):
         """RQ's stop-job command ends here: stop the running job at its next batch, or ATTR_STOP_WITHIN_S
         from now where a batch of its sweep takes longer (jobs.interrupt)."""
         self.context.stop.set()
-        threading.Timer(self.settings.stop_within_s, self._interrupt, (self.get_current_job_id(),)).start()
+        timer = threading.Timer(self.settings.stop_within_s, self._interrupt, (self.get_current_job_id(),))
+        timer.daemon = True  # never what a stopping worker waits for
+        timer.start()
 
     def _interrupt(self, job_id: str | None) -> None:
         if jobs.interrupt(self.context):

@@ -54,7 +54,7 @@ __all__ = [
 # Bump on any change that alters scores, base losses, curvature or an analysis' answer: cached results,
 # stored base losses and curvature made by another version are then never reused (tests/test_contract.py
 # fails when the engine's code changes and this does not).
-ENGINE_VERSION = "2026.12.13"
+ENGINE_VERSION = "2026.12.14"
 # the worker's RQ entry points, by dotted path (the API never imports them)
 JOB_FUNC = "worker.jobs.run"  # a whole request in one job
 PART_FUNC = "worker.jobs.run_part"  # one part of the training set: its score block and per-part summary

@@ -171,6 +171,9 @@ class TestPoint(BaseModel):
     index: int | None = None
     record_id: str | None = None
     digest: str | None = Field(None, description="an inline point: sha256 of [input, target] as canonical JSON")
+    label: int | None = Field(None, description="classification: the point's true label")
+    predicted: int | None = Field(None, description="classification: the label the model predicts for it")
+    p_predicted: float | None = Field(None, description="the model's probability of that label (softmax)")
 
 
 class RowAttribution(BaseModel):
@@ -459,6 +462,8 @@ class Suspect(BaseModel):
     record_id: str
     index: int
     label: int | None
+    predicted: int = Field(description="the label the model believes: the most probable after calibration")
+    p_predicted: float = Field(description="its probability under the fitted calibration")
     loss: float = Field(description="the record's training loss under the model")
     p_label: float = Field(description="probability the model gives the recorded label (exp(-loss))")
     harm: float = Field(description="how much the reference set's loss rises with this record (Forward-INF)")

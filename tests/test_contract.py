@@ -171,6 +171,9 @@ ENGINE_FINGERPRINTS = {
         # an unused property dropped
         "9af2561eb1089245",
     },
+    # results say what a classifier predicts: each test point's label, predicted label and probability (the
+    # mirror's forward, Task.predictions) and each suspect's most probable label after calibration (new fields)
+    "2026.12.14": {"06ecccd0a0b73397"},
 }
 
 

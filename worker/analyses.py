@@ -447,7 +447,9 @@ def mislabeled(e: Evidence, job: MislabeledJob) -> dict:
     loss = e.base.double()
     p_label = torch.exp(-loss)
     n = len(loss)
-    p, noise, lean = p_wrong(e.calibrated.double().exp(), e.labels, harm, e.calibrator.confusion)
+    probabilities = e.calibrated.double().exp()
+    p, noise, lean = p_wrong(probabilities, e.labels, harm, e.calibrator.confusion)
+    p_predicted, predicted = probabilities.max(1)
     rank_by = job.rank_by
     suspicion = {
         "posterior": p,
@@ -466,6 +468,8 @@ def mislabeled(e: Evidence, job: MislabeledJob) -> dict:
             "record_id": e.record_ids[i],
             "index": i,
             "label": labels[i],
+            "predicted": int(predicted[i]),
+            "p_predicted": float(p_predicted[i]),
             "loss": float(loss[i]),
             "p_label": float(p_label[i]),
             "harm": float(harm[i]),

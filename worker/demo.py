@@ -146,6 +146,7 @@ def audit_data(seed: int = 0) -> dict[str, torch.Tensor]:
     return {
         "inputs": torch.cat([x, x_test[planted], x[copies]]),
         "targets": torch.cat([labels, y_test[planted], labels[copies]]),
+        "true_targets": torch.cat([y, y_test[planted], y[copies]]),  # before the flips
         "test_inputs": x_test,
         "test_targets": y_test,
         "flipped": flipped,

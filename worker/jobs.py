@@ -305,6 +305,7 @@ def summarize(job: Job, ctx: Context, fi: ForwardInf, mirror: Mirror, scores: to
         "test_loss": mirror.test_loss.tolist(),
         "self_score": mirror.self_score.tolist(),
         "memorized": mirror.memorized.tolist(),
+        "predictions": mirror.predictions,
         "batches": batches,
     }
     if isinstance(job, AttributionJob):  # each row's best and worst of this part, by global index
@@ -341,6 +342,8 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
     } | {name: first[name] for name in ("columns", "index") if name in first}  # two-stage: the candidates
     record_ids = ctx.warm.record_ids(data_m)
     tests = echoed(ctx, job.points) if isinstance(job, AttributionJob | LeakageJob) else []
+    for test, prediction in zip(tests, first.get("predictions") or [], strict=False):
+        test.update(prediction)  # classification: the true label, and what the model predicts (TestPoint)
     if isinstance(job, AttributionJob):
         training = isinstance(job.points, RecordPoints) and job.points.dataset.digest == job.dataset.digest
         result["rows"] = _top(summaries, first, record_ids, tests, ctx.settings.max_top_k, training)

@@ -429,11 +429,13 @@ class ForwardInf:
         examples = Examples(test, 1 << 62, "test set")
         batch = next(self._batches(examples, TEST_INDEX_OFFSET))
         with torch.no_grad():
-            self._checked_forward(batch, examples.what)
+            out = self._checked_forward(batch, examples.what)
         if self.precondition != "none" and not self._curvature_fits():
             raise AttributionInputError("precondition is set: call prepare(train) first (it estimates the curvature)")
         solve = self.curvature.solve if self.precondition != "none" else None
-        return mirror_step(self.fm, self.task, batch, self.config, solve)
+        m = mirror_step(self.fm, self.task, batch, self.config, solve)
+        m.predictions = self.task.predictions(out, batch)
+        return m
 
     def calibration(self, reference) -> Calibration:
         """Classification: the temperature and per-class offsets that best fit the model's probabilities

@@ -110,6 +110,8 @@ class Mirror:
         training set would score): sign * loss change (finite) or directional derivative (linear).
     memorized: (k,) bool, rows whose loss was below `memorized_loss`.
     notes: repairs made to these rows' steps, in words (e.g. memorised rows' gradients normalised).
+    predictions: per test point (not per row), what the model predicts before the step, where the task
+        has a label (Task.predictions): JSON, as results carry it.
     """
 
     first: Params
@@ -118,6 +120,7 @@ class Mirror:
     self_score: torch.Tensor
     memorized: torch.Tensor
     notes: tuple[str, ...] = ()
+    predictions: list[dict] | None = None
 
 
 def mirror_step(fm: Functional, task, test: dict, config: MirrorConfig, precondition=None) -> Mirror:

@@ -50,6 +50,10 @@ class Task:
     def loss(self, call, batch: Batch) -> torch.Tensor:  # (B,)
         return self.criterion(self.forward(call, batch), batch)
 
+    def predictions(self, out: torch.Tensor, batch: Batch) -> list[dict] | None:
+        """Per example, what the model predicts (JSON), where the task has a label to predict."""
+        return None
+
 
 class Classification(Task):
     """Cross-entropy of logits (B, C) against integer labels (B,)."""
@@ -58,6 +62,14 @@ class Classification(Task):
 
     def criterion(self, out, batch):
         return F.cross_entropy(out, batch["targets"], reduction="none")
+
+    def predictions(self, out, batch):
+        """The true label, the label of the largest logit and its softmax probability."""
+        p, predicted = out.detach().float().softmax(1).max(1)
+        return [
+            {"label": y, "predicted": c, "p_predicted": q}
+            for y, c, q in zip(batch["targets"].tolist(), predicted.tolist(), p.tolist(), strict=True)
+        ]
 
     def check(self, out, batch):
         targets = batch["targets"]

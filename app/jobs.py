@@ -106,7 +106,7 @@ def queued(redis: Redis, settings: Settings) -> int:
 
 def links(kind: str, handle: str) -> dict[str, str]:
     base = f"/v1/{'attributions' if kind == 'attribution' else 'analyses'}/{handle}"
-    return {"self": base, "scores": f"{base}/scores", "report": f"{base}/report"}
+    return {"self": base, "scores": f"{base}/scores", "report": f"{base}/report", "export": f"{base}/export"}
 
 
 class Results:
@@ -463,15 +463,16 @@ class Jobs:
                     await asyncio.wait_for(ended.wait(), min(deadline - now, every or math.inf))
                 record = await self._record(handle, who.tenant, analysis)  # a cancel may have changed it
 
-    async def finished(self, handle: str, who: Principal, analysis: bool) -> tuple[dict, Scores]:
-        """The stored result of a finished job and a reader of its scores; 409 when it has not finished."""
+    async def finished(self, handle: str, who: Principal, analysis: bool) -> tuple[dict, Scores, int]:
+        """The stored result of a finished job, a reader of its scores and the top_k the tenant asked for;
+        409 when it has not finished."""
         record = await self._record(handle, who.tenant, analysis)
         name = self.key("result", record["key"])
         result = None if record.get("canceled") else await self.results.get(self.aredis, name)
         if result is None:
             view = await self._view(handle, record, None)
             raise Conflict(f"{handle!r} is {view['status']}: no result")
-        return result, Scores(self.aredis, self.settings, record["key"], result)
+        return result, Scores(self.aredis, self.settings, record["key"], result), int(record["top_k"])
 
     # -- cancel and delete --------------------------------------------------------------------------
     async def cancel(self, handle: str, who: Principal, analysis: bool) -> View | None:

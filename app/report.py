@@ -16,20 +16,24 @@ import numpy as np
 
 from contract.jobs import JOB, InlinePoints, RecordPoints
 from contract.registry import DatasetManifest, InputSpec, Registry
+from contract.tables import FORMATS, test_name
 
 Decode = Callable[[Sequence[int]], str]  # token ids -> text
 
 ROWS = 20  # test points (attribution, leakage) shown in full; the JSON has all of them
-LIST = 60  # records per list (review list, audited records)
+LIST = 60  # records shown with their data (review list, audited records, leaked points)
+PAGE = 500  # review-list lines (the export has all)
 SAMPLE = 100_000  # scores per histogram: of a larger training set, every k-th record's
 STYLE = """
 body{font:14px system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:20px} h2{font-size:16px;margin-top:28px} table{border-collapse:collapse}
 td,th{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}
 .row{display:flex;gap:16px;align-items:flex-start;margin:12px 0;padding:8px;border:1px solid #ddd}
-.cards{display:flex;flex-wrap:wrap;gap:6px} .card{font-size:11px;width:96px;overflow:hidden}
+.cards{display:flex;flex-wrap:wrap;gap:6px} .card{font-size:11px;width:140px;overflow:hidden}
 .card img,.query img{image-rendering:pixelated;border:1px solid #999;display:block}
 .card pre,.query pre{white-space:pre-wrap;font-size:11px;margin:0;max-height:7em;overflow:hidden}
+.card .id{white-space:nowrap;overflow:hidden;text-overflow:ellipsis} .answer{font-size:16px}
+.legend{background:#f4f6fb;padding:8px;border-left:3px solid #5c7cfa;max-width:900px}
 .bad{color:#b00020;font-weight:600} .ok{color:#1b5e20} .muted{color:#666} mark{background:#ffe08a}
 """
 
@@ -136,7 +140,8 @@ def histogram(values: np.ndarray, title: str, marks: dict[str, float] | None = N
     for label, v in (marks or {}).items():
         x = pad + (v - lo) / (hi - lo) * (w - 2 * pad)
         shapes.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{pad}" y2="{h - pad}" stroke="#b00020"/>')
-        shapes.append(f'<text x="{x + 3:.1f}" y="{pad + 10}" font-size="10" fill="#b00020">{html.escape(label)}</text>')
+        side = f'x="{x - 3:.1f}" text-anchor="end"' if x > w / 2 else f'x="{x + 3:.1f}"'  # inside the frame
+        shapes.append(f'<text {side} y="{pad + 10}" font-size="10" fill="#b00020">{html.escape(label)}</text>')
     axis = (
         f'<text x="{pad}" y="{h - 4}" font-size="10">{lo:.3g}</text>'
         f'<text x="{w - pad}" y="{h - 4}" font-size="10" text-anchor="end">{hi:.3g}</text>'
@@ -170,7 +175,8 @@ class Records:
         for e in entries:
             x, label = self.rows[e["index"]]
             cards.append(
-                f'<div class="card">{show(x, self.spec, decode=self.decode)}<div>{html.escape(e["record_id"])}</div>'
+                f'<div class="card">{show(x, self.spec, decode=self.decode)}'
+                f'<div class="id" title="{html.escape(e["record_id"])}">{html.escape(e["record_id"])}</div>'
                 + (f"<div>label {label}</div>" if label is not None else "")
                 + f"{caption(e)}</div>"
             )
@@ -209,8 +215,49 @@ def _score(e: dict) -> str:
     return f'<div class="muted">{e["score"]:.3g}</div>'
 
 
-def render(key: str, result: dict, scores: np.ndarray, step: int, registry: Registry) -> str:
-    """The page; `scores`: the first ROWS rows of the score matrix, every `step`-th column (the histograms')."""
+def _num(v) -> str:
+    """A setting or figure for people: floats to 3 significant digits, a dict as `key value` pairs."""
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_num(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _pct(p: float) -> str:
+    """A probability as a percentage that does not round 0.99995 to 100%."""
+    return ">99.99%" if p > 0.9999 else "<0.01%" if 0 < p < 1e-4 else f"{p:.2%}"
+
+
+def _point(test: dict) -> str:
+    """A test point in words: its record id (or inline digest), its label and the model's prediction."""
+    said = f"<b>{html.escape(test_name(test))}</b>"
+    if test.get("predicted") is not None:
+        verdict = "ok" if test["predicted"] == test["label"] else "bad"
+        said += (
+            f' · label {test["label"]}, <span class="{verdict}">the model says {test["predicted"]} '
+            f"({_pct(test['p_predicted'])})</span>"
+        )
+    return said
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """An HTML table; cells are HTML already."""
+    head = "".join(f"<th>{h}</th>" for h in header)
+    return (
+        f"<table><tr>{head}</tr>"
+        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+        + "</table>"
+    )
+
+
+def _legend(text: str) -> str:
+    return f'<p class="legend"><b>How to read this.</b> {text}</p>'
+
+
+def render(key: str, result: dict, scores: np.ndarray, step: int, registry: Registry, top_k: int) -> str:
+    """The page; `scores`: the first ROWS rows of the score matrix, every `step`-th column (the histograms');
+    `top_k`: the proponents and opponents an attribution asked for."""
     job = JOB.validate_python(result["job"])
     dataset = registry.dataset(job.dataset.id)
     if dataset is None:
@@ -219,24 +266,50 @@ def render(key: str, result: dict, scores: np.ndarray, step: int, registry: Regi
     model = registry.model(job.model.id)
     decode = model.decode if model is not None and model.input.text else None
     body = SECTIONS[job.kind](
-        result, scores, Records(dataset, decode), Queries(job.points, registry, dataset.input, decode)
+        result, scores, Records(dataset, decode), Queries(job.points, registry, dataset.input, decode), top_k
     )
     return _page(key, result, body, step)
 
 
-def _attribution(result, scores, records, queries) -> str:
-    parts, shown = [], result["rows"][:ROWS]
-    records.load(e["index"] for row in shown for e in row["proponents"][:10] + row["opponents"][:10])
+def _attribution(result, scores, records, queries, top_k) -> str:
+    rows = result["rows"]
+    shown = rows[:ROWS]
+    k = min(top_k, len(rows[0]["proponents"])) if rows else 0
+    records.load(e["index"] for row in shown for e in row["proponents"][:k] + row["opponents"][:k])
     query_html = queries([row["row"] for row in shown])
+
+    def first(row, side):
+        e = row[side][0] if row[side] else None
+        return "" if e is None else f"{html.escape(e['record_id'])} ({e['score']:.3g})"
+
+    overview = _table(
+        ("test point", "loss", "most supported by", "most opposed by"),
+        ((_point(r["test"]), f"{r['test_loss']:.3g}", first(r, "proponents"), first(r, "opponents")) for r in shown),
+    )
+    parts = [
+        f'<p class="answer">For each of the {len(rows)} test points, the {k} training records that most '
+        f"supported the model's prediction (proponents) and the {k} that most worked against it (opponents)."
+        + (f" The first {ROWS} are shown; the export has all." if len(rows) > ROWS else "")
+        + "</p>",
+        _legend(
+            "A score is the change of a training record's loss when the model takes a small step to unlearn the test "
+            "point (Forward-INF). Positive: the record and the test point are learnt together, so the record supports "
+            "the prediction (a proponent); negative: learning one hurts the other (an opponent). Scores compare "
+            "records of one test point; their scale depends on the method's step. The histogram shows every "
+            "training record's score."
+        ),
+        overview,
+    ]
     for row in shown:
         j = row["row"]
-        query = query_html.get(j, "")
+        memorised = " · memorised (a training record the model fits almost exactly)" if row["memorized"] else ""
         parts.append(
-            f'<div class="row"><div class="query"><b>test point {j}</b>{query}'
-            f'<div class="muted">loss {row["test_loss"]:.3g}{" (memorised)" if row["memorized"] else ""}</div>'
+            f'<div class="row"><div class="query"><b>test point {j}</b>{query_html.get(j, "")}'
+            f"<div>{_point(row['test'])}</div>"
+            f'<div class="muted">loss {row["test_loss"]:.3g}{memorised}</div>'
             f"{histogram(scores[j], 'scores of all training records')}</div><div>"
-            f"<h3>proponents</h3>{records.cards(row['proponents'][:10], _score)}"
-            f"<h3>opponents</h3>{records.cards(row['opponents'][:10], _score)}</div></div>"
+            f"<h3>proponents</h3>{records.cards(row['proponents'][:k], _score)}"
+            f"<h3>opponents</h3>{records.cards(row['opponents'][:k], _score)}</div></div>"
         )
     return "".join(parts)
 
@@ -246,21 +319,41 @@ def _match(e: dict) -> str:
     return f'<div class="muted">distance {e["distance"]:.2g}{similar}</div>'
 
 
-def _leakage(result, scores, records, queries) -> str:
+def _found(r: dict) -> str:
+    best = r["best"]
+    similar = "" if best["similarity"] is None else f", similarity {best['similarity']:.3f}"
+    return (
+        f"test {_point(r['test'])} matches training record <b>{html.escape(best['record_id'])}</b> "
+        f"({'a copy' if r['match'] == 'copy' else 'a near duplicate'}{similar})"
+    )
+
+
+def _leakage(result, scores, records, queries, top_k) -> str:
     a, cal = result["analysis"], result["analysis"]["calibration"]
     best = np.array([r["best"]["distance"] for r in a["rows"]])
+    leaked = [r for r in a["rows"] if r["leaked"]]
     rows = sorted(a["rows"], key=lambda r: (not r["leaked"], r["best"]["distance"]))[:ROWS]
     records.load(e["index"] for r in rows for e in r["evidence"])
     query_html = queries([r["row"] for r in rows])
-    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in cal.items())
+    found = "".join(f"<li>{_found(r)}</li>" for r in leaked[:LIST])
+    more = f"<p class=muted>and {len(leaked) - LIST} more (in the export)</p>" if len(leaked) > LIST else ""
     parts = [
-        f"<p>{html.escape(a['summary'])}</p><table>{table}</table>",
+        f'<p class="answer">{html.escape(a["summary"])}</p>',
+        f"<ul>{found}</ul>{more}" if leaked else "<p>No test point was found in the training set.</p>",
+        _legend(
+            "Distance: how differently a training record and the test point respond to the same small step of the "
+            "model (0: identically, as an exact copy does); a test point is a copy at a distance up to the calibrated "
+            "threshold. Similarity: the largest correlation of the two inputs over small shifts (1: the same up to "
+            "brightness and contrast); above its calibrated threshold, a near duplicate."
+        ),
+        "<h2>calibration</h2>",
+        _table(("setting", "value"), ((html.escape(k), html.escape(_num(v))) for k, v in cal.items())),
         histogram(
             np.log10(np.maximum(best, 1e-12)),
             "log10 best distance per test point",
             {"threshold": float(np.log10(max(cal["threshold"], 1e-12)))},
         ),
-        "<h2>closest test points</h2>",
+        "<h2>each test point's closest training records</h2>",
     ]
     for r in rows:
         j = r["row"]
@@ -269,37 +362,65 @@ def _leakage(result, scores, records, queries) -> str:
         )
         parts.append(
             f'<div class="row"><div class="query"><b>test point {j}</b>{query_html.get(j, "")}'
-            f"<div>{verdict}</div></div>" + records.cards(r["evidence"], _match) + "</div>"
+            f"<div>{_point(r['test'])}</div><div>{verdict}</div></div>"
+            + records.cards(r["evidence"], _match)
+            + "</div>"
         )
     return "".join(parts)
 
 
-def _mislabeled(result, scores, records, queries) -> str:
+def _mislabeled(result, scores, records, queries, top_k) -> str:
     a = result["analysis"]
-    records.load(e["index"] for e in a["review"][:LIST])
-    classes = "".join(
-        f"<tr><td>{c['label']}</td><td>{c['records']}</td><td>{c['in_review']}</td>"
-        f"<td>{c['mean_loss']:.3g}</td><td>{c['mean_harm']:.3g}</td></tr>"
-        for c in a["classes"]
-    )
+    review = a["review"]
+    records.load(e["index"] for e in review[:LIST])
+    classes = _table(
+        ("label", "records", "in review", "mean loss", "mean harm"),
+        ((c["label"], f"{c['records']:,}", c["in_review"], f"{c['mean_loss']:.3g}", f"{c['mean_harm']:.3g}")
+         for c in a["classes"]),
+    )  # fmt: skip
+    listing = _table(
+        ("#", "record", "labelled", "the model says", "p(label wrong)"),
+        (
+            (e["rank"], f"<b>{html.escape(e['record_id'])}</b>", e["label"],
+             f"{e['predicted']} ({_pct(e['p_predicted'])})", _pct(e["p_wrong"]))
+            for e in review[:PAGE]
+        ),
+    )  # fmt: skip
+    more = f"<p class=muted>the first {PAGE} of {len(review)}; the export has all</p>" if len(review) > PAGE else ""
     return (
-        f"<p>{html.escape(a['summary'])}</p><p class=muted>{html.escape(a['precision_method'])}</p>"
+        f'<p class="answer">{html.escape(a["summary"])}</p>'
+        + _legend(
+            "p(label wrong): the probability that the recorded label is wrong, from the model's calibrated "
+            "probabilities and the record's harm. The model says: the label the model finds most probable, with its "
+            "probability. Harm: how much the clean reference set's loss rises with this record (positive: the record "
+            "hurts the model on clean data)."
+        )
+        + f"<p class=muted>{html.escape(a['precision_method'])}</p>"
+        + f"<h2>review list ({len(review)} records)</h2>{listing}{more}"
         + histogram(-scores[0], "harm to the reference set, all training records")
-        + "<h2>per class</h2><table><tr><th>label</th><th>records</th><th>in review</th><th>mean loss</th>"
-        f"<th>mean harm</th></tr>{classes}</table>"
-        + f"<h2>review list (first {min(LIST, len(a['review']))} of {a['review_size']})</h2>"
+        + f"<h2>per class</h2>{classes}"
+        + f"<h2>the first {min(LIST, len(review))} of the review list</h2>"
         + records.cards(
-            a["review"][:LIST],
-            lambda e: f'<div>#{e["rank"]}</div><div class="muted">p(wrong) {e["p_wrong"]:.2g}</div>',
+            review[:LIST],
+            lambda e: (
+                f'<div>#{e["rank"]}: says {e["predicted"]}</div><div class="muted">p(wrong) {_pct(e["p_wrong"])}</div>'
+            ),
         )
     )
 
 
-def _memorization(result, scores, records, queries) -> str:
+def _memorization(result, scores, records, queries, top_k) -> str:
     a = result["analysis"]
     records.load(e["index"] for r in a["records"][:LIST] for e in [r, *r["neighbours"]])
     parts = [
-        f"<p>{html.escape(a['summary'])}</p><p class=muted>{html.escape(a['threshold_method'])}</p>",
+        f'<p class="answer">{html.escape(a["summary"])}</p>',
+        _legend(
+            "Reliance: how much of what the model learnt about a record comes from the record itself (and its exact "
+            "copies) rather than from similar records: self / (self + neighbours), 1 = only itself. Above the "
+            "threshold a record is an outlier the model memorised. Copies: other training records with identical "
+            "responses (exact duplicates). Supporting neighbours: the records that most support it, with scores."
+        ),
+        f"<p class=muted>{html.escape(a['threshold_method'])}</p>",
         histogram(
             np.array([r["reliance"] for r in a["records"]]),
             "reliance of the audited records",
@@ -308,9 +429,12 @@ def _memorization(result, scores, records, queries) -> str:
     ]
     for r in a["records"][:LIST]:
         flags = " ".join(f'<span class="bad">{f}</span>' for f in r["flags"])
+        copies = ", ".join(html.escape(c) for c in r["copies"])
         parts.append(
-            f'<div class="row"><div class="query"><b>#{r["rank"]}</b>{records.cards([r], lambda e: "")}'
-            f'<div>reliance {r["reliance"]:.2f} {flags}</div><div class="muted">{len(r["copies"])} copies</div></div>'
+            f'<div class="row"><div class="query"><b>#{r["rank"]} {html.escape(r["record_id"])}</b>'
+            f"{records.cards([r], lambda e: '')}"
+            f"<div>reliance {r['reliance']:.2f} {flags}</div>"
+            f'<div class="muted">{f"copies: {copies}" if copies else "no copies"}</div></div>'
             f"<div><h3>supporting neighbours</h3>{records.cards(r['neighbours'], _score)}</div></div>"
         )
     return "".join(parts)
@@ -326,14 +450,18 @@ SECTIONS = {
 
 def _page(key: str, result: dict, body: str, step: int) -> str:
     method, job = result["execution"]["method"], result["job"]
-    summary = ", ".join(f"{k}={method[k]}" for k in ("mode", "optimizer", "lr", "precondition", "group", "score"))
+    settings = _table(
+        ("mode", "optimizer", "lr", "precondition", "group", "score"),
+        [[html.escape(_num(method[k])) for k in ("mode", "optimizer", "lr", "precondition", "group", "score")]],
+    )
     title = f"{job['kind']} {key}"
+    exports = " · ".join(f'<a href="export?format={f}">{f.upper()}</a>' for f in FORMATS)
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{PAGE_CSP}"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
         f"<p>model <b>{html.escape(job['model']['id'])}</b>, training set <b>{html.escape(job['dataset']['id'])}</b>"
-        f" ({int(result['shape'][1])} records{f'; histograms of every {step}th' if step > 1 else ''})"
-        f"<br><span class=muted>{html.escape(summary)}</span></p>{body}"
-        f"<script>{READY}</script></body></html>"
+        f" ({int(result['shape'][1]):,} records{f'; histograms of every {step}th' if step > 1 else ''})."
+        f' <span class="exports">Download the table: {exports}</span></p>{body}'
+        f"<h2>method</h2>{settings}<script>{READY}</script></body></html>"
     )

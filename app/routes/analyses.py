@@ -12,7 +12,7 @@ from ..auth import Reader, Submitter
 from ..deps import IndexesDep, JobsDep, RegistryDep, SettingsDep
 from . import jobs as shared
 from .attributions import REPORT, SCORES
-from .jobs import CREATE, READ, Format, JobId, WaitS, Window
+from .jobs import CREATE, EXPORT, READ, Format, JobId, Table, WaitS, Window
 
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
 CREATED = {
@@ -91,6 +91,13 @@ async def get_analysis_scores(
 async def get_analysis_report(analysis_id: JobId, who: Reader, jobs: JobsDep, registry: RegistryDep) -> HTMLResponse:
     """A self-contained HTML page of the answer, with thumbnails (or text) of the records involved."""
     return await shared.report(jobs, analysis_id, who, True, registry)
+
+
+@router.get("/{analysis_id}/export", operation_id="export_analysis", response_class=Response, responses=EXPORT)
+async def export_analysis(analysis_id: JobId, who: Reader, jobs: JobsDep, format: Table = "csv") -> Response:
+    """The answer as one table (contract/tables.py): leakage a row per test point (its best match), mislabeled
+    the review list, memorization the audited records: CSV (for a spreadsheet) or JSON Lines."""
+    return await shared.export(jobs, analysis_id, who, True, format, None)
 
 
 @router.delete(

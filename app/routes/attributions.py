@@ -10,7 +10,7 @@ from contract.schemas import AttributionCreate, AttributionPublic, ScoresPage
 from ..auth import Reader, Submitter
 from ..deps import IndexesDep, JobsDep, RegistryDep, SettingsDep
 from . import jobs as shared
-from .jobs import CREATE, READ, RESULT, Format, JobId, TopK, WaitS, Window
+from .jobs import CREATE, EXPORT, READ, RESULT, Format, JobId, Table, TopK, WaitS, Window
 
 router = APIRouter(prefix="/v1/attributions", tags=["attributions"])
 SCORES = {
@@ -88,6 +88,15 @@ async def get_report(attribution_id: JobId, who: Reader, jobs: JobsDep, registry
     """A self-contained HTML page: each test point, its top proponents and opponents (images as PNG
     thumbnails, token data as text) with scores and record ids, and a histogram of its scores."""
     return await shared.report(jobs, attribution_id, who, False, registry)
+
+
+@router.get("/{attribution_id}/export", operation_id="export_attribution", response_class=Response, responses=EXPORT)
+async def export_attribution(
+    attribution_id: JobId, who: Reader, jobs: JobsDep, format: Table = "csv", top_k: TopK = None
+) -> Response:
+    """The result as one table (contract/tables.py): a row per proponent and opponent of each test point,
+    with the test point's label and prediction: CSV (for a spreadsheet) or JSON Lines."""
+    return await shared.export(jobs, attribution_id, who, False, format, top_k)
 
 
 @router.delete(

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from contract import tables
 from contract.jobs import InlinePoints, Job, LeakageJob
 from contract.problems import Conflict, InvalidInput
 from contract.schemas import JobPage, Problem, Status
@@ -39,6 +40,8 @@ JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="a job
 TopK = Annotated[int | None, Query(ge=1, le=1000, description="default: the creating request's")]
 WaitS = Annotated[float, Query(ge=0, le=3600, description="wait up to this long (capped by ATTR_MAX_WAIT_S)")]
 Format = Annotated[str | None, Query(pattern="^(json|npy)$")]
+Table = Annotated[str, Query(pattern=f"^({'|'.join(tables.FORMATS)})$", description="CSV or JSON Lines")]
+EXPORT = {200: {"content": {media: {"schema": {"type": "string"}} for media in tables.FORMATS.values()}}, **RESULT}
 Window = Annotated[
     str | None,
     Query(pattern=r"^\d{0,12}:\d{0,12}$", description="a:b, the half-open range [a, b); a or b may be left out"),
@@ -148,7 +151,7 @@ async def scores(
 ) -> Response:
     """A window of the score matrix (default: all of it): .npy streamed row by row, or JSON in pages of at
     most ATTR_SCORES_PAGE_VALUES scores, each with the `next` page's URL."""
-    result, store = await jobs.finished(handle, who, analysis)
+    result, store, _ = await jobs.finished(handle, who, analysis)
     if not store.columns:
         raise Conflict(f"{handle!r} was answered through an index: it keeps no score matrix (candidates only)")
     r0, r1 = _window(rows, store.rows, "rows")
@@ -188,11 +191,21 @@ async def _npy(store, r0: int, r1: int, c0: int, c1: int, chunk: int):
 
 
 async def report(jobs: Jobs, handle: str, who: Principal, analysis: bool, registry) -> HTMLResponse:
-    result, store = await jobs.finished(handle, who, analysis)
+    result, store, top_k = await jobs.finished(handle, who, analysis)
     step = max(1, math.ceil(store.columns / SAMPLE))  # histograms of every step-th record's score
     sample = await store.window(0, min(store.rows, ROWS), 0, store.columns, step)
-    page = await run_in_threadpool(render, handle, result, sample, step, registry)
+    page = await run_in_threadpool(render, handle, result, sample, step, registry, top_k)
     return HTMLResponse(page, headers={"Content-Security-Policy": CSP})
+
+
+async def export(jobs: Jobs, handle: str, who: Principal, analysis: bool, format: str, top_k: int | None) -> Response:
+    view = await jobs.view(handle, who, top_k, analysis)
+    if view["status"] != "finished":
+        raise Conflict(f"{handle!r} is {view['status']}: no result")
+    kind = view.get("kind", "attribution")
+    text = await run_in_threadpool(tables.export, kind, view["result"], format)
+    disposition = f'attachment; filename="{kind}-{handle}.{format}"'
+    return Response(text, media_type=tables.FORMATS[format], headers={"content-disposition": disposition})
 
 
 async def cancel(jobs: Jobs, handle: str, who: Principal, analysis: bool) -> Response:

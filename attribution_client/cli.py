@@ -8,7 +8,9 @@
     attribution report ID --open
 
 The service and key come from --url / --key or ATTR_URL / ATTR_API_KEY. Submitting commands follow the
-job to its end with a progress bar (or `--no-wait`). `--json` prints the job's view as JSON (for scripts).
+job to its end with a progress bar (or `--no-wait`), then print its answer as a table; `--json` prints the
+job's view as JSON (for scripts), `--out table.csv` (or .jsonl) writes the table as the API exports it. A
+job id may be given as any unique start of it.
 
 Exit codes: 0 the job finished (or the command did what it says); 1 the job failed; 2 usage errors
 (typer's); 3 the job was canceled; 4 the service refused the request (4xx problem: its detail is shown);
@@ -28,16 +30,19 @@ from typing import Annotated
 import httpx
 import numpy as np
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from contract.problems import NotFound, ServiceError
+from contract import tables
+from contract.problems import ServiceError
 from contract.schemas import ENDED
 
 from .client import Client
 
 EXIT = {"finished": 0, "failed": 1, "canceled": 3}
+ANALYSES = ("leakage", "mislabeled", "memorization")
 REFUSED, UNAVAILABLE = 4, 5
 app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False)
 jobs_app = typer.Typer(help="this tenant's jobs", no_args_is_help=True)
@@ -58,6 +63,9 @@ Indices = Annotated[str | None, typer.Option(help="records by index, e.g. 0,1,2"
 Records = Annotated[str | None, typer.Option(help="or by record id, comma-separated")]
 Inputs = Annotated[Path | None, typer.Option(help="or inline inputs: .npy, .json, .jsonl or an image")]
 Targets = Annotated[Path | None, typer.Option(help="their targets (.npy, .json, .jsonl)")]
+OutFile = Annotated[
+    Path | None, typer.Option("--out", help="also write the result's table: a .csv or .jsonl file (as the API exports)")
+]
 Kind = Annotated[str | None, typer.Option(help="attribution or analysis (default: found by the id)")]
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -82,15 +90,22 @@ def _service(ctx: typer.Context) -> Iterator[Client]:
         raise typer.Exit(UNAVAILABLE) from None
 
 
-def _kind(client: Client, job_id: str, kind: str | None) -> str:
-    """The job's family: as given, else an attribution if there is one by this id, else an analysis."""
-    if kind:
-        return kind
-    try:
-        client.job(job_id, "attribution")
-        return "attribution"
-    except NotFound:
-        return "analysis"
+def _find(client: Client, job_id: str, kind: str | None) -> tuple[str, str]:
+    """The job's full id and kind: `job_id` is its id or a unique prefix of the id of one of this tenant's
+    jobs (of `kind`: attribution, analysis or an analysis' name, where given)."""
+    wanted = {"analysis": ANALYSES}.get(kind or "", (kind,) if kind else None)
+    found = {
+        j.id: j.kind for j in client.jobs(limit=200) if j.id.startswith(job_id) and (not wanted or j.kind in wanted)
+    }
+    if job_id in found:
+        return job_id, found[job_id]
+    if len(found) > 1:
+        raise typer.BadParameter(f"{job_id!r} is the start of {len(found)} job ids: {', '.join(sorted(found))}")
+    if not found:
+        what = {"attribution": "attribution", None: "attribution or analysis"}.get(kind, f"{kind} analysis")
+        err.print(f"[red]404 Not Found[/red]: no {what} of this tenant has an id starting {job_id!r}")
+        raise typer.Exit(REFUSED)
+    return next(iter(found.items()))
 
 
 def _points(dataset: str | None, indices: str | None, records: str | None, inputs: Path | None, targets: Path | None,
@@ -98,7 +113,7 @@ def _points(dataset: str | None, indices: str | None, records: str | None, input
     """Test points from the options: records of a dataset, arrays from .npy/.json/.jsonl files, or text."""
     if dataset:
         if indices:
-            return {"dataset": dataset, "indices": [int(i) for i in indices.split(",")]}
+            return {"dataset": dataset, "indices": _indices(indices)}
         if records:
             return {"dataset": dataset, "records": records.split(",")}
         raise typer.BadParameter(f"records of {dataset!r}: give --indices or --records")
@@ -112,7 +127,31 @@ def _points(dataset: str | None, indices: str | None, records: str | None, input
     raise typer.BadParameter("give --test-dataset (with --indices or --records), --inputs, or --texts")
 
 
+def _indices(text: str) -> list[int]:
+    """0,1,2 or ranges, 0-5 (both ends included)."""
+    try:
+        return [i for part in text.split(",") for i in _span(*map(int, part.split("-")))]
+    except (TypeError, ValueError):
+        raise typer.BadParameter(f"--indices {text!r}: whole numbers and ranges, e.g. 0,1,2 or 0-5") from None
+
+
+def _span(first: int, last: int | None = None) -> range:
+    return range(first, (first if last is None else last) + 1)
+
+
+def _method(text: str | None) -> dict:
+    try:
+        method = json.loads(text or "{}")
+    except ValueError:
+        method = None
+    if not isinstance(method, dict):
+        raise typer.BadParameter(f'--method {text!r}: a JSON object, e.g. \'{{"precondition": "ekfac"}}\'')
+    return method
+
+
 def _array(path: Path) -> list:
+    if not path.is_file():
+        raise typer.BadParameter(f"{path}: no such file")
     if path.suffix == ".npy":
         return np.load(path, allow_pickle=False).tolist()
     if path.suffix == ".jsonl":
@@ -124,8 +163,9 @@ def _array(path: Path) -> list:
     return json.loads(path.read_text())
 
 
-def _follow(client: Client, view, wait: bool, as_json: bool):
-    """Follow the job (a progress bar on stderr), print it, exit with its status's code."""
+def _follow(client: Client, view, wait: bool, as_json: bool, out_file: Path | None = None):
+    """Follow the job (a progress bar on stderr), print it (and write its table to `out_file`), exit with
+    its status's code."""
     if wait and view.status not in ENDED:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeRemainingColumn(), console=err, transient=True) as bar:  # fmt: skip
@@ -141,33 +181,75 @@ def _follow(client: Client, view, wait: bool, as_json: bool):
         out.print_json(view.model_dump_json())
     else:
         _show(view)
+    _write(client, view, out_file)
     raise typer.Exit(EXIT.get(view.status, 0))
 
 
+def _table_format(path: Path | None) -> str | None:
+    if path is not None and path.suffix.lstrip(".") not in tables.FORMATS:
+        raise typer.BadParameter(f"--out {path}: name a .csv or .jsonl file")
+    return path and path.suffix.lstrip(".")
+
+
+def _write(client: Client, view, path: Path | None) -> None:
+    """The finished job's table as the API exports it (contract/tables.py), to `path` (.csv or .jsonl)."""
+    if path is not None and view.status == "finished":
+        path.write_text(client.export(view.id, getattr(view, "kind", "attribution"), _table_format(path)))
+        err.print(f"wrote {path}")
+
+
+def _number(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return "" if value is None else str(value)
+
+
 def _show(view) -> None:
-    out.print(f"[bold]{view.id}[/bold] {view.status}  model {view.model}, training set {view.dataset}")
+    kind = getattr(view, "kind", "attribution")
+    out.print(f"[bold]{view.id}[/bold] {kind} {view.status}  model {view.model}, training set {view.dataset}")
     if view.error:
         out.print(f"[red]{view.error}[/red]")
+    if view.status in ("queued", "running"):
+        p = view.progress
+        done = f"{p.done:,}/{p.total:,} {p.unit} ({p.done / p.total:.0%})" if p.total else f"{p.done:,} {p.unit}"
+        eta = f", about {p.eta_s:,.0f} s left" if p.eta_s is not None else ""
+        out.print(f"{view.status}: {done}{eta}")
     result = view.result
     if result is None:
         return
-    if getattr(result, "rows", None) is not None and hasattr(result, "shape"):  # an attribution
+    if kind == "attribution":
         for row in result.rows:
-            point = row.test.record_id or f"inline {row.test.digest[:12]}"
-            table = Table(title=f"test point {row.row}: {point} (loss {row.test_loss:.3g})")
+            t = row.test
+            said = (
+                f", label {t.label}, predicted {t.predicted} (p {t.p_predicted:.2f})" if t.predicted is not None else ""
+            )
+            table = Table(
+                title=f"test point {row.row}: {tables.test_name(t.model_dump())} (loss {row.test_loss:.3g}{said})"
+            )
             for name in ("proponent", "score", "opponent", "score "):
                 table.add_column(name)
             for p, o in zip(row.proponents, row.opponents, strict=False):
                 table.add_row(p.record_id, f"{p.score:.3g}", o.record_id, f"{o.score:.3g}")
             out.print(table)
-    else:
-        out.print(result.summary)
+        return
+    out.print(result.summary)
+    table = Table(*tables.COLUMNS[kind])
+    for row in tables.rows(kind, result.model_dump(mode="json")):
+        table.add_row(*map(_number, row.values()))
+    out.print(table)
 
 
-def _submit(ctx: typer.Context, wait: bool, as_json: bool, operation: str, *args, **kwargs):
+def _submit(ctx: typer.Context, wait: bool, as_json: bool, out_file: Path | None, operation: str, *args, **kwargs):
+    _table_format(out_file)
     with _service(ctx) as client:
-        view = getattr(client, operation)(*args, **kwargs)
-        _follow(client, view, wait, as_json)
+        try:
+            view = getattr(client, operation)(*args, **kwargs)
+        except ValidationError as exc:  # the request, checked here before it is sent
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise typer.BadParameter(problems) from None
+        _follow(client, view, wait, as_json, out_file)
 
 
 @app.command()
@@ -185,10 +267,11 @@ def attribute(
     method: Method = None,
     wait: Wait = True,
     as_json: AsJson = False,
+    out_file: OutFile = None,
 ):
     """Which training records made the model predict this? Top proponents and opponents per test point."""
     test = _points(test_dataset, indices, records, inputs, targets, texts)
-    _submit(ctx, wait, as_json, "attribute", model, dataset, test, top_k, json.loads(method or "{}"))
+    _submit(ctx, wait, as_json, out_file, "attribute", model, dataset, test, top_k, _method(method))
 
 
 @app.command()
@@ -204,10 +287,11 @@ def leakage(
     method: Method = None,
     wait: Wait = True,
     as_json: AsJson = False,
+    out_file: OutFile = None,
 ):
     """Which test points are in the training set (calibrated; the closest records as evidence)?"""
     test = _points(test_dataset, indices, records, inputs, targets, None)
-    _submit(ctx, wait, as_json, "leakage", model, dataset, test, json.loads(method or "{}"))
+    _submit(ctx, wait, as_json, out_file, "leakage", model, dataset, test, _method(method))
 
 
 @app.command()
@@ -221,10 +305,11 @@ def mislabeled(
     method: Method = None,
     wait: Wait = True,
     as_json: AsJson = False,
+    out_file: OutFile = None,
 ):
     """Which training labels are likely wrong (a review list with its expected precision)?"""
     reference = _points(reference_dataset, indices, records, None, None, None)
-    _submit(ctx, wait, as_json, "mislabeled", model, dataset, reference, json.loads(method or "{}"))
+    _submit(ctx, wait, as_json, out_file, "mislabeled", model, dataset, reference, _method(method))
 
 
 @app.command()
@@ -237,10 +322,11 @@ def memorization(
     method: Method = None,
     wait: Wait = True,
     as_json: AsJson = False,
+    out_file: OutFile = None,
 ):
     """How much does the model rely on these training records themselves (and their copies)?"""
     audited = _points(dataset, indices, records, None, None, None)
-    _submit(ctx, wait, as_json, "memorization", model, dataset, audited, json.loads(method or "{}"))
+    _submit(ctx, wait, as_json, out_file, "memorization", model, dataset, audited, _method(method))
 
 
 @jobs_app.command("list")
@@ -262,18 +348,21 @@ def jobs_list(
 
 
 @jobs_app.command("show")
-def jobs_show(ctx: typer.Context, job_id: str, kind: Kind = None, as_json: AsJson = False):
-    """One job: status, progress and, once finished, its result."""
+def jobs_show(ctx: typer.Context, job_id: str, kind: Kind = None, as_json: AsJson = False, out_file: OutFile = None):
+    """One job (its id or a unique start of it): status, progress and ETA, and once finished its result."""
+    _table_format(out_file)
     with _service(ctx) as client:
-        view = client.job(job_id, _kind(client, job_id, kind))
-    out.print_json(view.model_dump_json()) if as_json else _show(view)
+        view = client.job(*_find(client, job_id, kind))
+        out.print_json(view.model_dump_json()) if as_json else _show(view)
+        _write(client, view, out_file)
 
 
 @jobs_app.command("cancel")
 def jobs_cancel(ctx: typer.Context, job_id: str, kind: Kind = None):
     """Cancel a queued or running job; delete an ended one."""
     with _service(ctx) as client:
-        view = client.cancel(job_id, _kind(client, job_id, kind))
+        job_id, family = _find(client, job_id, kind)
+        view = client.cancel(job_id, family)
     out.print(f"{job_id} {'deleted' if view is None else view.status}")
 
 
@@ -376,7 +465,8 @@ def report(
 ):
     """A finished job's HTML report (self-contained: no network needed to view it)."""
     with _service(ctx) as client:
-        page = client.report(job_id, _kind(client, job_id, kind))
+        job_id, family = _find(client, job_id, kind)
+        page = client.report(job_id, family)
     path = output or Path(tempfile.gettempdir()) / f"attribution-report-{job_id}.html"
     path.write_text(page)
     out.print(str(path))

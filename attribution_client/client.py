@@ -154,6 +154,10 @@ class _Operations:
         """The job's self-contained HTML report."""
         return self._run(Call("GET", f"{_path(job, kind)}/report", lambda r: r.text))
 
+    def export(self, job: JobPublic | str, kind: str | None = None, format: str = "csv") -> str:
+        """The finished job's table (contract/tables.py) as CSV or JSON Lines ("jsonl")."""
+        return self._run(Call("GET", f"{_path(job, kind)}/export", lambda r: r.text, params={"format": format}))
+
     def jobs_page(self, kind: str | None = None, status: str | None = None, limit: int = 50, before: str | None = None):
         params = {k: v for k, v in {"kind": kind, "status": status, "limit": limit, "before": before}.items() if v}
         return self._run(Call("GET", "/v1/jobs", lambda r: JobPage.model_validate(r.json()), params=params))

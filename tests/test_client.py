@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import http.server
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -307,3 +308,47 @@ def test_the_client_builds_an_index_and_asks_two_stage(live):
         client.delete_index(index.id)
         with pytest.raises(NotFound):
             client.index(index.id)
+
+
+def test_the_cli_prints_each_answer_as_a_table_writes_its_export_and_says_what_to_fix(live, tmp_path):
+    audit = [*AUDIT.values()]
+    leak = cli("leakage", *audit, "--test-dataset", "digits-audit-test", "--indices", "0-2",
+               "--out", str(tmp_path / "leak.csv"), base=live)  # fmt: skip
+    review = cli("mislabeled", *audit, "--reference-dataset", "digits-audit-test", "--indices", "60,61,62",
+                 "--method", '{"precondition": "none"}', "--out", str(tmp_path / "review.jsonl"), base=live)  # fmt: skip
+    assert leak.returncode == review.returncode == 0, leak.stderr + review.stderr
+    with Client(live) as client:
+        found = {j.kind: j for j in client.jobs() if j.kind in ("leakage", "mislabeled")}
+        leakage, mislabeled = (client.job(found[k].id, k) for k in ("leakage", "mislabeled"))
+        assert (tmp_path / "leak.csv").read_text() == client.export(leakage, format="csv")
+        assert (tmp_path / "review.jsonl").read_text() == client.export(mislabeled, format="jsonl")
+    assert len(leakage.result.rows) == 3 and leakage.result.summary[:40] in leak.stdout  # 0-2: three points
+    assert all(row.best.record_id in leak.stdout and row.test.record_id in leak.stdout for row in leakage.result.rows)
+    for suspect in mislabeled.result.review:  # every item of the review list, with the label the model believes
+        cells = (suspect.record_id, suspect.index, suspect.label, suspect.predicted)  # in the table's order
+        assert re.search("[ │]+".join(map(str, cells)) + " ", review.stdout), suspect
+
+    shown = cli("jobs", "show", mislabeled.id[:6], base=live)  # a unique prefix
+    assert shown.returncode == 0 and mislabeled.id in shown.stdout and "predicted" in shown.stdout, shown.stderr
+    assert cli("jobs", "show", "", base=live).returncode == 2  # every id starts with "": not unique
+    unknown = cli("jobs", "show", "zzzz", "--kind", "attribution", base=live)
+    assert unknown.returncode == 4 and "no attribution of this tenant" in unknown.stderr
+
+    body = [*BIG.values(), "--test-dataset", "digits-test", "--indices", "0-15", "--method", json.dumps(FINITE)]
+    queued = json.loads(cli("attribute", *body, "--no-wait", "--json", base=live).stdout)
+    with Client(live) as client:
+        wait_for(lambda: client.job(queued["id"]).progress.total, timeout=60, interval=0.05)
+        running = cli("jobs", "show", queued["id"], base=live)
+        client.cancel(queued["id"])
+    assert re.search(r"running: [\d,]+/[\d,]+ batches \(\d+%\)", running.stdout), running.stdout
+
+    for args, says in (
+        (["--indices", "0-x"], "whole numbers"),
+        (["--indices", "0", "--method", "precondition=ekfac"], "a JSON object"),
+        (["--indices", "0", "--method", '{"precondtion": "ekfac"}'], "precondtion"),
+        (["--indices", "0", "--out", "table.xlsx"], ".csv or .jsonl"),
+    ):
+        wrong = cli("attribute", *BIG.values(), "--test-dataset", "digits-test", *args, base=live)
+        assert wrong.returncode == 2 and says in wrong.stderr and "Traceback" not in wrong.stderr, wrong.stderr
+    missing = cli("attribute", *BIG.values(), "--inputs", str(tmp_path / "missing.npy"), base=live)
+    assert missing.returncode == 2 and "no such file" in missing.stderr and "Traceback" not in missing.stderr

@@ -33,7 +33,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from contract import tables
 from contract.problems import ServiceError
@@ -341,7 +341,8 @@ def jobs_list(
     if as_json:
         out.print_json(json.dumps([j.model_dump(mode="json") for j in items]))
         return
-    table = Table("id", "kind", "status", "model", "dataset", "created")
+    table = Table("kind", "status", "model", "dataset", "created")
+    table.columns.insert(0, Column("id", no_wrap=True, min_width=32))  # whole: it is what the other commands take
     for j in items:
         table.add_row(j.id, j.kind, j.status, j.model, j.dataset, j.created.isoformat(timespec="seconds"))
     out.print(table)

@@ -199,12 +199,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def openapi(app: FastAPI) -> dict:
     """FastAPI's document, plus the API-key scheme on every /v1 operation (the auth dependency reads
-    the header itself: app/auth.py)."""
+    the header itself: app/auth.py) where keys are asked for: not without a keys file (development's one
+    local tenant), where Swagger's locks would say that a key is needed when none is."""
     if app.openapi_schema is None:
         spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        spec.setdefault("components", {})["securitySchemes"] = {"apiKey": SECURITY_SCHEME}
+        keyed = app.state.settings.api_keys_file is not None
+        if keyed:
+            spec.setdefault("components", {})["securitySchemes"] = {"apiKey": SECURITY_SCHEME}
         for path, operations in spec["paths"].items():
-            for operation in operations.values() if path.startswith("/v1/") else ():
+            for operation in operations.values() if keyed and path.startswith("/v1/") else ():
                 operation["security"] = [{"apiKey": []}]
         app.openapi_schema = spec
     return app.openapi_schema

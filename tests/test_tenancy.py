@@ -255,3 +255,15 @@ def test_production_metrics_need_an_admin_key_and_docs_can_be_hidden(settings, k
         assert api.get("/metrics", headers=admin).status_code == 200
     with app_with(settings, path, docs=False) as api:
         assert {api.get(p).status_code for p in ("/docs", "/redoc", "/openapi.json")} == {404}
+
+
+def test_the_openapi_document_asks_for_a_key_only_where_keys_are_needed(settings, keys, client):
+    def secured(spec: dict) -> set[bool]:
+        return {
+            "security" in op for path, ops in spec["paths"].items() if path.startswith("/v1/") for op in ops.values()
+        }
+
+    assert secured(client.get("/openapi.json").json()) == {False}  # development, no keys file: no key to give
+    with app_with(settings, keys[0]) as api:
+        spec = api.get("/openapi.json").json()
+    assert secured(spec) == {True} and spec["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"

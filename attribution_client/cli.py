@@ -25,7 +25,7 @@ import tempfile
 import webbrowser
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import httpx
 import numpy as np
@@ -36,13 +36,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
 from contract import tables
+from contract.method import AnalysisKind
 from contract.problems import ServiceError
 from contract.schemas import ENDED
 
 from .client import Client
 
 EXIT = {"finished": 0, "failed": 1, "canceled": 3}
-ANALYSES = ("leakage", "mislabeled", "memorization")
+ANALYSES = get_args(AnalysisKind)
 REFUSED, UNAVAILABLE = 4, 5
 app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False)
 jobs_app = typer.Typer(help="this tenant's jobs", no_args_is_help=True)

@@ -42,7 +42,9 @@ def whole(**constraints: int) -> Any:
     return Annotated[int, Field(strict=True, **constraints), BeforeValidator(_whole)]
 
 
-Kind = Literal["attribution", "leakage", "mislabeled", "memorization"]
+# The kinds of job a tenant submits, stated once (tests/test_contract.py checks every table keyed by kind)
+AnalysisKind = Literal["leakage", "mislabeled", "memorization"]
+Kind = Literal["attribution", AnalysisKind]
 PresetName = Literal["attribution", "leakage", "mislabeled"]
 
 

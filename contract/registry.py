@@ -51,9 +51,14 @@ WEIGHTS = (
 BUILTINS = ("mlp", "cnn", "gpt", "unet")  # the engine's zoo (worker/forward_inf/zoo.py; a test checks they agree)
 # What registration over HTTP may name: the zoo, or a library family read from the model's folder
 # (worker/forward_inf/families.py). Neither imports or calls anything the request chooses.
+FAMILIES = {  # family -> the kinds it names (worker/forward_inf/families.py loads them; a test checks they agree)
+    "transformers": "causal-lm|sequence-classification",
+    "peft": "lora",
+    "diffusers": "unet2d",
+    "torchvision": "[a-z0-9_]+",
+}
 REGISTERABLE = (
-    rf"^(builtin:({'|'.join(BUILTINS)})|transformers:(causal-lm|sequence-classification)|peft:lora|diffusers:unet2d"
-    r"|torchvision:[a-z0-9_]+)$"
+    rf"^(builtin:({'|'.join(BUILTINS)})|" + "|".join(f"{family}:({kinds})" for family, kinds in FAMILIES.items()) + ")$"
 )
 # A manifest on disk may also name operator code, python:package.module:factory, which a worker imports only
 # when the operator allowed the module by name (ATTR_PYTHON_ARCHITECTURES): never from a request.

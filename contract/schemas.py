@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .indexes import TRUSTED_RECALL, IndexEntry
 from .jobs import IndexSettings, RankBy
-from .method import Method, MethodDefaults, MethodSettings, whole
+from .method import AnalysisKind, Kind, Method, MethodDefaults, MethodSettings, whole
 from .registry import ID, REGISTERABLE, InputSpec
 
 Status = Literal["queued", "running", "finished", "failed", "canceled"]
@@ -302,7 +302,7 @@ class IndexPage(BaseModel):
 
 class JobSummary(BaseModel):
     id: str
-    kind: Literal["attribution", "leakage", "mislabeled", "memorization"]
+    kind: Kind
     status: Status
     model: str
     dataset: str
@@ -533,7 +533,7 @@ AnalysisResult = Annotated[LeakageResult | MislabeledResult | MemorizationResult
 
 
 class AnalysisPublic(JobPublic):
-    kind: Literal["leakage", "mislabeled", "memorization"]
+    kind: AnalysisKind
     result: AnalysisResult | None = None
 
 

@@ -357,6 +357,16 @@ def each_kind(client) -> dict:
     }
 
 
+def items_of(kind: str, result: dict) -> list[tuple[dict | None, dict]]:
+    """What each row of an export is (its test point, if any, and its item), read from the JSON result here,
+    not by the code under test."""
+    if kind == "attribution":
+        return [(r["test"], e) for r in result["rows"] for side in ("proponents", "opponents") for e in r[side]]
+    if kind == "leakage":
+        return [(r["test"], r["best"]) for r in result["rows"]]
+    return [(None, e) for e in result["review" if kind == "mislabeled" else "records"]]
+
+
 def test_exports_are_each_results_table_as_csv_and_json_lines(client, worker):
     created = each_kind(client)
     worker.work(burst=True)
@@ -369,13 +379,7 @@ def test_exports_are_each_results_table_as_csv_and_json_lines(client, worker):
         jsonl = client.get(links["export"], params={"format": "jsonl"})
         records = [json.loads(line) for line in jsonl.text.splitlines()]
         assert header == list(records[0]) and len(lines) == len(records), kind  # one row per item, both formats
-        items = {  # what each row is, read from the JSON result here, not by the code under test
-            "attribution": lambda: [(r["test"], e) for r in result["rows"] for side in ("proponents", "opponents")
-                                    for e in r[side]],
-            "leakage": lambda: [(r["test"], r["best"]) for r in result["rows"]],
-            "mislabeled": lambda: [(None, e) for e in result["review"]],
-            "memorization": lambda: [(None, e) for e in result["records"]],
-        }[kind]()  # fmt: skip
+        items = items_of(kind, result)
         assert len(records) == len(items) == {"attribution": 30, "leakage": 3, "memorization": 4}.get(kind, len(items))
         for line, record, (test, item) in zip(lines, records, items, strict=True):
             row = dict(zip(header, line, strict=True))

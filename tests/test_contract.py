@@ -274,3 +274,22 @@ def test_verified_reads_hash_each_file_version_once(registry_dir, tmp_path):
     shard.write_bytes(changed)  # a changed file is hashed again, and refused
     with pytest.raises(reg.RegistryError, match="sha256"):
         dataset.read([0])
+
+
+def test_every_table_keyed_by_kind_names_the_contracts_kinds():
+    """A kind is stated once (contract.method.Kind); each place that does something per kind names them all."""
+    from app.report import SECTIONS
+    from contract import tables
+    from contract.jobs import Job
+    from contract.method import KIND_PRESET, AnalysisKind, Kind
+    from contract.schemas import AnalysisResult
+    from worker.analyses import ANALYSES
+
+    def kinds(union) -> set[str]:  # the `kind` of each member of a discriminated union
+        members = typing.get_args(typing.get_args(union)[0])
+        return {m.model_fields["kind"].default for m in members}
+
+    every, analyses = set(typing.get_args(Kind)), set(typing.get_args(AnalysisKind))
+    assert every == {"attribution"} | analyses == kinds(Job) - {"index"}
+    assert every == set(SECTIONS) == set(tables.COLUMNS) == set(KIND_PRESET)
+    assert analyses == set(ANALYSES) == kinds(AnalysisResult)

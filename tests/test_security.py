@@ -8,14 +8,15 @@ import torch
 from conftest import queued_jobs
 from safetensors.torch import save_file
 
-from contract.registry import BUILTINS, Registry, RegistryError
-from worker.forward_inf import ZOO, build
+from contract.registry import BUILTINS, FAMILIES, Registry, RegistryError
+from worker.forward_inf import ZOO, build, families
 from worker.store import Store
 from worker.warm import Warm
 
 
-def test_the_contract_names_the_engines_zoo():
+def test_the_contract_names_the_engines_zoo_and_families():
     assert set(BUILTINS) == set(ZOO)
+    assert set(FAMILIES) == set(families.FAMILIES)  # what registration may name, what a worker loads
 
 
 @pytest.mark.parametrize("architecture", ["python:os:system", "python:subprocess:getoutput", "builtin:os"])

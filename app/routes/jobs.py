@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Annotated, Literal
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from contract import tables
 from contract.jobs import InlinePoints, Job, LeakageJob
+from contract.method import Kind
 from contract.problems import Conflict, InvalidInput
 from contract.schemas import JobPage, Problem, Status
 
@@ -222,7 +223,7 @@ async def list_jobs(
     jobs: JobsDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     before: Annotated[float | None, Query(description="the `next` of the previous page")] = None,
-    kind: Literal["attribution", "leakage", "mislabeled", "memorization"] | None = None,
+    kind: Kind | None = None,
     status: Status | None = None,
 ) -> dict:
     """This tenant's attributions and analyses, newest first, optionally of one kind or status."""

@@ -53,7 +53,7 @@ from starlette.concurrency import run_in_threadpool
 from contract.cost import cheaper, cost_key, method_id, work
 from contract.jobs import PROBE_FUNC, Job, affinity_queue, bucket_of, part_id, queue_names
 from contract.problems import Conflict, InvalidInput, NotFound, TooManyRequests, Unavailable
-from contract.schemas import AnalysisPublic, AttributionPublic, JobSummary
+from contract.schemas import AnalysisPublic, AttributionPublic, JobSummary, Webhook
 from contract.scores import block_key
 from contract.settings import Settings
 
@@ -176,7 +176,7 @@ class Jobs:
         self.queue = Queue(settings.queue, connection=redis, serializer=JSONSerializer)
         self.queues = {settings.queue: self.queue}
         self.key = settings.key
-        self.webhooks = Webhooks(self)
+        self.webhooks = Webhooks(settings, aredis, self.hooked)
         events.listen(self.webhooks.ended)
 
     def handle_of(self, tenant: str, key: str) -> str:
@@ -390,6 +390,13 @@ class Jobs:
         return {**record, "created": created.decode(), "top_k": kept_top_k.decode()}
 
     # -- views ------------------------------------------------------------------------------------
+    async def hooked(self, handle: str) -> tuple[Webhook, str, bytes] | None:
+        """The handle's webhook, its job's status and encoded view; None without a webhook (app/webhooks.py)."""
+        record = await self._lookup(handle)
+        if not record.get("webhook"):
+            return None
+        return Webhook.model_validate_json(record["webhook"]), *await self._look(handle, record, None)
+
     async def _lookup(self, handle: str) -> dict[str, str]:
         raw = await self.aredis.hgetall(self.key("handle", handle))
         return {k.decode(): v.decode() for k, v in raw.items()}

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import httpx
+from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from contract.problems import InvalidInput, ServiceError
@@ -48,9 +50,14 @@ def check(hook: Webhook, settings: Settings) -> None:
         )
 
 
+# A handle's webhook and its job's status and encoded view, or None where the handle has no webhook (expired
+# or deleted): what delivery needs of the jobs (app.jobs.Jobs.hooked), and nothing else.
+Hooked = Callable[[str], Awaitable[tuple[Webhook, str, bytes] | None]]
+
+
 class Webhooks:
-    def __init__(self, jobs):
-        self.jobs, self.settings, self.aredis, self.key = jobs, jobs.settings, jobs.aredis, jobs.key
+    def __init__(self, settings: Settings, aredis: aioredis.Redis, hooked: Hooked):
+        self.settings, self.aredis, self.key, self.hooked = settings, aredis, settings.key, hooked
         self.tasks: set[asyncio.Task] = set()  # deliveries in flight (kept referenced until done)
 
     async def register(self, handle: str, key: str, hook: Webhook) -> None:
@@ -80,17 +87,17 @@ class Webhooks:
         try:
             for raw in await self.aredis.smembers(self.key("hooks", key)):
                 handle = raw.decode()
-                record = await self.jobs._lookup(handle)
-                if not record.get("webhook"):
+                found = await self.hooked(handle)
+                if found is None:
                     await self.aredis.srem(self.key("hooks", key), handle)  # the handle expired or was deleted
                     continue
-                status, body = await self.jobs._look(handle, record, None)
+                hook, status, body = found
                 if status not in ENDED:
                     continue
                 if not await self.aredis.set(self.key("hooked", handle), "1", nx=True, ex=self.settings.score_ttl_s):
                     continue  # another API process delivers it
                 await self.aredis.srem(self.key("hooks", key), handle)
-                self._spawn(self._send(handle, Webhook.model_validate_json(record["webhook"]), body))
+                self._spawn(self._send(handle, hook, body))
         except (RedisError, ServiceError) as exc:  # the next end event, or a sweep after reconnecting, tries again
             log.warning("webhooks of %s: %s", key, exc)
 

@@ -392,7 +392,7 @@ def _mislabeled(result, scores, records, queries, top_k) -> str:
         + _legend(
             "p(label wrong): the probability that the recorded label is wrong, from the model's calibrated "
             "probabilities and the record's harm. The model says: the label the model finds most probable, with its "
-            "probability. Harm: how much the clean reference set's loss rises with this record (positive: the record "
+            "probability (where it memorised a wrong label, that label). Harm: how much the clean reference set's loss rises with this record (positive: the record "
             "hurts the model on clean data)."
         )
         + f"<p class=muted>{html.escape(a['precision_method'])}</p>"

@@ -2,17 +2,19 @@
 a request is checked before it is sent, an answer parsed into the model the API built it from, and a
 problem+json answer raised as the ServiceError subclass of its status (contract/problems.py).
 
-Each operation is defined once (`_Operations`: which request, how to read the answer); the sync client
-runs it, the async one awaits it. Following a job (`wait`) reads the job's Server-Sent Events.
+Each operation is defined once (`_Operations`: which request, how to read the answer, as a `Call[T]`); the
+sync client runs it and returns T, the async one returns an awaitable of T, and both are typed so
+(`operation`). Following a job (`wait`) reads the job's Server-Sent Events.
 """
 
 from __future__ import annotations
 
+import functools
 import io
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 import httpx
 import numpy as np
@@ -43,15 +45,17 @@ from contract.schemas import (
 
 __all__ = ["AsyncClient", "Client"]
 Progress = Callable[[JobPublic], None]
+T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @dataclass
-class Call:
+class Call(Generic[T]):
     """One HTTP exchange: the request, and how its answer becomes a value."""
 
     method: str
     path: str
-    parse: Callable[[httpx.Response], Any]
+    parse: Callable[[httpx.Response], T]
     json: dict | None = None
     content: bytes | None = None
     params: dict = field(default_factory=dict)
@@ -100,114 +104,165 @@ class _EventStream:
         return None
 
 
+class operation(Generic[P, T]):
+    """A method defined once as the Call it makes: on a Client it returns the Call's value, on an
+    AsyncClient an awaitable of it (each client's `_run`)."""
+
+    def __init__(self, build: Callable[Concatenate[Any, P], Call[T]]):
+        self.build = build
+        functools.update_wrapper(self, build)
+
+    @overload
+    def __get__(self, client: None, owner: type) -> operation[P, T]: ...
+    @overload
+    def __get__(self, client: Client, owner: type) -> Callable[P, T]: ...
+    @overload
+    def __get__(self, client: AsyncClient, owner: type) -> Callable[P, Awaitable[T]]: ...
+    def __get__(self, client, owner=None):
+        if client is None:
+            return self
+        build = self.build
+
+        @functools.wraps(build)
+        def run(*args, **kwargs):
+            return client._run(build(client, *args, **kwargs))
+
+        return run
+
+
 class _Operations:
-    """The service's operations, each a Call; `_run` (sync or async) performs it."""
+    """The service's operations, each the Call it makes; `_run` (sync or async) performs it."""
 
-    def _run(self, call: Call):  # pragma: no cover - defined by each client
-        raise NotImplementedError
-
-    def attribute(self, model: str, dataset: str, test: dict, top_k: int = 10, method: dict | None = None, **options):
+    @operation
+    def attribute(
+        self, model: str, dataset: str, test: dict, top_k: int = 10, method: dict | None = None, **options
+    ) -> Call[JobPublic]:
         """Submit an attribution: the job's view (202: queued, running or already finished). `options`:
         the request's other fields, e.g. webhook={"url": ..., "secret": ...}."""
         body = AttributionCreate(model=model, dataset=dataset, test=test, top_k=top_k, method=method or {}, **options)
-        return self._run(Call("POST", "/v1/attributions", _view, body.model_dump(exclude_none=True)))
+        return Call("POST", "/v1/attributions", _view, body.model_dump(exclude_none=True))
 
-    def leakage(self, model: str, dataset: str, test: dict, method: dict | None = None, **options):
+    @operation
+    def leakage(self, model: str, dataset: str, test: dict, method: dict | None = None, **options) -> Call[JobPublic]:
         body = LeakageCreate(model=model, dataset=dataset, test=test, method=method or {}, **options)
-        return self._run(Call("POST", "/v1/analyses/leakage", _view, body.model_dump(exclude_none=True)))
+        return Call("POST", "/v1/analyses/leakage", _view, body.model_dump(exclude_none=True))
 
-    def mislabeled(self, model: str, dataset: str, reference: dict, method: dict | None = None, **options):
+    @operation
+    def mislabeled(
+        self, model: str, dataset: str, reference: dict, method: dict | None = None, **options
+    ) -> Call[JobPublic]:
         body = MislabeledCreate(model=model, dataset=dataset, reference=reference, method=method or {}, **options)
-        return self._run(Call("POST", "/v1/analyses/mislabeled", _view, body.model_dump(exclude_none=True)))
+        return Call("POST", "/v1/analyses/mislabeled", _view, body.model_dump(exclude_none=True))
 
-    def memorization(self, model: str, dataset: str, records: dict, method: dict | None = None, **options):
+    @operation
+    def memorization(
+        self, model: str, dataset: str, records: dict, method: dict | None = None, **options
+    ) -> Call[JobPublic]:
         body = MemorizationCreate(model=model, dataset=dataset, records=records, method=method or {}, **options)
-        return self._run(Call("POST", "/v1/analyses/memorization", _view, body.model_dump(exclude_none=True)))
+        return Call("POST", "/v1/analyses/memorization", _view, body.model_dump(exclude_none=True))
 
-    def job(self, job: JobPublic | str, kind: str | None = None, top_k: int | None = None, wait_s: float = 0):
+    @operation
+    def job(
+        self, job: JobPublic | str, kind: str | None = None, top_k: int | None = None, wait_s: float = 0
+    ) -> Call[JobPublic]:
         """A job's view (with `wait_s`, a long poll: the answer comes when it ends or the wait is over)."""
         params = {k: v for k, v in {"top_k": top_k, "wait_s": wait_s or None}.items() if v is not None}
-        return self._run(Call("GET", _path(job, kind), _view, params=params))
+        return Call("GET", _path(job, kind), _view, params=params)
 
-    def cancel(self, job: JobPublic | str, kind: str | None = None):
+    @operation
+    def cancel(self, job: JobPublic | str, kind: str | None = None) -> Call[JobPublic | None]:
         """Cancel a queued or running job (its view), or delete an ended one (None)."""
-        return self._run(Call("DELETE", _path(job, kind), lambda r: None if r.status_code == 204 else _view(r)))
+        return Call("DELETE", _path(job, kind), lambda r: None if r.status_code == 204 else _view(r))
 
+    @operation
     def scores(
         self, job: JobPublic | str, kind: str | None = None, rows: str | None = None, columns: str | None = None
-    ):
+    ) -> Call[np.ndarray]:
         """The score matrix (or a window: rows="a:b", columns="c:d") as a float32 numpy array."""
         params = {k: v for k, v in {"format": "npy", "rows": rows, "columns": columns}.items() if v}
         parse = lambda r: np.load(io.BytesIO(r.content), allow_pickle=False)  # noqa: E731
-        return self._run(Call("GET", f"{_path(job, kind)}/scores", parse, params=params))
+        return Call("GET", f"{_path(job, kind)}/scores", parse, params=params)
 
+    @operation
     def scores_page(
         self, job: JobPublic | str, kind: str | None = None, rows: str | None = None, columns: str | None = None
-    ):
+    ) -> Call[ScoresPage]:
         """One JSON page of the scores; its `next` is the URL of the following page (or None)."""
         params = {k: v for k, v in {"rows": rows, "columns": columns}.items() if v}
-        return self._run(
-            Call("GET", f"{_path(job, kind)}/scores", lambda r: ScoresPage.model_validate(r.json()), params=params)
-        )
+        return Call("GET", f"{_path(job, kind)}/scores", lambda r: ScoresPage.model_validate(r.json()), params=params)
 
-    def report(self, job: JobPublic | str, kind: str | None = None) -> str:
+    @operation
+    def report(self, job: JobPublic | str, kind: str | None = None) -> Call[str]:
         """The job's self-contained HTML report."""
-        return self._run(Call("GET", f"{_path(job, kind)}/report", lambda r: r.text))
+        return Call("GET", f"{_path(job, kind)}/report", lambda r: r.text)
 
-    def export(self, job: JobPublic | str, kind: str | None = None, format: str = "csv") -> str:
+    @operation
+    def export(self, job: JobPublic | str, kind: str | None = None, format: str = "csv") -> Call[str]:
         """The finished job's table (contract/tables.py) as CSV or JSON Lines ("jsonl")."""
-        return self._run(Call("GET", f"{_path(job, kind)}/export", lambda r: r.text, params={"format": format}))
+        return Call("GET", f"{_path(job, kind)}/export", lambda r: r.text, params={"format": format})
 
-    def jobs_page(self, kind: str | None = None, status: str | None = None, limit: int = 50, before: str | None = None):
+    @operation
+    def jobs_page(
+        self, kind: str | None = None, status: str | None = None, limit: int = 50, before: str | None = None
+    ) -> Call[JobPage]:
         params = {k: v for k, v in {"kind": kind, "status": status, "limit": limit, "before": before}.items() if v}
-        return self._run(Call("GET", "/v1/jobs", lambda r: JobPage.model_validate(r.json()), params=params))
+        return Call("GET", "/v1/jobs", lambda r: JobPage.model_validate(r.json()), params=params)
 
-    def models(self):
-        return self._run(Call("GET", "/v1/models", lambda r: [ModelPublic.model_validate(m) for m in r.json()]))
+    @operation
+    def models(self) -> Call[list[ModelPublic]]:
+        return Call("GET", "/v1/models", lambda r: [ModelPublic.model_validate(m) for m in r.json()])
 
-    def model(self, id: str):
-        return self._run(Call("GET", f"/v1/models/{id}", lambda r: ModelPublic.model_validate(r.json())))
+    @operation
+    def model(self, id: str) -> Call[ModelPublic]:
+        return Call("GET", f"/v1/models/{id}", lambda r: ModelPublic.model_validate(r.json()))
 
-    def datasets(self):
-        return self._run(Call("GET", "/v1/datasets", lambda r: [DatasetPublic.model_validate(d) for d in r.json()]))
+    @operation
+    def datasets(self) -> Call[list[DatasetPublic]]:
+        return Call("GET", "/v1/datasets", lambda r: [DatasetPublic.model_validate(d) for d in r.json()])
 
     # -- indexes (two-stage attribution; building and deleting need an admin key) --------------------------
-    def create_index(self, model: str, dataset: str, method: dict | None = None, **settings):
+    @operation
+    def create_index(self, model: str, dataset: str, method: dict | None = None, **settings) -> Call[IndexPublic]:
         """Build the index of a model and dataset (IndexSettings' fields: dims, rank): its view, building or
         built. Attributions on them then take `candidates=` (or use it by default for its method)."""
         body = IndexCreate(model=model, dataset=dataset, method=method or {}, settings=settings)
         parse = lambda r: IndexPublic.model_validate(r.json())  # noqa: E731
-        return self._run(Call("POST", "/v1/indexes", parse, body.model_dump(exclude_none=True)))
+        return Call("POST", "/v1/indexes", parse, body.model_dump(exclude_none=True))
 
-    def index(self, id: str):
-        return self._run(Call("GET", f"/v1/indexes/{id}", lambda r: IndexPublic.model_validate(r.json())))
+    @operation
+    def index(self, id: str) -> Call[IndexPublic]:
+        return Call("GET", f"/v1/indexes/{id}", lambda r: IndexPublic.model_validate(r.json()))
 
-    def indexes(self):
-        return self._run(Call("GET", "/v1/indexes", lambda r: IndexPage.model_validate(r.json()).items))
+    @operation
+    def indexes(self) -> Call[list[IndexPublic]]:
+        return Call("GET", "/v1/indexes", lambda r: IndexPage.model_validate(r.json()).items)
 
-    def delete_index(self, id: str) -> None:
-        return self._run(Call("DELETE", f"/v1/indexes/{id}", lambda r: None))
+    @operation
+    def delete_index(self, id: str) -> Call[None]:
+        return Call("DELETE", f"/v1/indexes/{id}", lambda r: None)
 
     # -- registration (an admin key) -----------------------------------------------------------------
-    def upload(self, kind: str, id: str, path: Path):
+    @operation
+    def upload(self, kind: str, id: str, path: Path) -> Call[UploadedFile]:
         """Stage one file of a model or dataset being registered (`kind`: "models" | "datasets")."""
         url = f"/v1/admin/{kind}/{id}/files/{path.name}"
-        return self._run(Call("PUT", url, lambda r: UploadedFile.model_validate(r.json()), content=path.read_bytes()))
+        return Call("PUT", url, lambda r: UploadedFile.model_validate(r.json()), content=path.read_bytes())
 
-    def register_uploaded_model(self, id: str, **fields):
+    @operation
+    def register_uploaded_model(self, id: str, **fields) -> Call[ModelRegistered]:
         """Register a model whose files were uploaded (ModelRegistration's fields; dry_run=True only tries it)."""
         body = ModelRegistration(**fields).model_dump(exclude_none=True, mode="json")
-        return self._run(
-            Call("POST", f"/v1/admin/models/{id}", lambda r: ModelRegistered.model_validate(r.json()), body)
-        )
+        return Call("POST", f"/v1/admin/models/{id}", lambda r: ModelRegistered.model_validate(r.json()), body)
 
-    def register_uploaded_dataset(self, id: str, **fields):
+    @operation
+    def register_uploaded_dataset(self, id: str, **fields) -> Call[DatasetRegistered]:
         body = DatasetRegistration(**fields).model_dump(exclude_none=True, mode="json")
         parse = lambda r: DatasetRegistered.model_validate(r.json())  # noqa: E731
-        return self._run(Call("POST", f"/v1/admin/datasets/{id}", parse, body))
+        return Call("POST", f"/v1/admin/datasets/{id}", parse, body)
 
-    def delete_entry(self, kind: str, id: str) -> None:
-        return self._run(Call("DELETE", f"/v1/admin/{kind}/{id}", lambda r: None))
+    @operation
+    def delete_entry(self, kind: str, id: str) -> Call[None]:
+        return Call("DELETE", f"/v1/admin/{kind}/{id}", lambda r: None)
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -230,7 +285,7 @@ class Client(_Operations):
     def close(self) -> None:
         self.http.close()
 
-    def _run(self, call: Call):
+    def _run(self, call: Call[T]) -> T:
         response = self.http.request(
             call.method, call.path, json=call.json, content=call.content, params=call.params, headers=call.headers
         )
@@ -286,7 +341,7 @@ class AsyncClient(_Operations):
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def _run(self, call: Call):
+    async def _run(self, call: Call[T]) -> T:
         response = await self.http.request(
             call.method, call.path, json=call.json, content=call.content, params=call.params, headers=call.headers
         )

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import threading
 import time
+import typing
 from pathlib import Path
 
 import httpx
@@ -353,3 +354,15 @@ def test_the_cli_prints_each_answer_as_a_table_writes_its_export_and_says_what_t
         assert wrong.returncode == 2 and says in wrong.stderr and "Traceback" not in wrong.stderr, wrong.stderr
     missing = cli("attribute", *BIG.values(), "--inputs", str(tmp_path / "missing.npy"), base=live)
     assert missing.returncode == 2 and "no such file" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_every_client_operation_says_what_it_returns():
+    """An operation is typed once, as the Call it makes (Call[T]): Client's returns T, AsyncClient's an
+    awaitable of T (attribution_client.client.operation; mypy reads both)."""
+    from attribution_client import client as module
+
+    operations = {name: op for name, op in vars(module._Operations).items() if isinstance(op, module.operation)}
+    assert {"attribute", "leakage", "job", "cancel", "scores", "export", "create_index"} <= set(operations)
+    for name, op in operations.items():
+        returns = typing.get_type_hints(op.build, vars(module))["return"]
+        assert typing.get_origin(returns) is module.Call and typing.get_args(returns)[0] is not typing.Any, name

@@ -3,8 +3,10 @@ built once per session (a digits MLP trained here in seconds), and an API client
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -165,6 +167,7 @@ def subprocess_env(settings, **extra) -> dict:
         "ATTR_REGISTRY_DIR": str(settings.registry_dir),
         "ATTR_SCORE_DIR": str(settings.score_dir),
         "PYTHONPATH": str(ROOT),
+        "PYTHONFAULTHANDLER": "1",  # a stack dump on SIGABRT (stop_worker) or a crash
         **{k: str(v) for k, v in extra.items()},
     }
     env.pop("PYTEST_CURRENT_TEST", None)
@@ -214,11 +217,15 @@ def start_worker(settings, name, **extra):
 
 def stop_worker(proc, timeout: float = 10.0) -> None:
     """SIGTERM (RQ's warm shutdown), and SIGKILL where the worker has not exited `timeout` s later, so
-    that it never outlives its test to take later tests' jobs; that worker fails the test, with its log."""
+    that it never outlives its test to take later tests' jobs; that worker fails the test, with its log,
+    which ends with every thread's stack (SIGABRT to its faulthandler first: how a hang was found)."""
     proc.terminate()
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired as late:
+        proc.send_signal(signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
         proc.kill()
         proc.wait(10)
         tail = proc.log.read_text(errors="replace")[-4000:]

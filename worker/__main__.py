@@ -375,6 +375,18 @@ class WarmWorker(SimpleWorker):
         self.context.store.measured(ModelRef(id=m.id, digest=m.digest), self.settings.dtype, method,
                                     ticks[-1] - ticks[first], swept)  # fmt: skip
 
+    def unsubscribe(self):
+        """RQ's, with a bounded wait for its pubsub thread. RQ unsubscribes, then calls the thread's stop(), which
+        since redis-py 8 joins it without a bound; a thread that took the unsubscribe reply and looped before
+        the stop flag was cleared waits for a subscription for RQ's whole 60 s poll, so a SIGTERM took up to a
+        minute (tests saw it after a cancel). The flag is cleared aside, the reply wakes a blocking read, and
+        the thread (a daemon) gets a second."""
+        thread = self.pubsub_thread
+        if thread:
+            threading.Thread(target=thread.stop, daemon=True).start()  # clears the flag; its own join is unbounded
+            self.pubsub.unsubscribe()
+            thread.join(timeout=1)
+
     def teardown(self):
         self._alive.set()
         self.connection.delete(self.settings.key("worker", self.name))

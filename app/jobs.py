@@ -51,7 +51,7 @@ from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
 from contract.cost import cheaper, cost_key, method_id, work
-from contract.jobs import PROBE_FUNC, Job, affinity_queue, bucket_of, part_id, queue_names
+from contract.jobs import HANDLE_LENGTH, PROBE_FUNC, Job, affinity_queue, bucket_of, part_id, queue_names
 from contract.problems import Conflict, InvalidInput, NotFound, TooManyRequests, Unavailable
 from contract.schemas import AnalysisPublic, AttributionPublic, JobSummary, Webhook
 from contract.scores import block_key
@@ -181,7 +181,7 @@ class Jobs:
 
     def handle_of(self, tenant: str, key: str) -> str:
         mac = hmac.new(self.settings.secret.encode(), f"{tenant}\0{key}".encode(), hashlib.sha256)
-        return mac.hexdigest()[:32]
+        return mac.hexdigest()[:HANDLE_LENGTH]
 
     # -- submit -----------------------------------------------------------------------------------
     async def submit(

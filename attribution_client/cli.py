@@ -20,6 +20,7 @@ Exit codes: 0 the job finished (or the command did what it says); 1 the job fail
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import tempfile
 import webbrowser
@@ -36,8 +37,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
 from contract import tables
+from contract.jobs import HANDLE_LENGTH
 from contract.method import AnalysisKind
-from contract.problems import ServiceError
+from contract.problems import NotFound, ServiceError
 from contract.schemas import ENDED
 
 from .client import Client
@@ -92,16 +94,20 @@ def _service(ctx: typer.Context) -> Iterator[Client]:
 
 
 def _find(client: Client, job_id: str, kind: str | None) -> tuple[str, str]:
-    """The job's full id and kind: `job_id` is its id or a unique prefix of the id of one of this tenant's
-    jobs (of `kind`: attribution, analysis or an analysis' name, where given)."""
+    """The job's full id and kind: `job_id` is its id (asked for directly) or a unique start of the id of one
+    of this tenant's jobs (found in their list, which is read until a second match), of `kind` where given
+    (attribution, analysis or an analysis' name)."""
+    if len(job_id) == HANDLE_LENGTH:
+        for family in (kind,) if kind else ("attribution", "analysis"):
+            with contextlib.suppress(NotFound):
+                return job_id, getattr(client.job(job_id, family), "kind", "attribution")
     wanted = {"analysis": ANALYSES}.get(kind or "", (kind,) if kind else None)
-    found = {
-        j.id: j.kind for j in client.jobs(limit=200) if j.id.startswith(job_id) and (not wanted or j.kind in wanted)
-    }
-    if job_id in found:
-        return job_id, found[job_id]
+    matches = (
+        (j.id, j.kind) for j in client.jobs(limit=200) if j.id.startswith(job_id) and (not wanted or j.kind in wanted)
+    )
+    found = dict(itertools.islice(matches, 2))
     if len(found) > 1:
-        raise typer.BadParameter(f"{job_id!r} is the start of {len(found)} job ids: {', '.join(sorted(found))}")
+        raise typer.BadParameter(f"{job_id!r} is the start of more than one job id: {', '.join(sorted(found))}, ...")
     if not found:
         what = {"attribution": "attribution", None: "attribution or analysis"}.get(kind, f"{kind} analysis")
         err.print(f"[red]404 Not Found[/red]: no {what} of this tenant has an id starting {job_id!r}")

@@ -55,6 +55,7 @@ __all__ = [
 # stored base losses and curvature made by another version are then never reused (tests/test_contract.py
 # fails when the engine's code changes and this does not).
 ENGINE_VERSION = "2026.12.14"
+HANDLE_LENGTH = 32  # hex digits of a job's id, a tenant's handle of it (app.jobs.Jobs.handle_of)
 # the worker's RQ entry points, by dotted path (the API never imports them)
 JOB_FUNC = "worker.jobs.run"  # a whole request in one job
 PART_FUNC = "worker.jobs.run_part"  # one part of the training set: its score block and per-part summary

@@ -415,12 +415,14 @@ class Jobs:
         return await self._view(handle, await self._record(handle, who.tenant, analysis), top_k)
 
     async def _view(self, handle: str, record: dict[str, str], top_k: int | None) -> View:
-        k = top_k or int(record["top_k"])
-        if not record.get("canceled"):
-            result = await self.results.get(self.aredis, self.key("result", record["key"]))
-            if result is not None:
-                return self._finished(handle, result, k)
-        return await run_in_threadpool(self._active, handle, record)
+        k, name = top_k or int(record["top_k"]), self.key("result", record["key"])
+        if not record.get("canceled") and (result := await self.results.get(self.aredis, name)) is not None:
+            return self._finished(handle, result, k)
+        view = await run_in_threadpool(self._active, handle, record)
+        # finished between the two reads: a worker stores the result before RQ records the end, so it is there now
+        if view["status"] == "finished" and (result := await self.results.get(self.aredis, name)) is not None:
+            return self._finished(handle, result, k)
+        return view
 
     async def _look(self, handle: str, record: dict[str, str], top_k: int | None) -> tuple[str, bytes]:
         """(status, the encoded view): a finished view is encoded once per handle and top_k."""

@@ -1,6 +1,6 @@
 """Job-end events for long polls that hold no thread and poll nothing.
 
-Workers publish a job's id on the channel `settings.key("events")` once its end is stored (finished,
+Workers publish a job's id on the channel `contract.results.channel` once its end is stored (finished,
 failed, stopped); the API does when it cancels a queued job. Each API process keeps one subscription
 (redis.asyncio) and wakes the requests waiting on that id. While the subscription is down (Redis
 restarting) waits simply run to their deadline; on every (re)connect all waiters are woken to read
@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
+from contract.results import channel
 from contract.settings import Settings
 
 log = logging.getLogger("app.events")
@@ -28,7 +29,7 @@ log = logging.getLogger("app.events")
 class Events:
     def __init__(self, settings: Settings, results=None):
         self.settings, self.results = settings, results
-        self.channel = settings.key("events")
+        self.channel = channel(settings)
         self._waiting: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task | None = None
         self._listeners: list[Callable[[str | None], None]] = []

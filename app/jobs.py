@@ -40,6 +40,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
+from pydantic import ValidationError
 from redis import Redis
 from redis import asyncio as aioredis
 from rq import Queue
@@ -53,7 +54,8 @@ from starlette.concurrency import run_in_threadpool
 from contract.cost import cheaper, cost_key, method_id, work
 from contract.jobs import HANDLE_LENGTH, PROBE_FUNC, Job, affinity_queue, bucket_of, part_id, queue_names
 from contract.problems import Conflict, InvalidInput, NotFound, TooManyRequests, Unavailable
-from contract.schemas import AnalysisPublic, AttributionPublic, JobSummary, Webhook
+from contract.results import STORED, PartProgress, Stored, StoredAttribution, channel, result_key
+from contract.schemas import AnalysisPublic, AttributionPublic, AttributionResult, JobSummary, Webhook
 from contract.scores import block_key
 from contract.settings import Settings
 
@@ -91,7 +93,7 @@ return 2
 """
 ADMITTED = 2
 ENQUEUE_GRACE_S = 60  # an admitted computation without an RQ job this long after is gone (expired), not starting
-View = dict  # a job's public view, JSON-ready: the AttributionPublic or AnalysisPublic schema (contract/schemas.py)
+View = AttributionPublic | AnalysisPublic  # a job's public view
 LARGE = 1 << 16  # stored results larger than this are parsed in a thread, not on the event loop
 
 
@@ -119,11 +121,11 @@ class Results:
 
     def __init__(self, budget_bytes: int):
         self.budget, self.bytes = budget_bytes, 0
-        self.items: OrderedDict[str, tuple[dict, int, float]] = OrderedDict()  # name -> (result, size, expires)
+        self.items: OrderedDict[str, tuple[Stored, int, float]] = OrderedDict()  # name -> (result, size, expires)
         self.encoded: OrderedDict[tuple, bytes] = OrderedDict()
         self.loading: dict[str, asyncio.Lock] = {}  # one reader per result: concurrent misses wait for it
 
-    async def get(self, aredis: aioredis.Redis, name: str) -> dict | None:
+    async def get(self, aredis: aioredis.Redis, name: str) -> Stored | None:
         if (hit := self._hit(name)) is not None:
             return hit
         async with self.loading.setdefault(name, asyncio.Lock()):
@@ -134,8 +136,13 @@ class Results:
             self.loading.pop(name, None)
             if raw is None:
                 return None
-            result = await run_in_threadpool(json.loads, raw) if len(raw) > LARGE else json.loads(raw)
-            if "job" not in result:  # stored by an earlier release: unknown here
+            try:
+                result = (
+                    await run_in_threadpool(STORED.validate_json, raw)
+                    if len(raw) > LARGE
+                    else STORED.validate_json(raw)
+                )
+            except ValidationError:  # stored by an earlier release: unknown here
                 return None
             expires = time.monotonic() + (ttl_ms / 1000 if ttl_ms > 0 else 60.0)
             self.items[name], self.bytes = (result, len(raw), expires), self.bytes + len(raw)
@@ -143,7 +150,7 @@ class Results:
                 self.drop(next(iter(self.items)))
             return result
 
-    def _hit(self, name: str) -> dict | None:
+    def _hit(self, name: str) -> Stored | None:
         entry = self.items.get(name)
         if entry is None:
             return None
@@ -201,7 +208,7 @@ class Jobs:
         raw = await self.aredis.hgetall(self.key("handle", handle))
         record = {k.decode(): v.decode() for k, v in raw.items()}
         known = bool(record) and not record.get("canceled")  # asked before and did not let go (else others kept it)
-        result = await self.results.get(self.aredis, self.key("result", key))
+        result = await self.results.get(self.aredis, result_key(self.settings, key))
         if result is None:  # work to do: counted against the tenant's rate (an answer from the cache is not)
             estimate = await self.estimate(job, records)
             await self._rate(who.tenant)
@@ -210,7 +217,7 @@ class Jobs:
             record = await self._hold(handle, who.tenant, job, top_k)
         if result is None:
             return _encode(await self._view(handle, record, top_k)), 202, handle
-        name, k = self.key("result", key), top_k or int(record["top_k"])
+        name, k = result_key(self.settings, key), top_k or int(record["top_k"])
         body = self.results.view(name, (handle, k, known), lambda: _encode(self._finished(handle, result, k, known)))
         return body, 200 if known else 202, handle
 
@@ -265,7 +272,7 @@ class Jobs:
     def _enqueue(self, job: Job, parts: list[tuple[int, int]], existing: RQJob | None, estimate: float | None) -> None:
         key = job.key
         long = estimate is not None and estimate > self.settings.long_job_s
-        admission = {"estimate_s": round(estimate, 1), "long": long} if estimate is not None else None
+        admission = {"estimate_s": float(f"{estimate:.3g}"), "long": long} if estimate is not None else None
         whole, part_func, reduce_func = job.functions
         if existing is not None:  # a new try of something that failed, was canceled, or whose result expired
             for part in existing.meta.get("parts", []):
@@ -298,7 +305,7 @@ class Jobs:
                         )
                     after = Dependency(jobs=ids, allow_failure=True)  # runs to report a failed part too
                     meta = {"kind": job.kind, "parts": ids, "admission": admission}
-                    self.redis.delete(self.key("progress", key))
+                    self.redis.delete(PartProgress.key(self.settings, key))
                     self.queue.enqueue(reduce_func, payload, job_id=key, depends_on=after, meta=meta, **common)
                 finally:
                     self.redis.delete(self.key("starting", key))
@@ -415,25 +422,25 @@ class Jobs:
         return await self._view(handle, await self._record(handle, who.tenant, analysis), top_k)
 
     async def _view(self, handle: str, record: dict[str, str], top_k: int | None) -> View:
-        k, name = top_k or int(record["top_k"]), self.key("result", record["key"])
+        k, name = top_k or int(record["top_k"]), result_key(self.settings, record["key"])
         if not record.get("canceled") and (result := await self.results.get(self.aredis, name)) is not None:
             return self._finished(handle, result, k)
         view = await run_in_threadpool(self._active, handle, record)
         # finished between the two reads: a worker stores the result before RQ records the end, so it is there now
-        if view["status"] == "finished" and (result := await self.results.get(self.aredis, name)) is not None:
+        if view.status == "finished" and (result := await self.results.get(self.aredis, name)) is not None:
             return self._finished(handle, result, k)
         return view
 
     async def _look(self, handle: str, record: dict[str, str], top_k: int | None) -> tuple[str, bytes]:
         """(status, the encoded view): a finished view is encoded once per handle and top_k."""
         k = top_k or int(record["top_k"])
-        name = self.key("result", record["key"])
+        name = result_key(self.settings, record["key"])
         if not record.get("canceled") and (result := await self.results.get(self.aredis, name)) is not None:
             return "finished", self.results.view(
                 name, (handle, k, False), lambda: _encode(self._finished(handle, result, k))
             )
         view = await self._view(handle, record, top_k)
-        return view["status"], _encode(view)
+        return view.status, _encode(view)
 
     async def wait(self, handle: str, who: Principal, top_k: int | None, wait_s: float, analysis: bool) -> bytes:
         """The view (as JSON) once the job has ended or `wait_s` has passed: a long poll that holds no
@@ -472,15 +479,15 @@ class Jobs:
                     await asyncio.wait_for(ended.wait(), min(deadline - now, every or math.inf))
                 record = await self._record(handle, who.tenant, analysis)  # a cancel may have changed it
 
-    async def finished(self, handle: str, who: Principal, analysis: bool) -> tuple[dict, Scores, int]:
+    async def finished(self, handle: str, who: Principal, analysis: bool) -> tuple[Stored, Scores, int]:
         """The stored result of a finished job, a reader of its scores and the top_k the tenant asked for;
         409 when it has not finished."""
         record = await self._record(handle, who.tenant, analysis)
-        name = self.key("result", record["key"])
+        name = result_key(self.settings, record["key"])
         result = None if record.get("canceled") else await self.results.get(self.aredis, name)
         if result is None:
             view = await self._view(handle, record, None)
-            raise Conflict(f"{handle!r} is {view['status']}: no result")
+            raise Conflict(f"{handle!r} is {view.status}: no result")
         return result, Scores(self.aredis, self.settings, record["key"], result), int(record["top_k"])
 
     # -- cancel and delete --------------------------------------------------------------------------
@@ -489,23 +496,25 @@ class Jobs:
         computation stops only when no tenant holds it any more. An ended job (finished, failed,
         canceled): its handle is deleted (None: 204), and a finished result nobody else holds with it."""
         record = await self._record(handle, who.tenant, analysis)
-        key, status = record["key"], (await self._view(handle, record, None))["status"]
+        key, status = record["key"], (await self._view(handle, record, None)).status
         holders = self.key("holders", key)
         if status in ACTIVE:
             async with self.aredis.pipeline(transaction=True) as pipe:
                 await pipe.hset(self.key("handle", handle), "canceled", "1").srem(holders, handle).execute()
             if not await self.aredis.scard(holders):
                 await run_in_threadpool(self.stop, key)
-            await self.aredis.publish(self.key("events"), key)  # waiting long polls read their view again
+            await self.aredis.publish(channel(self.settings), key)  # waiting long polls read their view again
             return await self._view(handle, {**record, "canceled": "1"}, None)
         async with self.aredis.pipeline(transaction=True) as pipe:
             pipe.delete(self.key("handle", handle)).srem(holders, handle).zrem(self.key("jobs", who.tenant), handle)
             await pipe.execute()
         if status == "finished" and not await self.aredis.scard(holders):  # score files: the workers' cleanup
-            result = await self.results.get(self.aredis, self.key("result", key)) or {"blocks": []}
-            blocks = [block_key(self.settings, key, b["lo"]) for b in result["blocks"] if b["at"] == "redis"]
-            await self.aredis.delete(self.key("result", key), *blocks, holders)
-            await self.aredis.publish(self.key("events"), f"drop:{self.key('result', key)}")  # every API's cache
+            result = await self.results.get(self.aredis, result_key(self.settings, key))
+            blocks = [block_key(self.settings, key, b.lo) for b in result.blocks if b.at == "redis"] if result else []
+            await self.aredis.delete(result_key(self.settings, key), *blocks, holders)
+            await self.aredis.publish(
+                channel(self.settings), f"drop:{result_key(self.settings, key)}"
+            )  # every API's cache
         return None
 
     def stop(self, key: str) -> None:
@@ -521,7 +530,7 @@ class Jobs:
                     send_stop_job_command(self.redis, id, serializer=JSONSerializer)
                 elif STATUS.get(status) == "queued":
                     part.cancel()
-        self.redis.publish(self.key("events"), key)
+        self.redis.publish(channel(self.settings), key)
 
     # -- the job list ---------------------------------------------------------------------------------
     async def page(self, who: Principal, limit: int, before: float | None, kind: str | None, status: str | None):
@@ -542,9 +551,9 @@ class Jobs:
                 if kind is not None and record["kind"] != kind:
                     continue
                 view = await self._view(handle, record, 1)
-                if status is None or view["status"] == status:
+                if status is None or view.status == status:
                     when = datetime.fromtimestamp(float(record["created"]), UTC)
-                    summary = {k: view[k] for k in ("id", "status", "model", "dataset", "links")}
+                    summary = view.model_dump(include={"id", "status", "model", "dataset", "links"})
                     items.append(JobSummary(**summary, kind=record["kind"], created=when).model_dump(mode="json"))
                     if len(items) == limit:
                         break
@@ -559,7 +568,7 @@ class Jobs:
         return job if job.args and "engine_version" in job.args[0] else None  # else enqueued by an earlier release
 
     def _state(self, key: str) -> str | None:
-        if self.redis.exists(self.key("result", key)):
+        if self.redis.exists(result_key(self.settings, key)):
             return "finished"
         job = self._fetch(key)
         return STATUS.get(job.get_status(refresh=False), "queued") if job is not None else None
@@ -593,46 +602,44 @@ class Jobs:
             "links": links(kind, handle),
             **state,
         }
-        public = AttributionPublic(**common) if kind == "attribution" else AnalysisPublic(kind=kind, **common)
-        return public.model_dump(mode="json")
+        return AttributionPublic(**common) if kind == "attribution" else AnalysisPublic(kind=kind, **common)
 
     def _fanout_progress(self, key: str, parts: int) -> dict:
         """The parts' progress summed (total known once every part has started; ETA of the slowest)."""
-        seen = [json.loads(v) for v in self.redis.hvals(self.key("progress", key))]
-        total = sum(p["total"] or 0 for p in seen) if len(seen) == parts and all(p["total"] for p in seen) else None
-        etas = [p["eta_s"] for p in seen if p["eta_s"] is not None]
+        seen = [PartProgress.model_validate_json(v) for v in self.redis.hvals(PartProgress.key(self.settings, key))]
+        total = sum(p.total or 0 for p in seen) if len(seen) == parts and all(p.total for p in seen) else None
+        etas = [p.eta_s for p in seen if p.eta_s is not None]
         eta = max(etas) if total is not None and len(etas) == parts else None
-        return {"done": sum(p["done"] for p in seen), "total": total, "unit": "batches", "eta_s": eta}
+        return {"done": sum(p.done for p in seen), "total": total, "unit": "batches", "eta_s": eta}
 
-    def _finished(self, handle: str, result: dict, top_k: int, cached: bool = False) -> View:
-        """Assembled from the stored result, which the worker wrote through the contract's schemas (the
-        hot path validates nothing again; tests check the views against the schemas)."""
-        job = result["job"]
+    def _finished(self, handle: str, result: Stored, top_k: int, cached: bool = False) -> View:
+        """Assembled from the stored result, which the worker wrote through the contract's types (its parts
+        are not validated again)."""
+        job = result.job
         view = {
             "id": handle,
             "status": "finished",
-            "model": job["model"]["id"],
-            "dataset": job["dataset"]["id"],
-            "method": job["method"],
-            "progress": result["progress"],
-            "timing": result["timing"],
-            "execution": result["execution"],
-            "error": None,
+            "model": job.model.id,
+            "dataset": job.dataset.id,
+            "method": job.method,
+            "progress": result.progress,
+            "timing": result.timing,
+            "execution": result.execution,
             "cached": cached,
-            "links": links(job["kind"], handle),
+            "links": links(job.kind, handle),
         }
-        if job["kind"] != "attribution":
-            return {**view, "kind": job["kind"], "result": result["analysis"]}
-        rows = [
-            {**row, "proponents": row["proponents"][:top_k], "opponents": row["opponents"][:top_k]}
-            for row in result["rows"]
-        ]
-        answer = {"shape": result["shape"], "rows": rows, "timing": result["timing"], "index": result.get("index")}
-        return {**view, "result": answer}
+        if not isinstance(result, StoredAttribution):
+            return AnalysisPublic.model_construct(**view, kind=job.kind, result=result.analysis)
+        rows = [row.model_copy(update={"proponents": row.proponents[:top_k], "opponents": row.opponents[:top_k]})
+                for row in result.rows]  # fmt: skip
+        answer = AttributionResult.model_construct(
+            shape=result.shape, rows=rows, timing=result.timing, index=result.index
+        )
+        return AttributionPublic.model_construct(**view, result=answer)
 
 
 def _encode(view: View) -> bytes:
-    return json.dumps(view, allow_nan=False).encode()
+    return view.model_dump_json().encode()
 
 
 def failure(job: RQJob) -> str:

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from redis import Redis
 
+from contract.results import heartbeat
 from contract.settings import Settings
 
 from .jobs import queued
@@ -41,7 +42,7 @@ WORKER_FIELDS = {  # heartbeat field -> (metric, help)
 
 def live_workers(redis: Redis, settings: Settings) -> list[dict[str, str]]:
     """Heartbeat hashes of the workers alive now (each expires unless its worker refreshes it)."""
-    keys = sorted(redis.scan_iter(match=settings.key("worker", "*"), count=100))
+    keys = sorted(redis.scan_iter(match=heartbeat(settings, "*"), count=100))
     return [{k.decode(): v.decode() for k, v in redis.hgetall(key).items()} for key in keys]
 
 

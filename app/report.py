@@ -14,11 +14,14 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from contract.jobs import JOB, InlinePoints, RecordPoints
+from contract.jobs import InlinePoints, RecordPoints
 from contract.registry import DatasetManifest, InputSpec, Registry
+from contract.results import Stored
+from contract.schemas import Influence, LeakageRow, Match, MemorizedRecord, Suspect, TestPoint
 from contract.tables import FORMATS, test_name
 
 Decode = Callable[[Sequence[int]], str]  # token ids -> text
+Card = Influence | Match | Suspect | MemorizedRecord  # a training record a page shows
 
 ROWS = 20  # test points (attribution, leakage) shown in full; the JSON has all of them
 LIST = 60  # records shown with their data (review list, audited records, leaked points)
@@ -166,17 +169,17 @@ class Records:
             for j, i in enumerate(missing):
                 self.rows[i] = (data["inputs"][j], targets[j] if labelled else None)
 
-    def cards(self, entries: Iterable[dict], caption) -> str:
+    def cards(self, entries: Iterable[Card], caption) -> str:
         entries = list(entries)
         if not entries:
             return "<p class=muted>none</p>"
-        self.load(e["index"] for e in entries)
+        self.load(e.index for e in entries)
         cards = []
         for e in entries:
-            x, label = self.rows[e["index"]]
+            x, label = self.rows[e.index]
             cards.append(
                 f'<div class="card">{show(x, self.spec, decode=self.decode)}'
-                f'<div class="id" title="{html.escape(e["record_id"])}">{html.escape(e["record_id"])}</div>'
+                f'<div class="id" title="{html.escape(e.record_id)}">{html.escape(e.record_id)}</div>'
                 + (f"<div>label {label}</div>" if label is not None else "")
                 + f"{caption(e)}</div>"
             )
@@ -211,8 +214,8 @@ class Queries:
         return {j: show(x, dataset.input, decode=self.decode) for j, x in zip(rows, data, strict=True)}
 
 
-def _score(e: dict) -> str:
-    return f'<div class="muted">{e["score"]:.3g}</div>'
+def _score(e: Influence) -> str:
+    return f'<div class="muted">{e.score:.3g}</div>'
 
 
 def _num(v) -> str:
@@ -229,14 +232,14 @@ def _pct(p: float) -> str:
     return ">99.99%" if p > 0.9999 else "<0.01%" if 0 < p < 1e-4 else f"{p:.2%}"
 
 
-def _point(test: dict) -> str:
+def _point(test: TestPoint) -> str:
     """A test point in words: its record id (or inline digest), its label and the model's prediction."""
-    said = f"<b>{html.escape(test_name(test))}</b>"
-    if test.get("predicted") is not None:
-        verdict = "ok" if test["predicted"] == test["label"] else "bad"
+    said = f"<b>{html.escape(test_name(test.model_dump()))}</b>"
+    if test.predicted is not None:
+        verdict = "ok" if test.predicted == test.label else "bad"
         said += (
-            f' · label {test["label"]}, <span class="{verdict}">the model says {test["predicted"]} '
-            f"({_pct(test['p_predicted'])})</span>"
+            f' · label {test.label}, <span class="{verdict}">the model says {test.predicted} '
+            f"({_pct(test.p_predicted)})</span>"
         )
     return said
 
@@ -255,10 +258,10 @@ def _legend(text: str) -> str:
     return f'<p class="legend"><b>How to read this.</b> {text}</p>'
 
 
-def render(key: str, result: dict, scores: np.ndarray, step: int, registry: Registry, top_k: int) -> str:
+def render(key: str, result: Stored, scores: np.ndarray, step: int, registry: Registry, top_k: int) -> str:
     """The page; `scores`: the first ROWS rows of the score matrix, every `step`-th column (the histograms');
     `top_k`: the proponents and opponents an attribution asked for."""
-    job = JOB.validate_python(result["job"])
+    job = result.job
     dataset = registry.dataset(job.dataset.id)
     if dataset is None:
         body = f"<p class=bad>The training dataset {html.escape(job.dataset.id)} is no longer registered.</p>"
@@ -272,19 +275,19 @@ def render(key: str, result: dict, scores: np.ndarray, step: int, registry: Regi
 
 
 def _attribution(result, scores, records, queries, top_k) -> str:
-    rows = result["rows"]
+    rows = result.rows
     shown = rows[:ROWS]
-    k = min(top_k, len(rows[0]["proponents"])) if rows else 0
-    records.load(e["index"] for row in shown for e in row["proponents"][:k] + row["opponents"][:k])
-    query_html = queries([row["row"] for row in shown])
+    k = min(top_k, len(rows[0].proponents)) if rows else 0
+    records.load(e.index for row in shown for e in row.proponents[:k] + row.opponents[:k])
+    query_html = queries([row.row for row in shown])
 
     def first(row, side):
-        e = row[side][0] if row[side] else None
-        return "" if e is None else f"{html.escape(e['record_id'])} ({e['score']:.3g})"
+        e = getattr(row, side)[0] if getattr(row, side) else None
+        return "" if e is None else f"{html.escape(e.record_id)} ({e.score:.3g})"
 
     overview = _table(
         ("test point", "loss", "most supported by", "most opposed by"),
-        ((_point(r["test"]), f"{r['test_loss']:.3g}", first(r, "proponents"), first(r, "opponents")) for r in shown),
+        ((_point(r.test), f"{r.test_loss:.3g}", first(r, "proponents"), first(r, "opponents")) for r in shown),
     )
     parts = [
         f'<p class="answer">For each of the {len(rows)} test points, the {k} training records that most '
@@ -301,44 +304,44 @@ def _attribution(result, scores, records, queries, top_k) -> str:
         overview,
     ]
     for row in shown:
-        j = row["row"]
-        memorised = " · memorised (a training record the model fits almost exactly)" if row["memorized"] else ""
+        j = row.row
+        memorised = " · memorised (a training record the model fits almost exactly)" if row.memorized else ""
         parts.append(
             f'<div class="row"><div class="query"><b>test point {j}</b>{query_html.get(j, "")}'
-            f"<div>{_point(row['test'])}</div>"
-            f'<div class="muted">loss {row["test_loss"]:.3g}{memorised}</div>'
+            f"<div>{_point(row.test)}</div>"
+            f'<div class="muted">loss {row.test_loss:.3g}{memorised}</div>'
             f"{histogram(scores[j], 'scores of all training records')}</div><div>"
-            f"<h3>proponents</h3>{records.cards(row['proponents'][:k], _score)}"
-            f"<h3>opponents</h3>{records.cards(row['opponents'][:k], _score)}</div></div>"
+            f"<h3>proponents</h3>{records.cards(row.proponents[:k], _score)}"
+            f"<h3>opponents</h3>{records.cards(row.opponents[:k], _score)}</div></div>"
         )
     return "".join(parts)
 
 
-def _match(e: dict) -> str:
-    similar = "" if e["similarity"] is None else f" · similarity {e['similarity']:.3f}"
-    return f'<div class="muted">distance {e["distance"]:.2g}{similar}</div>'
+def _match(e: Match) -> str:
+    similar = "" if e.similarity is None else f" · similarity {e.similarity:.3f}"
+    return f'<div class="muted">distance {e.distance:.2g}{similar}</div>'
 
 
-def _found(r: dict) -> str:
-    best = r["best"]
-    similar = "" if best["similarity"] is None else f", similarity {best['similarity']:.3f}"
+def _found(r: LeakageRow) -> str:
+    best = r.best
+    similar = "" if best.similarity is None else f", similarity {best.similarity:.3f}"
     return (
-        f"test {_point(r['test'])} matches training record <b>{html.escape(best['record_id'])}</b> "
-        f"({'a copy' if r['match'] == 'copy' else 'a near duplicate'}{similar})"
+        f"test {_point(r.test)} matches training record <b>{html.escape(best.record_id)}</b> "
+        f"({'a copy' if r.match == 'copy' else 'a near duplicate'}{similar})"
     )
 
 
 def _leakage(result, scores, records, queries, top_k) -> str:
-    a, cal = result["analysis"], result["analysis"]["calibration"]
-    best = np.array([r["best"]["distance"] for r in a["rows"]])
-    leaked = [r for r in a["rows"] if r["leaked"]]
-    rows = sorted(a["rows"], key=lambda r: (not r["leaked"], r["best"]["distance"]))[:ROWS]
-    records.load(e["index"] for r in rows for e in r["evidence"])
-    query_html = queries([r["row"] for r in rows])
+    a, cal = result.analysis, result.analysis.calibration
+    best = np.array([r.best.distance for r in a.rows])
+    leaked = [r for r in a.rows if r.leaked]
+    rows = sorted(a.rows, key=lambda r: (not r.leaked, r.best.distance))[:ROWS]
+    records.load(e.index for r in rows for e in r.evidence)
+    query_html = queries([r.row for r in rows])
     found = "".join(f"<li>{_found(r)}</li>" for r in leaked[:LIST])
     more = f"<p class=muted>and {len(leaked) - LIST} more (in the export)</p>" if len(leaked) > LIST else ""
     parts = [
-        f'<p class="answer">{html.escape(a["summary"])}</p>',
+        f'<p class="answer">{html.escape(a.summary)}</p>',
         f"<ul>{found}</ul>{more}" if leaked else "<p>No test point was found in the training set.</p>",
         _legend(
             "Distance: how differently a training record and the test point respond to the same small step of the "
@@ -347,95 +350,89 @@ def _leakage(result, scores, records, queries, top_k) -> str:
             "brightness and contrast); above its calibrated threshold, a near duplicate."
         ),
         "<h2>calibration</h2>",
-        _table(("setting", "value"), ((html.escape(k), html.escape(_num(v))) for k, v in cal.items())),
+        _table(("setting", "value"), ((html.escape(k), html.escape(_num(v))) for k, v in cal.model_dump().items())),
         histogram(
             np.log10(np.maximum(best, 1e-12)),
             "log10 best distance per test point",
-            {"threshold": float(np.log10(max(cal["threshold"], 1e-12)))},
+            {"threshold": float(np.log10(max(cal.threshold, 1e-12)))},
         ),
         "<h2>each test point's closest training records</h2>",
     ]
     for r in rows:
-        j = r["row"]
-        verdict = (
-            f'<span class="bad">leaked: {r["match"]}</span>' if r["leaked"] else '<span class="ok">not found</span>'
-        )
+        j = r.row
+        verdict = f'<span class="bad">leaked: {r.match}</span>' if r.leaked else '<span class="ok">not found</span>'
         parts.append(
             f'<div class="row"><div class="query"><b>test point {j}</b>{query_html.get(j, "")}'
-            f"<div>{_point(r['test'])}</div><div>{verdict}</div></div>"
-            + records.cards(r["evidence"], _match)
-            + "</div>"
+            f"<div>{_point(r.test)}</div><div>{verdict}</div></div>" + records.cards(r.evidence, _match) + "</div>"
         )
     return "".join(parts)
 
 
 def _mislabeled(result, scores, records, queries, top_k) -> str:
-    a = result["analysis"]
-    review = a["review"]
-    records.load(e["index"] for e in review[:LIST])
+    a = result.analysis
+    review = a.review
+    records.load(e.index for e in review[:LIST])
     classes = _table(
         ("label", "records", "in review", "mean loss", "mean harm"),
-        ((c["label"], f"{c['records']:,}", c["in_review"], f"{c['mean_loss']:.3g}", f"{c['mean_harm']:.3g}")
-         for c in a["classes"]),
+        ((c.label, f"{c.records:,}", c.in_review, f"{c.mean_loss:.3g}", f"{c.mean_harm:.3g}")
+         for c in a.classes),
     )  # fmt: skip
     listing = _table(
         ("#", "record", "labelled", "the model says", "p(label wrong)"),
         (
-            (e["rank"], f"<b>{html.escape(e['record_id'])}</b>", e["label"],
-             f"{e['predicted']} ({_pct(e['p_predicted'])})", _pct(e["p_wrong"]))
+            (e.rank, f"<b>{html.escape(e.record_id)}</b>", e.label,
+             f"{e.predicted} ({_pct(e.p_predicted)})", _pct(e.p_wrong))
             for e in review[:PAGE]
         ),
     )  # fmt: skip
     more = f"<p class=muted>the first {PAGE} of {len(review)}; the export has all</p>" if len(review) > PAGE else ""
     return (
-        f'<p class="answer">{html.escape(a["summary"])}</p>'
+        f'<p class="answer">{html.escape(a.summary)}</p>'
         + _legend(
             "p(label wrong): the probability that the recorded label is wrong, from the model's calibrated "
             "probabilities and the record's harm. The model says: the label the model finds most probable, with its "
             "probability (where it memorised a wrong label, that label). Harm: how much the clean reference set's loss rises with this record (positive: the record "
             "hurts the model on clean data)."
         )
-        + f"<p class=muted>{html.escape(a['precision_method'])}</p>"
+        + f"<p class=muted>{html.escape(a.precision_method)}</p>"
         + f"<h2>review list ({len(review)} records)</h2>{listing}{more}"
         + histogram(-scores[0], "harm to the reference set, all training records")
         + f"<h2>per class</h2>{classes}"
         + f"<h2>the first {min(LIST, len(review))} of the review list</h2>"
         + records.cards(
             review[:LIST],
-            lambda e: (
-                f'<div>#{e["rank"]}: says {e["predicted"]}</div><div class="muted">p(wrong) {_pct(e["p_wrong"])}</div>'
-            ),
+            lambda e: f'<div>#{e.rank}: says {e.predicted}</div><div class="muted">p(wrong) {_pct(e.p_wrong)}</div>',
         )
     )
 
 
 def _memorization(result, scores, records, queries, top_k) -> str:
-    a = result["analysis"]
-    records.load(e["index"] for r in a["records"][:LIST] for e in [r, *r["neighbours"]])
+    a = result.analysis
+    records.load(e.index for r in a.records[:LIST] for e in [r, *r.neighbours])
     parts = [
-        f'<p class="answer">{html.escape(a["summary"])}</p>',
+        f'<p class="answer">{html.escape(a.summary)}</p>',
         _legend(
             "Reliance: how much of what the model learnt about a record comes from the record itself (and its exact "
             "copies) rather than from similar records: self / (self + neighbours), 1 = only itself. Above the "
             "threshold a record is an outlier the model memorised. Copies: other training records with identical "
             "responses (exact duplicates). Supporting neighbours: the records that most support it, with scores."
         ),
-        f"<p class=muted>{html.escape(a['threshold_method'])}</p>",
+        f"<p class=muted>{html.escape(a.threshold_method)}</p>",
         histogram(
-            np.array([r["reliance"] for r in a["records"]]),
+            np.array([r.reliance for r in a.records]),
             "reliance of the audited records",
-            {"threshold": a["threshold"]},
+            {"threshold": a.threshold},
         ),
     ]
-    for r in a["records"][:LIST]:
-        flags = " ".join(f'<span class="bad">{f}</span>' for f in r["flags"])
-        copies = ", ".join(html.escape(c) for c in r["copies"])
+    for r in a.records[:LIST]:
+        flags = " ".join(f'<span class="bad">{f}</span>' for f in r.flags)
+        copies = ", ".join(html.escape(c) for c in r.copies)
         parts.append(
-            f'<div class="row"><div class="query"><b>#{r["rank"]} {html.escape(r["record_id"])}</b>'
+            f'<div class="row"><div class="query"><b>#{r.rank} {html.escape(r.record_id)}</b>'
             f"{records.cards([r], lambda e: '')}"
-            f"<div>reliance {r['reliance']:.2f} {flags}</div>"
+            f"<div>reliance {r.reliance:.2f} {flags}</div>"
             f'<div class="muted">{f"copies: {copies}" if copies else "no copies"}</div></div>'
-            f"<div><h3>supporting neighbours</h3>{records.cards(r['neighbours'], _score)}</div></div>"
+            f"<div><h3>supporting neighbours</h3>{records.cards(r.neighbours, _score)}</div></div>"
         )
     return "".join(parts)
 
@@ -448,20 +445,25 @@ SECTIONS = {
 }
 
 
-def _page(key: str, result: dict, body: str, step: int) -> str:
-    method, job = result["execution"]["method"], result["job"]
+def _page(key: str, result: Stored, body: str, step: int) -> str:
+    method, job = result.execution.method, result.job
     settings = _table(
         ("mode", "optimizer", "lr", "precondition", "group", "score"),
-        [[html.escape(_num(method[k])) for k in ("mode", "optimizer", "lr", "precondition", "group", "score")]],
+        [
+            [
+                html.escape(_num(getattr(method, k)))
+                for k in ("mode", "optimizer", "lr", "precondition", "group", "score")
+            ]
+        ],
     )
-    title = f"{job['kind']} {key}"
+    title = f"{job.kind} {key}"
     exports = " · ".join(f'<a href="export?format={f}">{f.upper()}</a>' for f in FORMATS)
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{PAGE_CSP}"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<p>model <b>{html.escape(job['model']['id'])}</b>, training set <b>{html.escape(job['dataset']['id'])}</b>"
-        f" ({int(result['shape'][1]):,} records{f'; histograms of every {step}th' if step > 1 else ''})."
+        f"<p>model <b>{html.escape(job.model.id)}</b>, training set <b>{html.escape(job.dataset.id)}</b>"
+        f" ({int(result.shape[1]):,} records{f'; histograms of every {step}th' if step > 1 else ''})."
         f' <span class="exports">Download the table: {exports}</span></p>{body}'
         f"<h2>method</h2>{settings}<script>{READY}</script></body></html>"
     )

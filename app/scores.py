@@ -10,6 +10,7 @@ from redis import asyncio as aioredis
 from starlette.concurrency import run_in_threadpool
 
 from contract.problems import Conflict
+from contract.results import Stored
 from contract.scores import Block, block_key, block_path
 from contract.settings import Settings
 
@@ -17,11 +18,11 @@ F4 = np.dtype("<f4")
 
 
 class Scores:
-    def __init__(self, aredis: aioredis.Redis, settings: Settings, key: str, result: dict):
+    def __init__(self, aredis: aioredis.Redis, settings: Settings, key: str, result: Stored):
         self.aredis, self.settings, self.key = aredis, settings, key
-        self.blocks = [Block(**b) for b in result["blocks"]]
-        self.rows, self.columns = result["shape"]
-        self.records: list[int] | None = result.get("columns")  # two-stage: the candidates' records, in order
+        self.blocks: list[Block] = result.blocks
+        self.rows, self.columns = result.shape
+        self.records = result.columns  # two-stage: the candidates' records, in order
         if self.records is not None:
             self.columns = len(self.records)
 

@@ -87,17 +87,15 @@ def main(flips: str = "first") -> None:
             for rank_by in RANKINGS:
                 out = mislabeled(evidence, SimpleNamespace(rank_by=rank_by, review_size=len(y)))
                 rank = np.empty(len(y))
-                rank[[s["index"] for s in out["review"]]] = np.arange(len(y))
+                rank[[s.index for s in out.review]] = np.arange(len(y))
                 aucs.append(roc_auc_score(wrong, -rank))
             out = mislabeled(evidence, SimpleNamespace(rank_by=DEFAULT, review_size=None))
-            listed = [s["index"] for s in out["review"]]
-            noise = (
-                "class" if out["class_noise"] else "-" if out["label_noise"] is None else f"{out['label_noise']:.3f}"
-            )
+            listed = [s.index for s in out.review]
+            noise = "class" if out.class_noise else "-" if out.label_noise is None else f"{out.label_noise:.3f}"
             print(
                 f"| {setup} | {kind} ({wrong.sum()}) | {' / '.join(f'{a:.3f}' for a in aucs)} | "
                 f"{calibration.temperature:.2f} | {max(calibration.bias) - min(calibration.bias):.2f} | {noise} | "
-                f"{len(listed)} | {wrong[listed].mean():.2f} | {out['expected_precision']:.2f} | "
+                f"{len(listed)} | {wrong[listed].mean():.2f} | {out.expected_precision:.2f} | "
                 f"{wrong[listed].sum() / wrong.sum():.2f} |",
                 flush=True,
             )

@@ -173,7 +173,10 @@ ENGINE_FINGERPRINTS = {
     },
     # results say what a classifier predicts: each test point's label, predicted label and probability (the
     # mirror's forward, Task.predictions) and each suspect's most probable label after calibration (new fields)
-    "2026.12.14": {"06ecccd0a0b73397"},
+    "2026.12.14": {
+        "06ecccd0a0b73397",
+        "13740d5fa0eed12d",  # analyses return their typed result (contract/results.py stores it): the same JSON
+    },
 }
 
 

@@ -68,7 +68,8 @@ def test_full_loop_matches_the_engine_and_caches(client, settings, worker, regis
     AttributionPublic.model_validate(done)  # the hot path assembles views from stored parts: they fit the schema
     AttributionPublic.model_validate(waited)
     assert done["progress"]["done"] == done["progress"]["total"] > 0
-    assert set(done["timing"]) == {"load_s", "mirror_s", "sweep_s", "store_s"}
+    assert done["timing"]["search_s"] is None  # a full sweep: no index searched
+    assert all(done["timing"][k] >= 0 for k in ("load_s", "mirror_s", "sweep_s", "store_s"))
 
     assert len(client.get(job["links"]["self"]).json()["result"]["rows"][0]["proponents"]) == 5  # the POST's top_k
     assert len(client.get(job["links"]["self"], params={"top_k": 2}).json()["result"]["rows"][0]["opponents"]) == 2

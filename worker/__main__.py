@@ -51,6 +51,7 @@ from rq.timeouts import JobTimeoutException
 from contract.jobs import ModelRef, queue_names
 from contract.method import MethodConflict, MethodSettings, resolve_method
 from contract.registry import Registry, RegistryError
+from contract.results import heartbeat
 from contract.settings import Settings
 
 from . import jobs
@@ -307,7 +308,7 @@ class WarmWorker(SimpleWorker):
             **ctx.stats,
             **ctx.warm.counters,
         }
-        key = self.settings.key("worker", self.name)
+        key = heartbeat(self.settings, self.name)
         with self.connection.pipeline() as pipe:
             pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
             pipe.expire(key, self.settings.ready_ttl_s)
@@ -389,7 +390,7 @@ class WarmWorker(SimpleWorker):
 
     def teardown(self):
         self._alive.set()
-        self.connection.delete(self.settings.key("worker", self.name))
+        self.connection.delete(heartbeat(self.settings, self.name))
         if self.fixed is None and self.connection.get(self.settings.key("slot", str(self.slot))) == self.name.encode():
             self.connection.delete(self.settings.key("slot", str(self.slot)))
         super().teardown()
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(settings.torch_threads)
         threads(settings.torch_threads)
     if args.healthcheck:  # a container's health check: its worker's readiness heartbeat is alive
-        mine = Redis.from_url(settings.redis_url).scan_iter(match=settings.key("worker", f"{socket.gethostname()}-*"))
+        mine = Redis.from_url(settings.redis_url).scan_iter(match=heartbeat(settings, f"{socket.gethostname()}-*"))
         sys.exit(0 if next(mine, None) is not None else 1)
     worker = WarmWorker(settings, name=args.name)
     log.info(

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from contract.jobs import LeakageJob, MemorizationJob, MislabeledJob
-from contract.schemas import LeakageResult, MemorizationResult, MislabeledResult
+from contract.schemas import IndexUse, LeakageResult, MemorizationResult, MislabeledResult
 
 from .forward_inf import Calibration
 
@@ -255,7 +255,7 @@ def copy_account(itself: torch.Tensor, nearest_other: torch.Tensor) -> tuple[dic
     return calibration, false_flags
 
 
-def leakage(e: Evidence, job: LeakageJob) -> dict:
+def leakage(e: Evidence, job: LeakageJob) -> LeakageResult:
     """A test point is in the training set as a *copy* when a record responds to its mirrored step as
     it does itself (model distance, any input), or as a *near duplicate* when a record's input is more
     similar to it than all but `false_flag_rate` of the training records' nearest others are (float inputs)."""
@@ -296,7 +296,9 @@ def leakage(e: Evidence, job: LeakageJob) -> dict:
     return answer(e.tests[: e.n], matches, calibration)
 
 
-def answer(tests: list[dict], matches: list[list[dict]], calibration: dict, index: dict | None = None) -> dict:
+def answer(
+    tests: list[dict], matches: list[list[dict]], calibration: dict, index: IndexUse | None = None
+) -> LeakageResult:
     """The leakage result from each test point's candidate matches (record_id, index, distance, similarity)
     and the calibration (copy_account, and near_account where inputs are compared): each test point's best
     match, copies first, then by similarity; its verdict; the summary sentence."""
@@ -330,8 +332,7 @@ def answer(tests: list[dict], matches: list[list[dict]], calibration: dict, inde
         + f"; calibration: {calibration['expected_recall']:.0%} of copies found, "
         f"{calibration['expected_false_flag_rate']:.1%} false flags."
     )
-    result = LeakageResult(summary=summary, leaked=leaked, rows=out, calibration=calibration, index=index)
-    return result.model_dump(mode="json")
+    return LeakageResult(summary=summary, leaked=leaked, rows=out, calibration=calibration, index=index)
 
 
 HARM_BINS = 10  # mislabeled: harm's likelihood ratio is read per decile (20 or 40 bins measured no better)
@@ -442,7 +443,7 @@ def p_wrong(
     return odds / (1 + odds), noise, lean
 
 
-def mislabeled(e: Evidence, job: MislabeledJob) -> dict:
+def mislabeled(e: Evidence, job: MislabeledJob) -> MislabeledResult:
     harm = -e.scores[0].double()  # the group step's score: positive = supports the reference set
     loss = e.base.double()
     p_label = torch.exp(-loss)
@@ -525,7 +526,7 @@ def mislabeled(e: Evidence, job: MislabeledJob) -> dict:
         + ", updated by the record's harm (docs/benchmarks.md, 'The mislabeled review list')",
         review=suspects,
         classes=classes,
-    ).model_dump(mode="json")
+    )
 
 
 def _reliance(scores: torch.Tensor, records: torch.Tensor, base: torch.Tensor, neighbours: int):
@@ -542,7 +543,7 @@ def _reliance(scores: torch.Tensor, records: torch.Tensor, base: torch.Tensor, n
     return same, self_influence, support, reliance, top
 
 
-def memorization(e: Evidence, job: MemorizationJob) -> dict:
+def memorization(e: Evidence, job: MemorizationJob) -> MemorizationResult:
     k = job.neighbours
     scores = e.scores.double()
     same, self_influence, support, reliance, top = _reliance(scores[: e.n], e.records, e.base.double(), k)
@@ -583,7 +584,7 @@ def memorization(e: Evidence, job: MemorizationJob) -> dict:
         threshold_method=f"Tukey's upper fence (Q3 + 1.5 IQR) of the reliance of {len(e.calibration)} training "
         "records spread evenly over the set",
         records=out,
-    ).model_dump(mode="json")
+    )
 
 
 ANALYSES = {"leakage": leakage, "mislabeled": mislabeled, "memorization": memorization}

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save
 from contract.indexes import IndexEntry, IndexShard, basis_path, default_candidates, embedding_path, shard_path
 from contract.jobs import AttributionJob, IndexJob
 from contract.registry import DatasetManifest, RegistryError
+from contract.results import IndexPart
 from contract.schemas import IndexUse
 
 from . import search
@@ -65,8 +66,8 @@ def attribute(payload: dict) -> dict:
 
 
 # -- building ------------------------------------------------------------------------------------------
-def build_part(job: IndexJob, ctx: Context, reporter: Reporter, first: int, stop: int) -> dict:
-    """Sketch shards [first, stop) into their FAISS files; returns the part's summary (JSON)."""
+def build_part(job: IndexJob, ctx: Context, reporter: Reporter, first: int, stop: int) -> IndexPart:
+    """Sketch shards [first, stop) into their FAISS files; the part's summary."""
     reporter(0, None)
     model_m = current(ctx.registry.model(job.model.id), job.model, "model")
     data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
@@ -94,14 +95,14 @@ def build_part(job: IndexJob, ctx: Context, reporter: Reporter, first: int, stop
         seconds = time.perf_counter() - started if made else 0.0
         shards.append(IndexShard(sha256=shard.sha256, records=shard.size, bytes=size, seconds=seconds))
         reporter(before + batches[i], total, force=True)
-    return {"shards": [s.model_dump() for s in shards]}
+    return IndexPart(shards=shards)
 
 
-def catalog(job: IndexJob, ctx: Context, summaries: list[dict]) -> dict:
+def catalog(job: IndexJob, ctx: Context, summaries: list[IndexPart]) -> dict:
     """The finished index's catalog entry (the parts' shards in the dataset's order), with its recall."""
     model_m = current(ctx.registry.model(job.model.id), job.model, "model")
     data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
-    by_sha = {s["sha256"]: IndexShard(**s) for part in summaries for s in part["shards"]}
+    by_sha = {s.sha256: s for part in summaries for s in part.shards}
     shards = [by_sha[s.sha256] for s in data_m.shards]
     fi = engine(ctx, model_m, data_m, job.method, job.dtype)
     basis = _basis(ctx, job.basis)
@@ -211,27 +212,27 @@ def two_stage(job: AttributionJob, ctx: Context, reporter: Reporter) -> dict:
     fi = engine(ctx, model_m, data_m, job.method, job.dtype)
     basis = _basis(ctx, entry.basis)
     shards = ctx.warm.keep(("index", entry.id), lambda: shards_of(ctx, entry.basis, entry.shards, data_m))
-    reporter.timing["load_s"] = time.perf_counter() - t
+    reporter.timing.load_s = time.perf_counter() - t
 
     t = time.perf_counter()
     mirror = fi.mirror(test)
-    reporter.timing["mirror_s"] = time.perf_counter() - t
+    reporter.timing.mirror_s = time.perf_counter() - t
 
     t = time.perf_counter()
     queries = fi.config.sign * basis.queries(mirror.first)
     high, low = shards.search(queries.float().cpu().numpy(), job.candidates)
     columns = np.unique(np.concatenate([high.ravel(), low.ravel()]))
     columns = columns[columns >= 0]
-    reporter.timing["search_s"] = time.perf_counter() - t
+    reporter.timing.search_s = time.perf_counter() - t
 
     t = time.perf_counter()
     fi.prepare(ctx.warm.examples(data_m, columns.tolist()))
     total = fi.train.num_batches() * -(-mirror.test_loss.shape[0] // fi.config.max_param_sets)
     scores = fi.sweep(mirror, lambda done, _t: reporter(done, total)).float()  # (rows, candidates)
-    reporter.timing["sweep_s"] = time.perf_counter() - t
+    reporter.timing.sweep_s = time.perf_counter() - t
     summary = summarize(job, ctx, fi, mirror, scores, 0, reporter, total, columns)
-    use = IndexUse(index=entry.id, candidates=job.candidates, rescored=len(columns), recall=entry.recall)
-    return finish(job, ctx, [summary | {"columns": columns.tolist(), "index": use.model_dump()}])
+    summary.index = IndexUse(index=entry.id, candidates=job.candidates, rescored=len(columns), recall=entry.recall)
+    return finish(job, ctx, [summary])
 
 
 def shards_of(ctx: Context, basis: str, shards: list[IndexShard], data_m: DatasetManifest) -> search.Shards:
@@ -246,4 +247,4 @@ def shards_of(ctx: Context, basis: str, shards: list[IndexShard], data_m: Datase
     return search.Shards(parts, sum(s.bytes for s in shards))
 
 
-run, run_part, reduce = entry_points(build_part, catalog, "of the index")
+run, run_part, reduce = entry_points(build_part, catalog, IndexPart, "of the index")

@@ -21,11 +21,12 @@ import ctypes
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 from rq import get_current_job
 from rq.job import Job as RQJob
 from rq.job import JobStatus
@@ -46,8 +47,8 @@ from contract.jobs import (
 )
 from contract.method import Method
 from contract.registry import DatasetManifest, ModelManifest, Registry, RegistryError
-from contract.schemas import Execution, RowAttribution
-from contract.scores import Block
+from contract.results import Calibrated, Ends, Fitted, StoredAnalysis, StoredAttribution, SweepPart
+from contract.schemas import Execution, Influence, Progress, RowAttribution, TestPoint, Timing
 from contract.settings import Settings
 
 from .analyses import ANALYSES, Evidence
@@ -90,8 +91,8 @@ class Reporter:
     def __init__(self, job: RQJob | None, context: Context, part: tuple[str, int] | None = None):
         self.job, self.context, self.part = job, context, part
         self.started, self.last = time.time(), 0.0  # the first tick reports
-        self.timing = {"load_s": 0.0, "mirror_s": 0.0, "sweep_s": 0.0, "store_s": 0.0}
-        self.progress = {"done": 0, "total": None, "unit": "batches", "eta_s": None}
+        self.timing = Timing()
+        self.progress = Progress()
 
     def __call__(self, done: int, total: int | None, force: bool = False) -> None:
         if self.context.stop.is_set():
@@ -103,25 +104,27 @@ class Reporter:
         if not force and now - self.last < self.context.settings.progress_interval_s:
             return
         self.last = now
-        self.progress.update(done=done, total=total)
+        self.progress.done, self.progress.total = done, total
         if total and done:
-            self.progress["eta_s"] = round((now - self.started) / done * (total - done), 3)
+            self.progress.eta_s = round((now - self.started) / done * (total - done), 3)
         if self.part is not None:
-            self.context.store.progress(*self.part, done, total, self.progress["eta_s"])
+            self.context.store.progress(*self.part, done, total, self.progress.eta_s)
         elif self.job is not None:
-            self.job.meta.update(progress=self.progress, timing=self.timing)
+            self.job.meta.update(progress=self.progress.model_dump(), timing=self.timing.model_dump())
             self.job.save_meta()
 
 
 # -- RQ entry points --------------------------------------------------------------------------------
-Part = Callable[[Any, "Context", Reporter, int, int], dict]  # (job, context, reporter, first, stop) -> summary
-Merge = Callable[[Any, "Context", list[dict]], dict]  # (job, context, the parts' summaries) -> result
+Part = Callable[[Any, "Context", Reporter, int, int], BaseModel]  # (job, context, reporter, first, stop) -> summary
+Merge = Callable[[Any, "Context", list], dict]  # (job, context, the parts' summaries) -> the reduce's record
 
 
-def entry_points(part: Part, merge: Merge, of: str, size=lambda job, data_m: len(data_m.shards)):
+def entry_points(part: Part, merge: Merge, summary: type[BaseModel], of: str,
+                 size=lambda job, data_m: len(data_m.shards)):  # fmt: skip
     """A kind's three RQ entry points (contract/jobs.py names them by dotted path): the whole job as one
-    part, one part [first, stop) (at most `size(job, data_m)`), and the reduce over the parts' summaries
-    (`of`: what the parts split, for a failed part's message)."""
+    part, one part [first, stop) (at most `size(job, data_m)`; its `summary` is its RQ return value, as
+    JSON), and the reduce over the parts' summaries (`of`: what the parts split, for a failed part's
+    message). `merge` stores the result and returns what the reduce's RQ record keeps."""
 
     def run(payload: dict) -> dict:
         job, rq_job, ctx = begin(payload, lambda key: key)
@@ -133,11 +136,12 @@ def entry_points(part: Part, merge: Merge, of: str, size=lambda job, data_m: len
         job, rq_job, ctx = begin(payload, lambda key: part_id(key, first))
         with counted(ctx):
             data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
-            return part(job, ctx, Reporter(rq_job, ctx, (job.key, first)), first, min(stop, size(job, data_m)))
+            done = part(job, ctx, Reporter(rq_job, ctx, (job.key, first)), first, min(stop, size(job, data_m)))
+            return done.model_dump(mode="json")
 
     def reduce(payload: dict) -> dict:
         job, rq_job, ctx = begin(payload, lambda key: key)
-        summaries = finished_parts(rq_job, of)
+        summaries = [summary.model_validate(s) for s in finished_parts(rq_job, of)]
         with counted(ctx):
             return merge(job, ctx, summaries)
 
@@ -244,19 +248,19 @@ def interrupt(ctx: Context) -> bool:
 
 
 # -- one part: the mirrored step and the sweep over shards [first, stop) ------------------------------------
-def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int) -> dict:
-    """Score block of shards [first, stop) into the score store; returns the part's summary (JSON)."""
+def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int) -> SweepPart:
+    """Score block of shards [first, stop) into the score store, and the part's summary."""
     reporter(0, None)  # a job told to stop before its first batch stops here
     t = time.perf_counter()
     model_m = current(ctx.registry.model(job.model.id), job.model, "model")
     data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
     test = request_rows(job, ctx, model_m, data_m)
     fi = engine(ctx, model_m, data_m, job.method, job.dtype)
-    reporter.timing["load_s"] = time.perf_counter() - t
+    reporter.timing.load_s = time.perf_counter() - t
 
     t = time.perf_counter()
     mirror = ctx.warm.mirror(job.key, lambda: fi.mirror(test))  # once per request on this worker
-    reporter.timing["mirror_s"] = time.perf_counter() - t
+    reporter.timing.mirror_s = time.perf_counter() - t
 
     t = time.perf_counter()
     config = fi.config
@@ -273,22 +277,22 @@ def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int
         if calibrator is not None:
             calibrated.append(fi.calibrated_log_probabilities(calibrator))
     scores = torch.cat(parts, dim=1).float()  # (rows, width)
-    reporter.timing["sweep_s"] = time.perf_counter() - t
-    ctx.store.measured(job.model, job.dtype, job.method, reporter.timing["sweep_s"], scores.numel())
+    reporter.timing.sweep_s = time.perf_counter() - t
+    ctx.store.measured(job.model, job.dtype, job.method, reporter.timing.sweep_s, scores.numel())
     lo = int(data_m.bounds[first])
     summary = summarize(job, ctx, fi, mirror, scores, lo, reporter, total)
     if calibrated:
         log_probabilities = torch.cat(calibrated).T.float().cpu().numpy()  # (classes, width)
-        summary["calibrated"] = {
-            "calibration": asdict(calibrator),
-            "block": ctx.store.put_block(_calibrated(job.key), lo, log_probabilities).model_dump(),
-        }
+        fitted = Fitted(temperature=calibrator.temperature, bias=calibrator.bias, confusion=calibrator.confusion)
+        summary.calibrated = Calibrated(
+            calibration=fitted, block=ctx.store.put_block(_calibrated(job.key), lo, log_probabilities)
+        )
     return summary
 
 
 def summarize(job: Job, ctx: Context, fi: ForwardInf, mirror: Mirror, scores: torch.Tensor, lo: int,
-              reporter: Reporter, batches: int, columns: np.ndarray | None = None) -> dict:  # fmt: skip
-    """A part's summary (JSON) with its (rows, width) float32 scores stored as the block at `lo`: of training
+              reporter: Reporter, batches: int, columns: np.ndarray | None = None) -> SweepPart:  # fmt: skip
+    """A part's summary with its (rows, width) float32 scores stored as the block at `lo`: of training
     records lo.., or of the records `columns` (two-stage: the candidates, worker/index.py)."""
     if not torch.isfinite(scores).all():
         bad = int((~torch.isfinite(scores)).sum())
@@ -297,60 +301,63 @@ def summarize(job: Job, ctx: Context, fi: ForwardInf, mirror: Mirror, scores: to
             "method.lr or fewer method.steps, or mode='linear'"
         )
     t = time.perf_counter()
-    block = ctx.store.put_block(job.key, lo, scores.numpy())
-    summary = {
-        "block": block.model_dump(),
-        "rows": scores.shape[0],
-        "execution": execution(fi, job, mirror),
-        "test_loss": mirror.test_loss.tolist(),
-        "self_score": mirror.self_score.tolist(),
-        "memorized": mirror.memorized.tolist(),
-        "predictions": mirror.predictions,
-        "batches": batches,
-    }
+    block, ends = ctx.store.put_block(job.key, lo, scores.numpy()), {}
     if isinstance(job, AttributionJob):  # each row's best and worst of this part, by global index
         k = min(ctx.settings.max_top_k, scores.shape[1])
-        high, low = scores.topk(k, dim=1), scores.topk(k, dim=1, largest=False)
         index = (lambda i: i + lo) if columns is None else (lambda i: torch.from_numpy(columns)[i])
-        summary["top"] = {
-            "high": [high.values.tolist(), index(high.indices).tolist()],
-            "low": [low.values.tolist(), index(low.indices).tolist()],
-        }
-    reporter.timing["store_s"] = time.perf_counter() - t
-    summary["timing"] = reporter.timing
+        for side, largest in (("high", True), ("low", False)):
+            best = scores.topk(k, dim=1, largest=largest)
+            ends[side] = Ends(values=best.values.tolist(), records=index(best.indices).tolist())
+    reporter.timing.store_s = time.perf_counter() - t
     reporter(batches, batches, force=True)
-    return summary
+    return SweepPart(
+        block=block,
+        rows=scores.shape[0],
+        execution=execution(fi, job, mirror),
+        test_loss=mirror.test_loss.tolist(),
+        self_score=mirror.self_score.tolist(),
+        memorized=mirror.memorized.tolist(),
+        predictions=mirror.predictions,
+        batches=batches,
+        timing=reporter.timing.model_copy(),
+        columns=None if columns is None else columns.tolist(),
+        **ends,
+    )
 
 
 # -- the reduction: parts' summaries -> the result --------------------------------------------------------
-def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
+def finish(job: Job, ctx: Context, summaries: list[SweepPart]) -> dict:
     """Merge the parts (in training-set order) into the result and store it."""
-    summaries = sorted(summaries, key=lambda s: s["block"]["lo"])
+    summaries = sorted(summaries, key=lambda s: s.block.lo)
     first = summaries[0]
     data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
-    blocks = [Block(**s["block"]) for s in summaries]
-    batches = sum(s["batches"] for s in summaries)
-    timing = {name: sum(s["timing"][name] for s in summaries) for name in first["timing"]}  # compute seconds
-    rows = first["rows"]
-    result = {
-        "job": job.model_dump(mode="json"),
-        "execution": first["execution"],
-        "progress": {"done": batches, "total": batches, "unit": "batches", "eta_s": 0.0},
-        "blocks": [b.model_dump() for b in blocks],
-        "shape": [rows, data_m.size],
+    blocks = [s.block for s in summaries]
+    batches = sum(s.batches for s in summaries)
+    spent = {
+        name: sum(getattr(s.timing, name) for s in summaries) for name in ("load_s", "mirror_s", "sweep_s", "store_s")
+    }
+    timing = Timing(**spent, search_s=first.timing.search_s)  # compute seconds; search: two-stage's one part
+    common = {
+        "job": job,
+        "execution": first.execution,
+        "progress": Progress(done=batches, total=batches, eta_s=0.0),
+        "blocks": blocks,
+        "shape": (first.rows, data_m.size),
         "timing": timing,
-    } | {name: first[name] for name in ("columns", "index") if name in first}  # two-stage: the candidates
+        "columns": first.columns,
+    }
     record_ids = ctx.warm.record_ids(data_m)
     tests = echoed(ctx, job.points) if isinstance(job, AttributionJob | LeakageJob) else []
-    for test, prediction in zip(tests, first.get("predictions") or [], strict=False):
-        test.update(prediction)  # classification: the true label, and what the model predicts (TestPoint)
+    for test, prediction in zip(tests, first.predictions or [], strict=False):
+        test.update(prediction.model_dump())  # classification: the true label, and what the model predicts
     if isinstance(job, AttributionJob):
         training = isinstance(job.points, RecordPoints) and job.points.dataset.digest == job.dataset.digest
-        result["rows"] = _top(summaries, first, record_ids, tests, ctx.settings.max_top_k, training)
+        rows = _top(summaries, record_ids, tests, ctx.settings.max_top_k, training)
+        result = StoredAttribution(**common, rows=rows, index=first.index)
     else:
         t = time.perf_counter()
         calibration = calibration_records(job, data_m)
-        scores = torch.from_numpy(np.concatenate([ctx.store.get_block(job.key, b, rows) for b in blocks], axis=1))
+        scores = torch.from_numpy(np.concatenate([ctx.store.get_block(job.key, b, first.rows) for b in blocks], axis=1))
         model_m = current(ctx.registry.model(job.model.id), job.model, "model")
         labels = None
         if model_m.task == "classification":
@@ -359,11 +366,8 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
         base = torch.cat([_stored_base(ctx, model_m, data_m, n, job.dtype) for n in range(len(data_m.shards))])
         extra = _leakage_inputs(job, ctx, model_m, data_m) if isinstance(job, LeakageJob) else {}
         if isinstance(job, MislabeledJob):
-            fitted = first["calibrated"]["calibration"]
-            calibrator = Calibration(
-                fitted["temperature"], tuple(fitted["bias"]), tuple(map(tuple, fitted["confusion"]))
-            )
-            parts, classes = [Block(**s["calibrated"]["block"]) for s in summaries], len(calibrator.bias)
+            calibrator = Calibration(**first.calibrated.calibration.model_dump())
+            parts, classes = [s.calibrated.block for s in summaries], len(calibrator.bias)
             log_probabilities = [ctx.store.get_block(_calibrated(job.key), b, classes) for b in parts]
             extra = {
                 "calibrated": torch.from_numpy(np.concatenate(log_probabilities, axis=1).T),
@@ -371,22 +375,23 @@ def finish(job: Job, ctx: Context, summaries: list[dict]) -> dict:
             }
         evidence = Evidence(
             scores=scores,
-            own=torch.tensor(first["self_score"]),
-            own_loss=torch.tensor(first["test_loss"]),
+            own=torch.tensor(first.self_score),
+            own_loss=torch.tensor(first.test_loss),
             base=base,
             record_ids=record_ids,
-            n=rows - len(calibration),
+            n=first.rows - len(calibration),
             calibration=calibration,
             labels=labels,
             records=torch.tensor(job.points.indices) if isinstance(job.points, RecordPoints) else None,
             tests=tests,
             **extra,
         )
-        result["analysis"] = ANALYSES[job.kind](evidence, job)
-        result["shape"] = [evidence.n, data_m.size]  # the calibration rows are the analysis' own business
-        timing["store_s"] += time.perf_counter() - t
+        analysis = ANALYSES[job.kind](evidence, job)
+        timing.store_s += time.perf_counter() - t
+        common["shape"] = (evidence.n, data_m.size)  # the calibration rows are the analysis' own business
+        result = StoredAnalysis(**common, analysis=analysis)
     ctx.store.put_result(job.key, result)
-    return {"key": job.key, "shape": result["shape"], "parts": len(summaries)}
+    return {"key": job.key, "shape": list(result.shape), "parts": len(summaries)}
 
 
 def _calibrated(key: str) -> str:
@@ -448,35 +453,31 @@ def _stored_base(ctx: Context, model_m: ModelManifest, data_m: DatasetManifest, 
     return torch.frombuffer(bytearray(raw), dtype=getattr(torch, dtype)).float()
 
 
-def _top(summaries: list[dict], first: dict, record_ids, tests: list[dict], k: int, training: bool) -> list[dict]:
+def _top(summaries: list[SweepPart], record_ids, tests: list[dict], k: int, training: bool) -> list[RowAttribution]:
     """Each row's top-k proponents and opponents over the whole training set, from every part's own.
     `training`: the rows are training records, which alone can be memorised (a held-out point the model
     predicts with near-zero loss is not)."""
 
-    def merged(side: str, largest: bool):
-        values = torch.cat([torch.tensor(s["top"][side][0]) for s in summaries], dim=1)
-        indices = torch.cat([torch.tensor(s["top"][side][1]) for s in summaries], dim=1)
+    def merged(side: str, largest: bool) -> list[list[Influence]]:
+        values = torch.cat([torch.tensor(getattr(s, side).values) for s in summaries], dim=1)
+        indices = torch.cat([torch.tensor(getattr(s, side).records) for s in summaries], dim=1)
         best = values.topk(min(k, values.shape[1]), dim=1, largest=largest)
-        return best.values, indices.gather(1, best.indices)
-
-    (hv, hi), (lv, li) = merged("high", True), merged("low", False)
-
-    def entries(values, indices):
         return [
-            {"record_id": record_ids[i], "index": i, "score": v}
-            for v, i in zip(values.tolist(), indices.tolist(), strict=True)
+            [Influence(record_id=record_ids[i], index=i, score=v) for v, i in zip(vs, ids, strict=True)]
+            for vs, ids in zip(best.values.tolist(), indices.gather(1, best.indices).tolist(), strict=True)
         ]
 
-    return [  # through the contract's schema once here, so the API can serve it as stored
+    first, high, low = summaries[0], merged("high", True), merged("low", False)
+    return [
         RowAttribution(
             row=j,
-            test=tests[j],
-            test_loss=first["test_loss"][j],
-            memorized=training and first["memorized"][j],
-            proponents=entries(hv[j], hi[j]),
-            opponents=entries(lv[j], li[j]),
-        ).model_dump(mode="json")
-        for j in range(len(first["test_loss"]))
+            test=TestPoint(**tests[j]),
+            test_loss=first.test_loss[j],
+            memorized=training and first.memorized[j],
+            proponents=high[j],
+            opponents=low[j],
+        )
+        for j in range(first.rows)
     ]
 
 
@@ -514,7 +515,7 @@ def prepare_shard(ctx: Context, fi: ForwardInf, model_m: ModelManifest, data_m: 
     fi.prepare(shard, base=base, norms=norms, tail_inputs=tail)
 
 
-def execution(fi: ForwardInf, job: Job, mirror: Mirror) -> dict:
+def execution(fi: ForwardInf, job: Job, mirror: Mirror) -> Execution:
     """What ran: the job's method with precondition and params as the engine resolved them, and the rest
     of the engine's own account (contract.schemas.Execution), with the repairs made to this request's step."""
     ran = fi.execution()
@@ -523,7 +524,7 @@ def execution(fi: ForwardInf, job: Job, mirror: Mirror) -> dict:
         ran["notes"].append(f"the model was not trained on {job.dataset.id!r}: the request said this is intended")
     update = {"precondition": ran.pop("precondition"), "params": tuple(ran["parameters"])}
     resolved = job.method.model_copy(update=update)
-    return Execution(method=resolved, engine_version=ENGINE_VERSION, **ran).model_dump(mode="json")
+    return Execution(method=resolved, engine_version=ENGINE_VERSION, **ran)
 
 
 def calibration_records(job: Job, data_m: DatasetManifest) -> torch.Tensor:
@@ -564,4 +565,4 @@ def _concat(a: torch.Tensor, b: torch.Tensor, pad: int) -> torch.Tensor:
     return torch.cat([a, b])
 
 
-run, run_part, reduce = entry_points(sweep_part, finish, "of the training set")
+run, run_part, reduce = entry_points(sweep_part, finish, SweepPart, "of the training set")

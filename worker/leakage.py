@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save
 from contract.indexes import embedding_path, inputs_path
 from contract.jobs import InlinePoints, LeakageJob
 from contract.registry import DatasetManifest, ModelManifest, RegistryError
-from contract.schemas import IndexUse
+from contract.results import Candidate, Confirmed, LeakagePart, StoredAnalysis
+from contract.schemas import IndexUse, Progress, Timing
 
 from . import search
 from .analyses import (  # fmt: skip
@@ -176,7 +177,7 @@ class Searcher:
         return [sorted({int(i) for f in found for i in f[j] if i >= 0}) for j in range(len(x))]
 
 
-def confirm(job: LeakageJob, ctx: Context, reporter: Reporter, first: int, stop: int) -> dict:
+def confirm(job: LeakageJob, ctx: Context, reporter: Reporter, first: int, stop: int) -> LeakagePart:
     """Rows [first, stop), CHUNK_ROWS at a time: each one's candidates, its distance to each (the copy rule's,
     from the model's response to its mirrored step and the losses) and their exact input similarity; for a
     calibration record, also its distance to itself and to its nearest other record (the copy rule's noise
@@ -211,31 +212,32 @@ def confirm(job: LeakageJob, ctx: Context, reporter: Reporter, first: int, stop:
         k = min(EVIDENCE, width)
         for j, o in enumerate(own):
             chosen = set(dist[j].topk(k, largest=False).indices.tolist()) | set(similarity[j].topk(k).indices.tolist())
-            matches = [{"index": int(ids[j, c]), "distance": float(dist[j, c]), "similarity": float(similarity[j, c])}
+            matches = [Candidate(index=int(ids[j, c]), distance=float(dist[j, c]), similarity=float(similarity[j, c]))
                        for c in sorted(chosen) if mask[j, c]]  # fmt: skip
-            row = {"matches": matches}
+            row = Confirmed(matches=matches)
             if o is not None:
                 itself = ids[j] == o
-                row["itself"] = float(dist[j][itself].min())
-                row["nearest_other"] = float(dist[j][~itself].min())  # inf where it has no other candidate
+                row.itself = float(dist[j][itself].min())
+                row.nearest_other = float(dist[j][~itself].min())  # inf where it has no other candidate
             out.append(row)
         rescored += int(mask.sum())
         reporter(hi - first, stop - first)
     reporter(stop - first, stop - first, force=True)
-    return {"first": first, "rows": out, "rescored": rescored, "execution": execution(fi, job, mirror)}
+    return LeakagePart(first=first, rows=out, rescored=rescored, execution=execution(fi, job, mirror))
 
 
-def verdict(job: LeakageJob, ctx: Context, parts: list[dict]) -> dict:
+def verdict(job: LeakageJob, ctx: Context, parts: list[LeakagePart]) -> dict:
     """The calibration (copy rule from the calibration rows, near-duplicate rule from the null: training
     records spread over the set, each against its candidates) and each test point's verdict; stored."""
     model_m = current(ctx.registry.model(job.model.id), job.model, "model")
     data_m = current(ctx.registry.dataset(job.dataset.id), job.dataset, "dataset")
-    rows = [r for part in sorted(parts, key=lambda p: p["first"]) for r in part["rows"]]
+    parts = sorted(parts, key=lambda p: p.first)
+    rows = [r for part in parts for r in part.rows]
     calibration = calibration_records(job, data_m)
     n = len(rows) - len(calibration)
     calib = rows[n:]
     account, false_flags = copy_account(
-        torch.tensor([r["itself"] for r in calib]), torch.tensor([r["nearest_other"] for r in calib])
+        torch.tensor([r.itself for r in calib]), torch.tensor([r.nearest_other for r in calib])
     )
     searcher = Searcher(ctx, job, model_m, data_m)
     nulls = spread(data_m.size, NULL_QUERIES)
@@ -266,24 +268,22 @@ def verdict(job: LeakageJob, ctx: Context, parts: list[dict]) -> dict:
     account |= near
     account["expected_false_flag_rate"] = false_flags + near_flags
     record_ids = ctx.warm.record_ids(data_m)
-    matches = [[{**m, "record_id": record_ids[m["index"]]} for m in r["matches"]] for r in rows[:n]]
-    use = IndexUse(index=job.index, candidates=job.candidates, rescored=sum(p["rescored"] for p in parts),
+    matches = [[{**m.model_dump(), "record_id": record_ids[m.index]} for m in r.matches] for r in rows[:n]]
+    use = IndexUse(index=job.index, candidates=job.candidates, rescored=sum(p.rescored for p in parts),
                    recall=searcher.entry.recall)  # fmt: skip
-    analysis = answer(echoed(ctx, job.points), matches, account, use.model_dump())
-    batches = len(parts)
-    result = {
-        "job": job.model_dump(mode="json"),
-        "execution": parts[0]["execution"],
-        "progress": {"done": batches, "total": batches, "unit": "parts", "eta_s": 0.0},
-        "blocks": [],
-        "columns": [],  # no score matrix: each row's candidates alone were scored
-        "shape": [n, data_m.size],
-        "timing": {"load_s": 0.0, "mirror_s": 0.0, "sweep_s": 0.0, "store_s": 0.0},
-        "analysis": analysis,
-    }
+    result = StoredAnalysis(
+        job=job,
+        execution=parts[0].execution,
+        progress=Progress(done=len(parts), total=len(parts), unit="parts", eta_s=0.0),
+        blocks=[],
+        columns=[],  # no score matrix: each row's candidates alone were scored
+        shape=(n, data_m.size),
+        timing=Timing(),
+        analysis=answer(echoed(ctx, job.points), matches, account, use),
+    )
     ctx.store.put_result(job.key, result)
-    return {"key": job.key, "shape": result["shape"], "parts": len(parts)}
+    return {"key": job.key, "shape": list(result.shape), "parts": len(parts)}
 
 
 # parts of rows (the API's last part: the calibration rows, at most so many)
-run, run_part, reduce = entry_points(confirm, verdict, "of the test points", rows_of)
+run, run_part, reduce = entry_points(confirm, verdict, LeakagePart, "of the test points", rows_of)

@@ -27,6 +27,7 @@ from contract.cost import WEIGHT, cost_key, method_id
 from contract.indexes import IndexEntry, index_dir
 from contract.jobs import ModelRef, artifact_id
 from contract.method import Method
+from contract.results import PartProgress, Stored, channel, result_key
 from contract.scores import Block, blob_key, blob_path, block_key, block_path, place
 from contract.settings import Settings
 
@@ -74,22 +75,25 @@ class Store:
             return np.frombuffer(raw, dtype="<f4").reshape(rows, block.hi - block.lo)
         return np.load(block_path(self.settings, key, block.lo), mmap_mode="r", allow_pickle=False)
 
-    def put_result(self, key: str, result: dict) -> None:
-        """The result summary (its blocks written before): visible at once with all its scores."""
+    def put_result(self, key: str, result: Stored) -> None:
+        """The result summary (its blocks written before): visible at once with all its scores. Refused
+        where it holds a NaN or an infinity (JSON has neither: it would be read back as null)."""
         ttl = self.settings.score_ttl_s
         with self.redis.pipeline() as pipe:
-            pipe.set(self.settings.key("result", key), json.dumps(result, allow_nan=False), ex=ttl)
-            pipe.publish(self.settings.key("events"), key)
+            pipe.set(
+                result_key(self.settings, key), json.dumps(result.model_dump(mode="json"), allow_nan=False), ex=ttl
+            )
+            pipe.publish(channel(self.settings), key)
             pipe.execute()
 
     def ended(self, key: str) -> None:
         """Wake the long polls waiting on job `key` (after RQ has stored how it ended)."""
-        self.redis.publish(self.settings.key("events"), key)
+        self.redis.publish(channel(self.settings), key)
 
     def progress(self, key: str, part: int, done: int, total: int | None, eta_s: float | None) -> None:
         """One part's progress in the fan-out's hash (the API sums the parts)."""
-        name = self.settings.key("progress", key)
-        value = json.dumps({"done": done, "total": total, "eta_s": eta_s})
+        name = PartProgress.key(self.settings, key)
+        value = PartProgress(done=done, total=total, eta_s=eta_s).model_dump_json()
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(name, str(part), value).expire(name, self.settings.job_record_ttl_s).execute()
 
@@ -124,7 +128,7 @@ class Store:
                     if now - blob.stat().st_mtime > self.settings.base_loss_ttl_s:
                         blob.unlink(missing_ok=True)
                         removed += 1
-            elif age > self.settings.job_timeout_s and not self.redis.exists(self.settings.key("result", entry.name)):
+            elif age > self.settings.job_timeout_s and not self.redis.exists(result_key(self.settings, entry.name)):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
         return removed + self.free_indexes()
@@ -158,7 +162,7 @@ class Store:
         with self.redis.pipeline() as pipe:
             pipe.set(IndexEntry.key(self.settings, entry.id), entry.model_dump_json())
             pipe.sadd(IndexEntry.catalog(self.settings), entry.id)
-            pipe.publish(self.settings.key("events"), entry.id)
+            pipe.publish(channel(self.settings), entry.id)
             pipe.execute()
 
     def index(self, id: str) -> IndexEntry | None:

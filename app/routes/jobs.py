@@ -201,17 +201,19 @@ async def report(jobs: Jobs, handle: str, who: Principal, analysis: bool, regist
 
 async def export(jobs: Jobs, handle: str, who: Principal, analysis: bool, format: str, top_k: int | None) -> Response:
     view = await jobs.view(handle, who, top_k, analysis)
-    if view["status"] != "finished":
-        raise Conflict(f"{handle!r} is {view['status']}: no result")
-    kind = view.get("kind", "attribution")
-    text = await run_in_threadpool(tables.export, kind, view["result"], format)
+    if view.status != "finished":
+        raise Conflict(f"{handle!r} is {view.status}: no result")
+    kind = getattr(view, "kind", "attribution")
+    text = await run_in_threadpool(lambda: tables.export(kind, view.result.model_dump(mode="json"), format))
     disposition = f'attachment; filename="{kind}-{handle}.{format}"'
     return Response(text, media_type=tables.FORMATS[format], headers={"content-disposition": disposition})
 
 
 async def cancel(jobs: Jobs, handle: str, who: Principal, analysis: bool) -> Response:
     public = await jobs.cancel(handle, who, analysis)
-    return Response(status_code=204) if public is None else JSONResponse(public, status_code=202)
+    if public is None:
+        return Response(status_code=204)
+    return Response(public.model_dump_json(), status_code=202, media_type="application/json")
 
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

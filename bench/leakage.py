@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from contract.registry import Registry
-from worker.analyses import _shift
+from worker.analyses.similarity import _shift
 from worker.corpus import fact_corpus
 from worker.demo import AUDIT_PLANTED, add_dataset, add_model, audit_data, digits_mlp
 from worker.generative import SIZES

@@ -27,7 +27,8 @@ from sklearn.metrics import roc_auc_score
 
 from contract.jobs import RankBy
 from contract.schemas import MislabeledCreate
-from worker.analyses import Evidence, mislabeled
+from worker.analyses import Evidence
+from worker.analyses.mislabeled import mislabeled
 from worker.forward_inf import AttributionInputError, Classification, ForwardInf, MirrorConfig
 
 from .quality import SETUPS

@@ -48,7 +48,7 @@ from scipy.stats import rankdata, spearmanr
 from sklearn.metrics import roc_auc_score
 
 from bench.groundtruth import fit_logistic, leave_one_out
-from worker.analyses import p_wrong
+from worker.analyses.mislabeled import p_wrong
 from worker.demo import digits, digits_mlp, train_classifier
 from worker.forward_inf import Classification, ForwardInf, MirrorConfig, build
 

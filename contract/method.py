@@ -128,7 +128,7 @@ KIND_PRESET: dict[str, str] = {
     "mislabeled": "mislabeled",
     "memorization": "attribution",
 }
-# What each analysis reads off the engine (worker/analyses.py), so values outside these cannot be honoured:
+# What each analysis reads off the engine (worker/analyses), so values outside these cannot be honoured:
 # field -> (allowed values, the first is taken when a preset or the model's defaults say otherwise; why)
 KIND_RULES: dict[str, dict[str, tuple[tuple, str]]] = {
     "leakage": {

@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 
 from contract.schemas import AnalysisPublic
 from tests.conftest import ROOT
-from worker.analyses import NOISE_EVIDENCE, class_noise_evidence, label_prior, p_wrong
+from worker.analyses.mislabeled import NOISE_EVIDENCE, class_noise_evidence, label_prior, p_wrong
 from worker.demo import AUDIT_COPIES, AUDIT_PLANTED, audit_data
 
 AUDIT = {"model": "digits-audit-mlp", "dataset": "digits-audit-train"}

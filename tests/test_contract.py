@@ -111,7 +111,7 @@ def test_the_contract_refuses_exactly_what_the_engine_refuses():
         assert ours_ok == engine_ok, settings
 
 
-# The engine's code (worker/forward_inf, worker/analyses.py; comments and docstrings aside) as each engine
+# The engine's code (worker/forward_inf, worker/analyses; comments and docstrings aside) as each engine
 # version accepts it. A change to the engine must either come with a new contract.jobs.ENGINE_VERSION (it
 # changes scores, base losses, curvature or an analysis' answer: nothing made by older code is served) or
 # add its fingerprint to the current version's set, which says, for the reviewer to check, that it does not.
@@ -176,13 +176,14 @@ ENGINE_FINGERPRINTS = {
     "2026.12.14": {
         "06ecccd0a0b73397",
         "13740d5fa0eed12d",  # analyses return their typed result (contract/results.py stores it): the same JSON
+        "55f1059d75084532",  # worker/analyses.py split into a module per kind: every definition as it was
     },
 }
 
 
 def engine_fingerprint() -> str:
     h = hashlib.sha256()
-    for path in sorted([*(ROOT / "worker" / "forward_inf").glob("*.py"), ROOT / "worker" / "analyses.py"]):
+    for path in sorted([*(ROOT / "worker" / "forward_inf").glob("*.py"), *(ROOT / "worker" / "analyses").glob("*.py")]):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             body = getattr(node, "body", None)

@@ -2,7 +2,7 @@
 
 The index keeps, beside each shard's gradient sketches, an embedding of its records' inputs (float
 vectors, or the text a model reads): the unit vectors whose inner products are the leakage analysis'
-input similarity (worker/analyses.py: Similarity; images as they are, other vectors standardized by a
+input similarity (worker/analyses/similarity.py; images as they are, other vectors standardized by a
 sample's spread, text as hashed character trigrams), projected to EMBED_DIMS dimensions where they have
 more. A copy of a test point is as similar as can be, a near duplicate nearly so; so each test point's
 candidates are the LEAKAGE_CANDIDATES (contract/indexes.py) records most similar to it (to each of its small re-alignments, for images),
@@ -33,19 +33,9 @@ from contract.results import Candidate, Confirmed, LeakagePart, StoredAnalysis
 from contract.schemas import IndexUse, Progress, Timing
 
 from . import search
-from .analyses import (  # fmt: skip
-    EVIDENCE,
-    NULL_QUERIES,
-    Similarity,
-    aligned,
-    answer,
-    copy_account,
-    distance,
-    near_account,
-    text_profile,
-    text_variants,
-    variants,
-)
+from .analyses.evidence import EVIDENCE, distance
+from .analyses.leakage import NULL_QUERIES, answer, copy_account, near_account
+from .analyses.similarity import Similarity, aligned, text_profile, text_variants, variants
 from .forward_inf.data import spread
 from .jobs import (
     Context,

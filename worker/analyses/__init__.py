@@ -1,0 +1,16 @@
+"""Data-governance answers read off the engine's output: leakage, mislabeled data, memorization.
+
+Each kind is a module with one function that takes the `Evidence` of one job (score matrix, the mirror's
+own responses, base losses: evidence.py) and the job's typed payload (its options), and returns its typed
+result (contract/schemas.py); `ANALYSES` below registers it. The statistics, and the measurements behind
+their defaults, are in docs/benchmarks.md ("Governance analyses").
+"""
+
+from .evidence import Evidence
+from .leakage import leakage
+from .memorization import memorization
+from .mislabeled import mislabeled
+
+__all__ = ["ANALYSES", "Evidence"]
+
+ANALYSES = {"leakage": leakage, "mislabeled": mislabeled, "memorization": memorization}

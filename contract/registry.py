@@ -8,8 +8,8 @@ Every file's sha256 is recorded in its manifest and verified before it is read; 
 digest (the hash of its manifest, which holds the file digests) is part of every job's identity, so a
 changed checkpoint or test set never serves a stale result. A file is hashed once per version (path,
 size, mtime): the API's request path re-reads records, it never re-hashes a shard. Rows are read from a
-shard's file by offset (its header says where each array lies), so a record, a batch or a whole shard costs
-only its own bytes: a worker streams a shard larger than its memory batch by batch. Torch-free: the API
+shard's file by offset (contract/datafiles.py), so a worker streams a shard larger than its memory batch
+by batch. Torch-free: the API
 reads manifests and records (numpy) through this module; the worker loads tensors (worker/warm.py).
 The command line (`python -m worker.registry`) lives with the worker, which can build the demo models.
 """
@@ -28,12 +28,14 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import numpy as np
 import tomli_w
 from pydantic import BaseModel, Field, ValidationError
 
+from . import datafiles
+from .datafiles import Layout, RegistryError
 from .method import MethodDefaults
 
 ID = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -64,10 +66,6 @@ REGISTERABLE = (
 # when the operator allowed the module by name (ATTR_PYTHON_ARCHITECTURES): never from a request.
 ARCHITECTURE = REGISTERABLE.removesuffix(")$") + r"|python:[\w.]+:\w+)$"
 log = logging.getLogger("contract.registry")
-
-
-class RegistryError(Exception):
-    """A manifest or file in the registry is missing, malformed or does not match its digest."""
 
 
 def operator_code(architecture: str, allowed: Sequence[str]) -> tuple[str, str]:
@@ -126,12 +124,12 @@ class ModelManifest(BaseModel):
         if self.parameters:
             return tuple(self.parameters)
         path = self.path / self.weights
-        return tuple(sorted(k for k in _header(path, *_version(path))[1] if k != "__metadata__"))
+        return datafiles.tensor_names(path)
 
     def verified(self) -> Path:
         """The model's folder, once every file the manifest names matches its digest."""
         for name, digest in {self.weights: self.sha256, **self.files}.items():
-            verify(self.path / name, digest)
+            datafiles.verify(self.path / name, digest)
         return self.path
 
     def encode(self, text: str) -> list[int]:
@@ -150,8 +148,8 @@ class ModelManifest(BaseModel):
         transformers' apply_chat_template renders it (sandboxed Jinja), ending with the generation prompt."""
         if "tokenizer_config.json" not in self.files:
             raise RegistryError(f"model {self.id!r} has no chat template (no tokenizer_config.json)")
-        path = verify(self.path / "tokenizer_config.json", self.files["tokenizer_config.json"])
-        template, tokens = _chat_template(path, *_version(path))
+        path = datafiles.verify(self.path / "tokenizer_config.json", self.files["tokenizer_config.json"])
+        template, tokens = datafiles.chat_template(path)
         from jinja2 import TemplateError
 
         try:
@@ -163,8 +161,8 @@ class ModelManifest(BaseModel):
         """The model's tokenizer.json as a tokenizers.Tokenizer (torch-free), parsed once per version."""
         if "tokenizer.json" not in self.files:
             raise RegistryError(f"model {self.id!r}: input.text is 'tokenizer' but it has no tokenizer.json")
-        path = verify(self.path / "tokenizer.json", self.files["tokenizer.json"])
-        return _tokenizer(path, *_version(path))
+        path = datafiles.verify(self.path / "tokenizer.json", self.files["tokenizer.json"])
+        return datafiles.tokenizer(path)
 
 
 class Shard(BaseModel):
@@ -240,21 +238,25 @@ class DatasetManifest(BaseModel):
 
     def _arrays(self, n: int, rows: np.ndarray, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         files = self._files(n)
-        return {key: _read_rows(file, layout, rows) for key, (file, layout) in files.items() if key in (keys or files)}
+        return {
+            key: datafiles.read_rows(file, layout, rows)
+            for key, (file, layout) in files.items()
+            if key in (keys or files)
+        }
 
     def _files(self, n: int) -> dict[str, tuple[Path, Layout]]:
         """Where shard n's "inputs" (and "targets") lie: verified files and their arrays' layouts."""
         shard = self.shards[n]
-        path = verify(self.path / shard.file, shard.sha256)
+        path = datafiles.verify(self.path / shard.file, shard.sha256)
         if path.suffix == ".npy":
             files = {"inputs": (path, "array")}
             if shard.targets:
-                files["targets"] = (verify(self.path / shard.targets, shard.targets_sha256 or ""), "array")
+                files["targets"] = (datafiles.verify(self.path / shard.targets, shard.targets_sha256 or ""), "array")
         else:
             files = {"inputs": (path, "inputs"), "targets": (path, "targets")}
         out = {}
         for key, (file, name) in files.items():
-            layout = _layout(file, *_version(file)).get(name)
+            layout = datafiles.layout(file).get(name)
             if layout is None:
                 continue
             if layout.shape[0] != shard.size:
@@ -279,9 +281,8 @@ class DatasetManifest(BaseModel):
         if self.records is None:
             ids = Numbered(self.id, self.size)
             return ids, ids.positions
-        path = verify(self.path / self.records, self.records_sha256 or "")
-        stat = path.stat()
-        ids, positions = _parse_records(path, stat.st_size, stat.st_mtime_ns)
+        path = datafiles.verify(self.path / self.records, self.records_sha256 or "")
+        ids, positions = datafiles.records(path)
         if len(ids) != self.size:
             raise RegistryError(f"{self.id}: {len(ids)} record ids for {self.size} records")
         return ids, positions
@@ -320,160 +321,6 @@ class _NumberedPositions(Mapping[str, int]):
 
     def __len__(self) -> int:
         return self.ids.size
-
-
-# -- reading rows of .safetensors and .npy files by offset ---------------------------------------------
-SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-                      "U8": "u1", "BOOL": "?"}  # fmt: skip
-
-
-class Layout(NamedTuple):
-    offset: int  # of the array's first byte in the file
-    dtype: np.dtype
-    shape: tuple[int, ...]
-
-
-def _version(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
-
-
-@lru_cache(maxsize=1024)
-def _header(path: Path, size: int, mtime_ns: int) -> tuple[int, dict[str, Any]]:
-    """A .safetensors file's JSON header (names, dtypes, shapes, offsets) and its length, read alone."""
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        if length > min(size, 100 << 20):
-            raise RegistryError(f"{path.name}: not a safetensors file")
-        return length, json.loads(f.read(length))
-
-
-@lru_cache(maxsize=1024)
-def _layout(path: Path, size: int, mtime_ns: int) -> dict[str, Layout]:
-    """Where each array of a .safetensors file lies ({"array": ...} for a .npy file), from its header."""
-    if path.suffix == ".npy":
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            if version not in readers:
-                raise RegistryError(f"{path.name}: unsupported .npy version {version}")
-            shape, fortran, dtype = readers[version](f)
-            if fortran or dtype.hasobject or not shape:
-                raise RegistryError(f"{path.name}: needs a C-ordered array of numbers with a first dimension")
-            layout = Layout(f.tell(), dtype, tuple(shape))
-            _fits(path, size, layout.offset, dtype.itemsize * math.prod(shape), "the array")
-            return {"array": layout}
-    length, header = _header(path, size, mtime_ns)
-    out = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if entry["dtype"] not in SAFETENSORS_DTYPES or not entry["shape"]:
-            raise RegistryError(f"{path.name}: {name!r} is {entry['dtype']} {entry['shape']}: not readable as rows")
-        dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
-        begin, end = entry["data_offsets"]
-        if end - begin != dtype.itemsize * math.prod(entry["shape"]):
-            raise RegistryError(f"{path.name}: {name!r}'s offsets do not hold its shape {entry['shape']}")
-        out[name] = Layout(8 + length + begin, dtype, tuple(entry["shape"]))
-        _fits(path, size, out[name].offset, end - begin, repr(name))
-    return out
-
-
-def _fits(path: Path, size: int, offset: int, nbytes: int, what: str) -> None:
-    """Refuse a file shorter than its header says (a header may claim any number of rows)."""
-    if offset + nbytes > size:
-        raise RegistryError(f"{path.name}: its header puts {what} at bytes {offset}..{offset + nbytes}, past its "
-                            f"{size} bytes")  # fmt: skip
-
-
-def _read_rows(path: Path, layout: Layout, rows: np.ndarray) -> np.ndarray:
-    """Rows of one array, each run of consecutive rows read with one call, straight into the result."""
-    out = np.empty((len(rows), *layout.shape[1:]), layout.dtype)
-    row_bytes = layout.dtype.itemsize * math.prod(layout.shape[1:])
-    if not len(rows):
-        return out
-    view = memoryview(out.reshape(-1).view(np.uint8))
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    with open(path, "rb", buffering=0) as f:
-        for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(rows)], strict=True):
-            f.seek(layout.offset + int(rows[start]) * row_bytes)
-            want = (stop - start) * row_bytes
-            if f.readinto(view[start * row_bytes : stop * row_bytes]) != want:
-                raise RegistryError(f"{path.name}: shorter than its header says")
-    return out
-
-
-@lru_cache(maxsize=16)
-def _tokenizer(path: Path, size: int, mtime_ns: int):
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - the Rust library raises its own exception type
-        raise RegistryError(f"{path.name}: not a tokenizers file: {exc}") from exc
-
-
-@lru_cache(maxsize=16)
-def _chat_template(path: Path, size: int, mtime_ns: int):
-    """tokenizer_config.json's chat template compiled in Jinja's immutable sandbox (the template is data from
-    the model's folder: it must not reach Python), with its special tokens (bos_token, ...) to render with."""
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    config = json.loads(path.read_text())
-    source = config.get("chat_template")
-    if isinstance(source, list):  # several named templates: the default one
-        source = next((t["template"] for t in source if t.get("name") == "default"), None)
-    if not isinstance(source, str):
-        raise RegistryError(f"{path.name}: no chat_template")
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
-    env.globals["raise_exception"] = raise_exception
-    tokens = {k: v.get("content") if isinstance(v, dict) else v for k, v in config.items() if k.endswith("_token")}
-    try:
-        return env.from_string(source), tokens
-    except TemplateError as exc:
-        raise RegistryError(f"{path.name}: chat_template does not compile: {exc}") from exc
-
-
-@lru_cache(maxsize=64)
-def _parse_records(path: Path, size: int, mtime_ns: int) -> tuple[tuple[str, ...], dict[str, int]]:
-    ids = tuple(json.loads(path.read_text()))
-    return ids, {r: i for i, r in enumerate(ids)}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-@lru_cache(maxsize=4096)
-def _digest(path: Path, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
-
-
-def verify(path: Path, expected: str) -> Path:
-    """Return `path` if its sha256 is `expected`; raise RegistryError otherwise. The digest is computed
-    once per version of the file (path, size, mtime)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        stat = None
-    if stat is None or not path.is_file():
-        raise RegistryError(f"{path.name}: file missing from the registry")
-    actual = _digest(path, stat.st_size, stat.st_mtime_ns)
-    if actual != expected:
-        raise RegistryError(
-            f"{path.name}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}... (file changed?)"
-        )
-    return path
 
 
 @lru_cache(maxsize=256)
@@ -563,7 +410,7 @@ class Registry:
         folder = self.staging("model", id)
         for name in names:
             if name in base.files and not (folder / name).exists():
-                shutil.copyfile(verify(base.path / name, base.files[name]), folder / name)
+                shutil.copyfile(datafiles.verify(base.path / name, base.files[name]), folder / name)
 
     def staged_model(self, id: str) -> ModelManifest | None:
         return self._manifest("model", id, staged=True)
@@ -693,7 +540,7 @@ class Registry:
             "task": task,
             "architecture": architecture,
             "weights": "weights.safetensors",
-            "sha256": sha256_file(folder / "weights.safetensors"),
+            "sha256": datafiles.sha256_file(folder / "weights.safetensors"),
             "params": params or {},
             "task_params": task_params or {},
             "input": input,
@@ -721,7 +568,7 @@ class Registry:
             entries.append(
                 {
                     "file": name,
-                    "sha256": sha256_file(folder / name),
+                    "sha256": datafiles.sha256_file(folder / name),
                     "size": (sizes or [])[n] if sizes else _count(folder / name),
                 }
             )
@@ -735,7 +582,10 @@ class Registry:
         }
         if records is not None:
             (folder / "records.json").write_text(json.dumps(records))
-            manifest["records"], manifest["records_sha256"] = "records.json", sha256_file(folder / "records.json")
+            manifest["records"], manifest["records_sha256"] = (
+                "records.json",
+                datafiles.sha256_file(folder / "records.json"),
+            )
         DatasetManifest(**manifest)
         (folder / "dataset.toml").write_text(_toml(manifest))
         return self.dataset(id)
@@ -756,12 +606,12 @@ def _staged_files(folder: Path, manifest: str) -> dict[str, str]:
     if not folder.is_dir():
         raise RegistryError(f"{folder.name}: nothing was uploaded")
     done = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != manifest and p.suffix != ".part"]
-    return {p.name: _digest(p, *_version(p)) for p in done}
+    return {p.name: datafiles.digest(p) for p in done}
 
 
 def _count(path: Path) -> int:
     """Examples in a shard, from its header alone."""
-    layout = _layout(path, *_version(path))
+    layout = datafiles.layout(path)
     return layout["array" if path.suffix == ".npy" else "inputs"].shape[0]
 
 

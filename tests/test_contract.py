@@ -261,16 +261,17 @@ def test_the_key_hashes_every_input_of_the_result():
 def test_verified_reads_hash_each_file_version_once(registry_dir, tmp_path):
     import shutil
 
+    from contract import datafiles
     from contract import registry as reg
 
     root = tmp_path / "registry"
     shutil.copytree(registry_dir, root)
     dataset = reg.Registry(root).dataset("digits-train")
-    reg._digest.cache_clear()
+    datafiles._digest.cache_clear()
     first = dataset.read([0, 5, 1400])
     for _ in range(5):
         np.testing.assert_array_equal(dataset.read([0, 5, 1400])["inputs"], first["inputs"])
-    assert reg._digest.cache_info().misses == 2  # each of the two shards hashed once
+    assert datafiles._digest.cache_info().misses == 2  # each of the two shards hashed once
     np.testing.assert_array_equal(first["inputs"][2], dataset.rows(1)["inputs"][1400 - dataset.shards[0].size])
     shard = root / "datasets" / "digits-train" / dataset.shards[0].file
     changed = bytearray(shard.read_bytes())

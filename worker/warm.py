@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from contract.datafiles import verify
 from contract.jobs import artifact_id
-from contract.registry import DatasetManifest, ModelManifest, Registry, RegistryError, operator_code, verify
+from contract.registry import DatasetManifest, ModelManifest, Registry, RegistryError, operator_code
 
 from .forward_inf import AttributionInputError, ForwardInf, Mirror, MirrorConfig, Task, build, families, make_task
 from .forward_inf.curvature import Curvature, restore

@@ -54,6 +54,7 @@ from starlette.concurrency import run_in_threadpool
 
 from contract.cost import cheaper, cost_key, method_id, work
 from contract.jobs import HANDLE_LENGTH, PROBE_FUNC, Job, affinity_queue, bucket_of, part_id, queue_names
+from contract.method import Family, family_of
 from contract.problems import Conflict, InvalidInput, NotFound, TooManyRequests, Unavailable
 from contract.results import STORED, PartProgress, Stored, StoredAttribution, channel, result_key
 from contract.schemas import AnalysisPublic, AttributionPublic, AttributionResult, JobSummary, Webhook
@@ -108,7 +109,7 @@ def queued(redis: Redis, settings: Settings) -> int:
 
 
 def links(kind: str, handle: str) -> dict[str, str]:
-    base = f"/v1/{'attributions' if kind == 'attribution' else 'analyses'}/{handle}"
+    base = f"/v1/{'attributions' if family_of(kind) == 'attribution' else 'analyses'}/{handle}"
     return {"self": base, "scores": f"{base}/scores", "report": f"{base}/report", "export": f"{base}/export"}
 
 
@@ -418,18 +419,16 @@ class Jobs:
         raw = await self.aredis.hgetall(self.key("handle", handle))
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    async def _record(self, handle: str, tenant: str, analysis: bool | None = None) -> dict[str, str]:
+    async def _record(self, handle: str, tenant: str, family: Family | None = None) -> dict[str, str]:
         """The tenant's handle record; 404 for an unknown handle, another tenant's, or the other family's
         (an attribution id asked for as an analysis, or the reverse)."""
         record = await self._lookup(handle)
-        family = None if analysis is None else record.get("kind") != "attribution"
-        if not record or record["tenant"] != tenant or (analysis is not None and family != analysis):
-            what = "job" if analysis is None else "analysis" if analysis else "attribution"
-            raise NotFound(f"no {what} {handle!r} (unknown, or expired)")
+        if not record or record["tenant"] != tenant or family not in (None, family_of(record["kind"])):
+            raise NotFound(f"no {family or 'job'} {handle!r} (unknown, or expired)")
         return record
 
-    async def view(self, handle: str, who: Principal, top_k: int | None = None, analysis: bool = False) -> View:
-        return await self._view(handle, await self._record(handle, who.tenant, analysis), top_k)
+    async def view(self, handle: str, who: Principal, top_k: int | None, family: Family) -> View:
+        return await self._view(handle, await self._record(handle, who.tenant, family), top_k)
 
     async def _view(self, handle: str, record: dict[str, str], top_k: int | None) -> View:
         k, name = top_k or int(record["top_k"]), result_key(self.settings, record["key"])
@@ -452,10 +451,10 @@ class Jobs:
         view = await self._view(handle, record, top_k)
         return view.status, _encode(view)
 
-    async def wait(self, handle: str, who: Principal, top_k: int | None, wait_s: float, analysis: bool) -> bytes:
+    async def wait(self, handle: str, who: Principal, top_k: int | None, wait_s: float, family: Family) -> bytes:
         """The view (as JSON) once the job has ended or `wait_s` has passed: a long poll that holds no
         thread and polls nothing (the job's end, published by its worker, wakes it)."""
-        async with contextlib.aclosing(self.follow(handle, who, analysis, top_k, time.monotonic() + wait_s)) as views:
+        async with contextlib.aclosing(self.follow(handle, who, family, top_k, time.monotonic() + wait_s)) as views:
             async for _, view in views:
                 last = view
         return last
@@ -464,7 +463,7 @@ class Jobs:
         self,
         handle: str,
         who: Principal,
-        analysis: bool,
+        family: Family,
         top_k: int | None = None,
         deadline: float = math.inf,
         every: float | None = None,
@@ -472,7 +471,7 @@ class Jobs:
         """The job's view (JSON) as ("progress", view) each time it changes, read when the job ends and,
         with `every`, every so many seconds; ("keepalive", b"") after ATTR_EVENTS_KEEPALIVE_S without a
         change; last ("end", view) once it has ended, or ("timeout", view) at `deadline` (monotonic)."""
-        record = await self._record(handle, who.tenant, analysis)
+        record = await self._record(handle, who.tenant, family)
         last, said = None, time.monotonic()
         with self.events.watch(record["key"]) as ended:
             while True:
@@ -487,12 +486,12 @@ class Jobs:
                     last, said = body, now
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ended.wait(), min(deadline - now, every or math.inf))
-                record = await self._record(handle, who.tenant, analysis)  # a cancel may have changed it
+                record = await self._record(handle, who.tenant, family)  # a cancel may have changed it
 
-    async def finished(self, handle: str, who: Principal, analysis: bool) -> tuple[Stored, Scores, int]:
+    async def finished(self, handle: str, who: Principal, family: Family) -> tuple[Stored, Scores, int]:
         """The stored result of a finished job, a reader of its scores and the top_k the tenant asked for;
         409 when it has not finished."""
-        record = await self._record(handle, who.tenant, analysis)
+        record = await self._record(handle, who.tenant, family)
         name = result_key(self.settings, record["key"])
         result = None if record.get("canceled") else await self.results.get(self.aredis, name)
         if result is None:
@@ -501,11 +500,11 @@ class Jobs:
         return result, Scores(self.aredis, self.settings, record["key"], result), int(record["top_k"])
 
     # -- cancel and delete --------------------------------------------------------------------------
-    async def cancel(self, handle: str, who: Principal, analysis: bool) -> View | None:
+    async def cancel(self, handle: str, who: Principal, family: Family) -> View | None:
         """A queued or running job: the tenant lets go of it (202 and its view, now canceled); the
         computation stops only when no tenant holds it any more. An ended job (finished, failed,
         canceled): its handle is deleted (None: 204), and a finished result nobody else holds with it."""
-        record = await self._record(handle, who.tenant, analysis)
+        record = await self._record(handle, who.tenant, family)
         key, status = record["key"], (await self._view(handle, record, None)).status
         holders = self.key("holders", key)
         if status in ACTIVE:

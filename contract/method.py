@@ -22,11 +22,13 @@ __all__ = [
     "KIND_PRESET",
     "KIND_RULES",
     "PRESETS",
+    "Family",
     "Kind",
     "Method",
     "MethodConflict",
     "MethodDefaults",
     "MethodSettings",
+    "family_of",
     "whole",
     "resolve_method",
 ]
@@ -45,6 +47,13 @@ def whole(**constraints: int) -> Any:
 # The kinds of job a tenant submits, stated once (tests/test_contract.py checks every table keyed by kind)
 AnalysisKind = Literal["leakage", "mislabeled", "memorization"]
 Kind = Literal["attribution", AnalysisKind]
+Family = Literal["attribution", "analysis"]  # which routes serve a kind: /v1/attributions or /v1/analyses
+
+
+def family_of(kind: str) -> Family:
+    return "attribution" if kind == "attribution" else "analysis"
+
+
 PresetName = Literal["attribution", "leakage", "mislabeled"]
 
 

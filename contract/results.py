@@ -23,6 +23,7 @@ from pydantic import BaseModel, Discriminator, Field, Tag, TypeAdapter
 
 from .indexes import IndexShard
 from .jobs import Job
+from .method import family_of
 from .schemas import AnalysisResult, Execution, IndexUse, Progress, RowAttribution, Timing
 from .scores import Block
 from .settings import Settings
@@ -139,8 +140,7 @@ class StoredAnalysis(_Stored):
 
 def _family(value: Any) -> str:
     job = value["job"] if isinstance(value, dict) else value.job
-    kind = job["kind"] if isinstance(job, dict) else job.kind
-    return "attribution" if kind == "attribution" else "analysis"
+    return family_of(job["kind"] if isinstance(job, dict) else job.kind)
 
 
 Stored = Annotated[

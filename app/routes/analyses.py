@@ -61,7 +61,7 @@ async def get_analysis(
     analysis_id: JobId, who: Reader, jobs: JobsDep, settings: SettingsDep, wait_s: WaitS = 0.0
 ) -> Response:
     """Status, progress and, when finished, the analysis' answer (with `wait_s`: a long poll)."""
-    return await shared.view(jobs, settings, analysis_id, who, None, wait_s, analysis=True)
+    return await shared.view(jobs, settings, analysis_id, who, None, wait_s, "analysis")
 
 
 @router.get(
@@ -69,7 +69,7 @@ async def get_analysis(
 )
 async def follow_analysis(analysis_id: JobId, who: Reader, jobs: JobsDep) -> StreamingResponse:
     """The job's status and progress as Server-Sent Events, until it ends: no polling needed."""
-    return await shared.events(jobs, analysis_id, who, True)
+    return await shared.events(jobs, analysis_id, who, "analysis")
 
 
 @router.get("/{analysis_id}/scores", operation_id="get_analysis_scores", responses=SCORES)
@@ -84,20 +84,20 @@ async def get_analysis_scores(
 ):
     """The engine's raw float32 score matrix behind the answer (rows: test points, reference group or
     audited records; columns: training records), or a window of it, as for attributions."""
-    return await shared.scores(jobs, analysis_id, who, True, request, format, rows, columns)
+    return await shared.scores(jobs, analysis_id, who, "analysis", request, format, rows, columns)
 
 
 @router.get("/{analysis_id}/report", operation_id="get_analysis_report", response_class=HTMLResponse, responses=REPORT)
 async def get_analysis_report(analysis_id: JobId, who: Reader, jobs: JobsDep, registry: RegistryDep) -> HTMLResponse:
     """A self-contained HTML page of the answer, with thumbnails (or text) of the records involved."""
-    return await shared.report(jobs, analysis_id, who, True, registry)
+    return await shared.report(jobs, analysis_id, who, "analysis", registry)
 
 
 @router.get("/{analysis_id}/export", operation_id="export_analysis", response_class=Response, responses=EXPORT)
 async def export_analysis(analysis_id: JobId, who: Reader, jobs: JobsDep, format: Table = "csv") -> Response:
     """The answer as one table (contract/tables.py): leakage a row per test point (its best match), mislabeled
     the review list, memorization the audited records: CSV (for a spreadsheet) or JSON Lines."""
-    return await shared.export(jobs, analysis_id, who, True, format, None)
+    return await shared.export(jobs, analysis_id, who, "analysis", format, None)
 
 
 @router.delete(
@@ -109,4 +109,4 @@ async def export_analysis(analysis_id: JobId, who: Reader, jobs: JobsDep, format
 )
 async def cancel_analysis(analysis_id: JobId, who: Submitter, jobs: JobsDep) -> Response:
     """A queued or running analysis: canceled for this tenant (202); an ended one: deleted (204)."""
-    return await shared.cancel(jobs, analysis_id, who, True)
+    return await shared.cancel(jobs, analysis_id, who, "analysis")

@@ -52,7 +52,7 @@ async def get_attribution(
 ) -> Response:
     """Status, progress, timing and, when finished, the top-k proponents and opponents per test point.
     With `wait_s`, a long poll: the answer comes when the job ends or the wait is over."""
-    return await shared.view(jobs, settings, attribution_id, who, top_k, wait_s, analysis=False)
+    return await shared.view(jobs, settings, attribution_id, who, top_k, wait_s, "attribution")
 
 
 @router.get(
@@ -63,7 +63,7 @@ async def get_attribution(
 )
 async def follow_attribution(attribution_id: JobId, who: Reader, jobs: JobsDep) -> StreamingResponse:
     """The job's status and progress as Server-Sent Events, until it ends: no polling needed."""
-    return await shared.events(jobs, attribution_id, who, False)
+    return await shared.events(jobs, attribution_id, who, "attribution")
 
 
 @router.get("/{attribution_id}/scores", operation_id="get_attribution_scores", responses=SCORES)
@@ -78,7 +78,7 @@ async def get_scores(
 ):
     """The (n_test, n_train) float32 score matrix, or a window of it (`rows`, `columns`): .npy with
     `Accept: application/x-npy` (streamed), else JSON in pages (`next`)."""
-    return await shared.scores(jobs, attribution_id, who, False, request, format, rows, columns)
+    return await shared.scores(jobs, attribution_id, who, "attribution", request, format, rows, columns)
 
 
 @router.get(
@@ -87,7 +87,7 @@ async def get_scores(
 async def get_report(attribution_id: JobId, who: Reader, jobs: JobsDep, registry: RegistryDep) -> HTMLResponse:
     """A self-contained HTML page: each test point, its top proponents and opponents (images as PNG
     thumbnails, token data as text) with scores and record ids, and a histogram of its scores."""
-    return await shared.report(jobs, attribution_id, who, False, registry)
+    return await shared.report(jobs, attribution_id, who, "attribution", registry)
 
 
 @router.get("/{attribution_id}/export", operation_id="export_attribution", response_class=Response, responses=EXPORT)
@@ -96,7 +96,7 @@ async def export_attribution(
 ) -> Response:
     """The result as one table (contract/tables.py): a row per proponent and opponent of each test point,
     with the test point's label and prediction: CSV (for a spreadsheet) or JSON Lines."""
-    return await shared.export(jobs, attribution_id, who, False, format, top_k)
+    return await shared.export(jobs, attribution_id, who, "attribution", format, top_k)
 
 
 @router.delete(
@@ -109,4 +109,4 @@ async def export_attribution(
 async def cancel_attribution(attribution_id: JobId, who: Submitter, jobs: JobsDep) -> Response:
     """A queued or running job: canceled for this tenant (202); it stops when no other tenant wants it.
     An ended one: deleted (204), with its result and scores unless another tenant holds them."""
-    return await shared.cancel(jobs, attribution_id, who, False)
+    return await shared.cancel(jobs, attribution_id, who, "attribution")

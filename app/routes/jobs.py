@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from contract import tables
 from contract.jobs import InlinePoints, Job, LeakageJob
-from contract.method import Kind
+from contract.method import Family, Kind
 from contract.problems import Conflict, InvalidInput
 from contract.schemas import JobPage, Problem, Status
 
@@ -81,8 +81,8 @@ def _parts(job: Job, registry, settings) -> list[tuple[int, int]]:
     return registry.dataset(job.dataset.id).parts(settings.part_records)
 
 
-async def view(jobs: Jobs, settings, handle: str, who: Principal, top_k, wait_s: float, analysis: bool) -> Response:
-    body = await jobs.wait(handle, who, top_k, min(wait_s, settings.max_wait_s), analysis)
+async def view(jobs: Jobs, settings, handle: str, who: Principal, top_k, wait_s: float, family: Family) -> Response:
+    body = await jobs.wait(handle, who, top_k, min(wait_s, settings.max_wait_s), family)
     return Response(body, media_type="application/json")
 
 
@@ -112,9 +112,9 @@ EVENTS = {
 }
 
 
-async def events(jobs: Jobs, handle: str, who: Principal, analysis: bool) -> StreamingResponse:
+async def events(jobs: Jobs, handle: str, who: Principal, family: Family) -> StreamingResponse:
     """The job's events until it ends (404 at once for an unknown id, before the stream starts)."""
-    stream = jobs.follow(handle, who, analysis, every=jobs.settings.events_interval_s)
+    stream = jobs.follow(handle, who, family, every=jobs.settings.events_interval_s)
     first = await anext(stream)  # raises NotFound here, as a problem+json answer
 
     async def sse():
@@ -144,7 +144,7 @@ async def scores(
     jobs: Jobs,
     handle: str,
     who: Principal,
-    analysis: bool,
+    family: Family,
     request: Request,
     format,
     rows: str | None,
@@ -152,7 +152,7 @@ async def scores(
 ) -> Response:
     """A window of the score matrix (default: all of it): .npy streamed row by row, or JSON in pages of at
     most ATTR_SCORES_PAGE_VALUES scores, each with the `next` page's URL."""
-    result, store, _ = await jobs.finished(handle, who, analysis)
+    result, store, _ = await jobs.finished(handle, who, family)
     if not store.columns:
         raise Conflict(f"{handle!r} was answered through an index: it keeps no score matrix (candidates only)")
     r0, r1 = _window(rows, store.rows, "rows")
@@ -191,16 +191,16 @@ async def _npy(store, r0: int, r1: int, c0: int, c1: int, chunk: int):
             yield (await store.window(r, r + 1, lo, min(c1, lo + chunk))).tobytes()
 
 
-async def report(jobs: Jobs, handle: str, who: Principal, analysis: bool, registry) -> HTMLResponse:
-    result, store, top_k = await jobs.finished(handle, who, analysis)
+async def report(jobs: Jobs, handle: str, who: Principal, family: Family, registry) -> HTMLResponse:
+    result, store, top_k = await jobs.finished(handle, who, family)
     step = max(1, math.ceil(store.columns / SAMPLE))  # histograms of every step-th record's score
     sample = await store.window(0, min(store.rows, ROWS), 0, store.columns, step)
     page = await run_in_threadpool(render, handle, result, sample, step, registry, top_k)
     return HTMLResponse(page, headers={"Content-Security-Policy": CSP})
 
 
-async def export(jobs: Jobs, handle: str, who: Principal, analysis: bool, format: str, top_k: int | None) -> Response:
-    view = await jobs.view(handle, who, top_k, analysis)
+async def export(jobs: Jobs, handle: str, who: Principal, family: Family, format: str, top_k: int | None) -> Response:
+    view = await jobs.view(handle, who, top_k, family)
     if view.status != "finished":
         raise Conflict(f"{handle!r} is {view.status}: no result")
     kind = getattr(view, "kind", "attribution")
@@ -209,8 +209,8 @@ async def export(jobs: Jobs, handle: str, who: Principal, analysis: bool, format
     return Response(text, media_type=tables.FORMATS[format], headers={"content-disposition": disposition})
 
 
-async def cancel(jobs: Jobs, handle: str, who: Principal, analysis: bool) -> Response:
-    public = await jobs.cancel(handle, who, analysis)
+async def cancel(jobs: Jobs, handle: str, who: Principal, family: Family) -> Response:
+    public = await jobs.cancel(handle, who, family)
     if public is None:
         return Response(status_code=204)
     return Response(public.model_dump_json(), status_code=202, media_type="application/json")

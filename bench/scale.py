@@ -1,6 +1,7 @@
 """Scaling over the training set's size and over workers, through the real registry, HTTP and RQ.
 
     python -m bench.scale [--sizes 1e5,1e6,1e7] [--quick] [--out bench/out/scale.json]
+        [--warm-mb 512[,0]] [--methods finite,default] [--ks 1,16] [--no-workers]
 
 Synthetic data on disk (64-d Gaussian inputs, labels from a random linear teacher) registered in shards of
 `--shard` records; an MLP 64-64-10 and a CNN (two 3x3 convolutions, width 16, on the inputs as 1x8x8
@@ -197,18 +198,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="sizes 1e5 and 1e6 only")
     parser.add_argument("--workers-only", action="store_true", help="only 1 vs 2 workers (on 1e6 records)")
     parser.add_argument("--shard", type=int, default=250_000, help="records per shard (and per shard job)")
-    parser.add_argument("--warm-mb", type=int, default=512, help="each worker's warm budget")
+    parser.add_argument("--warm-mb", default="512", help="each worker's warm budget; several (a,b): side by side; "
+                        "0: the service's default (a share of free memory)")  # fmt: skip
+    parser.add_argument("--methods", default=",".join(METHODS), help="of: " + ", ".join(METHODS))
+    parser.add_argument("--ks", default="1,16", help="test points per request")
+    parser.add_argument("--no-workers", action="store_true", help="skip 1 vs 2 workers")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "scale.json")
     args = parser.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     sizes = [s for s in sizes if s <= 10**6] if args.quick else sizes
     sizes = [10**6] if args.workers_only else sizes
-    env = {
-        "ATTR_WARM_BYTES": str(args.warm_mb << 20),
-        "ATTR_BATCH_SIZE": str(args.batch),
-        "ATTR_PART_RECORDS": str(args.shard),
-    }
+    env = {"ATTR_BATCH_SIZE": str(args.batch), "ATTR_PART_RECORDS": str(args.shard)}
+    budgets = [int(mb) for mb in args.warm_mb.split(",")]
+    methods, ks = args.methods.split(","), [int(k) for k in args.ks.split(",")]
+
+    def budget(mb: int) -> dict[str, str]:
+        return {"ATTR_WARM_BYTES": str(mb << 20)} if mb else {}
+
     rows, scaling, started = [], {}, time.perf_counter()
     with tempfile.TemporaryDirectory(dir=ROOT / "var" if (ROOT / "var").is_dir() else None) as tmp:
         root, tmp = Path(tmp) / "registry", Path(tmp)
@@ -216,13 +223,15 @@ def main() -> None:
         build_registry(root, sizes, args.shard, tmp)
         print(f"registry built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         fresh = itertools.count()  # test point indices: every request is new (no cache hit)
-        for n in [] if args.workers_only else sizes:
+        runs = [] if args.workers_only else itertools.product(sizes, budgets)
+        for n, mb in runs:
             for name in ("mlp", "cnn") if n == 10**6 else ("mlp",):
                 dataset = f"synth-{name}-{n}"
-                with service(root, 1, env) as (http, client, pool):
-                    for method, settings in METHODS.items():
+                with service(root, 1, env | budget(mb)) as (http, client, pool):
+                    for method in methods:
+                        settings = METHODS[method]
                         first = run(http, request(name, dataset, settings, 1, fresh))  # the one-off setup
-                        for k in (1, 16):
+                        for k in ks:
                             if (name, method, k) in SKIP:
                                 continue
                             # (inference, request) pairs back to back: this machine's speed drifts by a third
@@ -235,6 +244,7 @@ def main() -> None:
                                 {
                                     "model": name,
                                     "records": n,
+                                    "warm_mb": mb or "default",
                                     "parts": -(-n // args.shard),
                                     "method": method,
                                     "k": k,
@@ -249,17 +259,15 @@ def main() -> None:
                             )
                             print(json.dumps(rows[-1]), file=sys.stderr)
         # 1 vs 2 workers on the same multi-part work (each worker one thread): the largest size up to 1e6
-        n = max(s for s in sizes if s <= 10**6)
-        for workers in (1, 2):
-            with service(root, workers, env) as (http, _, _):
+        n = max((s for s in sizes if s <= 10**6), default=None)
+        for workers in () if args.no_workers or n is None else (1, 2):
+            with service(root, workers, env | budget(budgets[0])) as (http, _, _):
                 run(http, request("mlp", f"synth-mlp-{n}", METHODS["finite"], 16, fresh))  # base losses, warm shards
                 times = [run(http, request("mlp", f"synth-mlp-{n}", METHODS["finite"], 16, fresh)) for _ in range(3)]
                 scaling[workers] = sorted(times)[1]  # the median of three
-    result = {
-        "rows": rows,
-        "workers": {str(w): round(s, 2) for w, s in scaling.items()},
-        "speedup": round(scaling[1] / scaling[2], 2),
-    }
+    result = {"rows": rows, "workers": {str(w): round(s, 2) for w, s in scaling.items()}}
+    if scaling:
+        result["speedup"] = round(scaling[1] / scaling[2], 2)
     result["machine"] = (
         f"torch {torch.__version__}, {os.cpu_count()} cores; bench {time.perf_counter() - started:.0f} s"
     )
@@ -267,17 +275,18 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=1))
     print(f"\n{result['machine']}\n")
     print(
-        "| model | records | parts | method | k | first s | wall s | records/s | x inference | worker peak RSS MB | Redis peak MB |"
+        "| model | records | parts | warm MB | method | k | first s | wall s | records/s | x inference | worker peak RSS MB "
+        "| Redis peak MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['records']:,} | {r['parts']} | {r['method']} | {r['k']} | {r['first_s']} | {r['wall_s']} | "
+            f"| {r['model']} | {r['records']:,} | {r['parts']} | {r['warm_mb']} | {r['method']} | {r['k']} | {r['first_s']} | {r['wall_s']} | "
             f"{r['records_per_s']:,} | {r['over_inference']} | {r['worker_peak_rss_mb']} | {r['redis_peak_mb']} |"
         )
-    print(
-        f"\n1 worker {scaling[1]:.2f} s, 2 workers {scaling[2]:.2f} s on {n:,} records (k=16, finite): {result['speedup']}x"
-    )
+    if scaling:
+        print(f"\n1 worker {scaling[1]:.2f} s, 2 workers {scaling[2]:.2f} s on {n:,} records (k=16, finite): "
+              f"{result['speedup']}x")  # fmt: skip
 
 
 if __name__ == "__main__":

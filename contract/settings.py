@@ -130,7 +130,16 @@ class Settings(BaseSettings):
         "float32", description="compute dtype of new requests (resolved by the API, part of each job's identity)"
     )
     batch_size: int = Field(1024, description="training records per forward batch (a model's manifest may set its own)")
-    warm_bytes: int = Field(2 << 30, description="budget of the worker's warm cache (models, shards, losses)")
+    warm_bytes: int | None = Field(
+        None, gt=0, description="budget of the worker's warm cache (models, shards, losses); unset: warm_share"
+    )
+    warm_share: float = Field(
+        0.5,
+        gt=0,
+        le=0.9,
+        description="without warm_bytes: this share of the memory free where the worker's tensors live when it "
+        "starts (a GPU's, or the host's), on CPU split among the host's workers (cores / torch_threads)",
+    )
     warm_on_start: bool = True
     progress_interval_s: float = 0.25
     stop_within_s: float = Field(

@@ -217,6 +217,22 @@ def test_a_training_set_larger_than_the_warm_budget_is_streamed_within_it(fleet)
     assert 0 < counts["warm_bytes"] <= budget
 
 
+def test_the_default_warm_budget_is_a_share_of_free_memory_split_among_the_hosts_workers():
+    import os
+
+    from contract.settings import Settings
+    from worker.warm import available_memory, budget
+
+    cpu, cores = torch.device("cpu"), len(os.sched_getaffinity(0))
+    assert budget(Settings(warm_bytes=123 << 20), cpu) == 123 << 20  # stated: as stated
+    free = available_memory()
+    assert 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    one = budget(Settings(warm_share=0.5), cpu)  # one worker with every core
+    assert abs(one - free / 2) < 0.05 * free
+    split = budget(Settings(warm_share=0.5, torch_threads=1), cpu)  # a worker per core
+    assert abs(split * cores - one) < 0.05 * free
+
+
 @pytest.mark.parametrize(
     "path, body",
     [

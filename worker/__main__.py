@@ -57,7 +57,7 @@ from contract.settings import Settings
 from . import jobs
 from .forward_inf import AttributionInputError
 from .store import Store
-from .warm import Warm, resolve_device
+from .warm import Warm, budget, resolve_device
 
 log = logging.getLogger("worker")
 MAX_SLOTS = 256  # workers past this many own no affinity queue and take work by stealing only
@@ -125,9 +125,8 @@ class WarmWorker(SimpleWorker):
         self.settings = settings
         store = Store(redis, settings)
         registry = Registry(settings.registry_dir)
-        warm = Warm(
-            store, settings.warm_bytes, resolve_device(settings.device), registry, tuple(settings.python_architectures)
-        )
+        device = resolve_device(settings.device)
+        warm = Warm(store, budget(settings, device), device, registry, tuple(settings.python_architectures))
         self.context = jobs.Context(settings, registry, store, warm)
         jobs.bind(self.context)
         self._alive = threading.Event()
@@ -420,9 +419,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if next(mine, None) is not None else 1)
     worker = WarmWorker(settings, name=args.name)
     log.info(
-        "worker %s on %s, queues %s (+%d affinity), registry %s",
+        "worker %s on %s (warm budget %.2f GiB), queues %s (+%d affinity), registry %s",
         worker.name,
         worker.context.warm.device,
+        worker.context.warm.budget / 2**30,
         settings.queue,
         settings.affinity_buckets,
         settings.registry_dir,

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from safetensors.torch import load_file
 from contract.datafiles import verify
 from contract.jobs import artifact_id
 from contract.registry import DatasetManifest, ModelManifest, Registry, RegistryError, operator_code
+from contract.settings import Settings
 
 from .forward_inf import AttributionInputError, ForwardInf, Mirror, MirrorConfig, Task, build, families, make_task
 from .forward_inf.curvature import Curvature, restore
@@ -32,6 +35,34 @@ from .forward_inf.sketch import Basis
 from .store import Store
 
 SHARD_SHARE = 4  # a shard is held warm only when it takes at most 1/SHARD_SHARE of the budget
+
+
+def budget(settings: Settings, device: torch.device) -> int:
+    """The warm cache's bytes: ATTR_WARM_BYTES where set; else ATTR_WARM_SHARE of the memory free where the
+    tensors live when the worker starts (a GPU's; the host's available memory, within its cgroup's limit),
+    on CPU split among the host's workers as its cores are (cores / ATTR_TORCH_THREADS)."""
+    if settings.warm_bytes:
+        return settings.warm_bytes
+    if device.type == "cuda":
+        return int(settings.warm_share * torch.cuda.mem_get_info(device)[0])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(1, cores // settings.torch_threads) if settings.torch_threads else 1
+    return int(settings.warm_share * available_memory() / workers)
+
+
+def available_memory() -> int:
+    """Bytes the host can still give: MemAvailable, and no more than the cgroup (a container) has left."""
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        free = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit, used = (cgroup / "memory.max").read_text().strip(), int((cgroup / "memory.current").read_text())
+    except (OSError, ValueError):
+        return free
+    return free if limit == "max" else min(free, int(limit) - used)
 
 
 def resolve_device(name: str) -> torch.device:

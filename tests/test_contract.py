@@ -177,6 +177,7 @@ ENGINE_FINGERPRINTS = {
         "06ecccd0a0b73397",
         "13740d5fa0eed12d",  # analyses return their typed result (contract/results.py stores it): the same JSON
         "55f1059d75084532",  # worker/analyses.py split into a module per kind: every definition as it was
+        "8ba9caf133d91823",  # curvature methods register themselves (METHODS): the same estimates, dispatched
     },
 }
 
@@ -199,6 +200,21 @@ def test_a_change_to_the_engine_comes_with_a_new_engine_version():
         f"the engine's code changed (fingerprint {engine_fingerprint()}): bump contract.jobs.ENGINE_VERSION, "
         "or add the fingerprint to the current version's set if results do not change (see ENGINE_FINGERPRINTS)"
     )
+
+
+def test_the_curvature_methods_are_the_preconditions_the_contract_names():
+    """Each curvature method registers itself (worker/forward_inf/curvature.py METHODS); the contract's
+    `precondition`, the engine's config and the curvature view name exactly those, besides auto and none."""
+    from contract.schemas import CurvatureInfo
+    from worker.forward_inf.config import MirrorConfig
+    from worker.forward_inf.curvature import METHODS
+
+    def names(annotation) -> set[str]:
+        return set(typing.get_args(annotation)) - {"auto", "none"}
+
+    contract = names(Method.model_fields["precondition"].annotation)
+    engine = names(typing.get_type_hints(MirrorConfig)["precondition"])
+    assert contract == engine == set(METHODS) == names(CurvatureInfo.model_fields["kind"].annotation)
 
 
 # -- precedence: request > preset > the model's defaults > the engine's ---------------------------------

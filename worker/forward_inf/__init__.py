@@ -6,7 +6,7 @@ Pure torch: this package imports nothing from redis, rq, fastapi or the app.
     scores = attribute(model, Classification(), (x_train, y_train), (x_test, y_test), MirrorConfig())
 """
 
-from . import families
+from . import curvature, families, kronecker  # the curvature methods register themselves on import
 from .config import PRESETS, AttributionInputError, MirrorConfig
 from .engine import ForwardInf, attribute
 from .mirror import Mirror
@@ -29,6 +29,8 @@ __all__ = [
     "Task",
     "attribute",
     "build",
+    "curvature",
     "families",
+    "kronecker",
     "make_task",
 ]

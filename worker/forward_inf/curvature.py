@@ -39,14 +39,18 @@ not at such an optimum, the measured best of two rules per curvature kind.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch.func import grad, jvp, vmap
 
 from .config import AttributionInputError
-from .kronecker import Kronecker
 from .mirror import Functional, Params
+
+if TYPE_CHECKING:
+    from .kronecker import Kronecker
 
 MAX_HESSIAN_PARAMS = 20_000
 DAMPING_FLOOR = 1e-3  # damping "auto": at least this fraction of the curvature's mean eigenvalue
@@ -158,11 +162,41 @@ class Curvature:
         return unflatten(solved.to(flat.dtype), grads, self.names)
 
 
+# -- the methods: each registers itself under its `precondition` name ---------------------------------------
+@dataclass(frozen=True)
+class Method:
+    """A curvature method. `estimate(fm, task, batches, kind, damping, rank_for, full, definite)`: the
+    estimate on prepared batches (not factored while damping is None: then `.damped(d)`; the last three
+    are the low-rank basis' options, which other methods ignore); `restore(kind, names, model, tensors,
+    damping, samples, clipped, rule, left_out, refused)`: one saved with `.tensors()`, for `model`.
+    `factored`: Kronecker factors, so only linear and convolution layers can be stepped; `floor_free`:
+    parameters not decayed in training may be damped at the floor alone (auto_damping's `free`)."""
+
+    estimate: Callable
+    restore: Callable
+    factored: bool = False
+    floor_free: bool = False
+
+
+METHODS: dict[str, Method] = {}  # precondition name -> method; contract.method.Method names the same (a test)
+
+
+def register(name: str, method: Method) -> None:
+    """Add a curvature method (its module calls this on import; forward_inf/__init__.py imports them all)."""
+    METHODS[name] = method
+
+
+def factored(precondition: str) -> bool:
+    return precondition in METHODS and METHODS[precondition].factored
+
+
 def restore(kind: str, names: list[str], model, tensors: dict, damping: float, samples: int, clipped: int, rule: str,
             left_out: float = 0.0, refused: bool = False):  # fmt: skip
     """A curvature saved with `.tensors()` (and its fields), for `model`."""
-    if kind in ("kfac", "ekfac"):
-        return Kronecker.restore(kind, names, model, tensors, damping, samples, rule)
+    return METHODS[kind].restore(kind, names, model, tensors, damping, samples, clipped, rule, left_out, refused)
+
+
+def _restore(kind, names, model, tensors, damping, samples, clipped, rule, left_out, refused) -> Curvature:
     vectors, factor = tensors.get("vectors"), tensors["factor"]
     return Curvature(kind, names, torch.empty(0), damping, samples, factor, clipped, rule, vectors, left_out, refused)
 
@@ -374,3 +408,8 @@ def estimate(fm: Functional, task, batches, kind: str, damping: float | None, ra
 
     raw = sum(vmap(grad(example_loss), in_dims=(None, 0))(flat0, batch).pow(2).sum(0).double() for batch in batches)
     return Curvature(kind, names, raw.detach() / count, damping, count)  # (P,)
+
+
+register("hessian", Method(estimate, _restore, floor_free=True))
+register("lowrank", Method(estimate, _restore))
+register("diag", Method(estimate, _restore, floor_free=True))

@@ -19,21 +19,21 @@ from .config import AUTO_HESSIAN_FLOPS, AUTO_HESSIAN_PARAMS, TAIL_INPUTS_BYTES, 
 from .curvature import (
     LOWRANK_MAX_RANK,
     MAX_HESSIAN_PARAMS,
+    METHODS,
     Curvature,
     Indefinite,
     auto_damping,
-    estimate,
+    factored,
     floored,
 )
 from .data import Batch, Examples, spread
-from .kronecker import Kronecker, estimate_kronecker, factored_layers
+from .kronecker import Kronecker, factored_layers
 from .mirror import Functional, Mirror, Tail, mirror_step
 from .sketch import Basis, basis, project
 from .sweep import Progress, sweep
 from .tasks import TEST_INDEX_OFFSET, Calibration, Task, fit_calibration
 
 __all__ = ["ForwardInf", "attribute"]
-KRONECKER = ("kfac", "ekfac")
 # the curvature each precondition may come back as: a low-rank basis that would cover the whole matrix is the
 # exact Hessian (curvature.estimate)
 SOLVED_AS = {"lowrank": ("lowrank", "hessian")}
@@ -109,7 +109,7 @@ class ForwardInf:
         layer: 2 FLOPs a weight). The exact Hessian, one product per parameter, is its fallback only where
         it is affordable itself (`self.exact_fallback`). The low-rank Hessian's estimate may still turn
         to EK-FAC (estimate_curvature: an eigenvalue below -damping)."""
-        if self.precondition in KRONECKER:
+        if factored(self.precondition):
             self._factored_only()
         if self.precondition != "auto":
             return self
@@ -408,17 +408,12 @@ class ForwardInf:
 
     def _estimate(self, fm: Functional, batches: list[Batch], definite: bool) -> Curvature | Kronecker:
         """The damped curvature of self.precondition on `batches` (estimate_curvature)."""
-        kronecker = self.precondition in KRONECKER
+        method, kind = METHODS[self.precondition], self.precondition
         if self.config.damping != "auto":
-            if kronecker:
-                return estimate_kronecker(fm, self.task, batches, self.precondition, self.config.damping)
-            return estimate(fm, self.task, batches, self.precondition, self.config.damping, full=self.exact_fallback)
-        damping, rule, free = auto_damping(fm, self.task, batches, kronecker)  # first: "lowrank" sizes its basis by it
-        if kronecker:
-            curvature = estimate_kronecker(fm, self.task, batches, self.precondition, None)
-            return curvature.damped(floored(damping, curvature), rule)
-        curvature = estimate(fm, self.task, batches, self.precondition, None, damping, self.exact_fallback, definite)
-        if not free or curvature.kind not in ("hessian", "diag"):  # a low-rank remainder has one damping
+            return method.estimate(fm, self.task, batches, kind, self.config.damping, full=self.exact_fallback)
+        damping, rule, free = auto_damping(fm, self.task, batches, method.factored)  # "lowrank" sizes its basis by it
+        curvature = method.estimate(fm, self.task, batches, kind, None, damping, self.exact_fallback, definite)
+        if not free or not METHODS[curvature.kind].floor_free:  # a low-rank remainder has one damping
             return curvature.damped(floored(damping, curvature), rule)
         mask = torch.cat([torch.full((fm.theta[n].numel(),), n in free) for n in curvature.names])
         rule += f"; not decayed in training, so damped at the floor only: {', '.join(free)}"

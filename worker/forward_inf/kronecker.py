@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import AttributionInputError
+from .curvature import Method, register
 from .mirror import Functional, Params
 
 
@@ -200,3 +201,16 @@ def estimate_kronecker(fm: Functional, task, batches, kind: str, damping: float 
                 values[module] += projected.pow(2).sum(0)
         values = {module: v / examples for module, v in values.items()}
     return Kronecker(kind, names, layers, bases, values, damping, examples)
+
+
+def _estimate(fm: Functional, task, batches, kind: str, damping: float | None, rank_for=None, full=None,
+              definite=False) -> Kronecker:  # fmt: skip
+    return estimate_kronecker(fm, task, batches, kind, damping)
+
+
+def _restore(kind, names, model, tensors, damping, samples, clipped, rule, left_out, refused) -> Kronecker:
+    return Kronecker.restore(kind, names, model, tensors, damping, samples, rule)
+
+
+register("kfac", Method(_estimate, _restore, factored=True))
+register("ekfac", Method(_estimate, _restore, factored=True))

@@ -373,6 +373,7 @@ SKIP = {  # (setup, method): why it is not run
 }
 SETUPS = {
     "digits MLP 64-64-10": (digits, lambda x, y, seed=0: digits_mlp(x, y, seed=seed), "net.3.*"),
+    "digits MLP 64-128-10": (digits, lambda x, y, seed=0: digits_mlp(x, y, hidden=128, seed=seed), "net.3.*"),
     "digits CNN (2 conv, width 8)": (digits_images, digits_cnn, "head.*"),
     "breast_cancer MLP 30-32-2": (breast_cancer, cancer_mlp, "net.3.*"),
     RESNET: (digits_32, digits_resnet, "head.*"),

@@ -518,12 +518,11 @@ class Jobs:
             pipe.delete(self.key("handle", handle)).srem(holders, handle).zrem(self.key("jobs", who.tenant), handle)
             await pipe.execute()
         if status == "finished" and not await self.aredis.scard(holders):  # score files: the workers' cleanup
-            result = await self.results.get(self.aredis, result_key(self.settings, key))
+            name = result_key(self.settings, key)
+            result = await self.results.get(self.aredis, name)
             blocks = [block_key(self.settings, key, b.lo) for b in result.blocks if b.at == "redis"] if result else []
-            await self.aredis.delete(result_key(self.settings, key), *blocks, holders)
-            await self.aredis.publish(
-                channel(self.settings), f"drop:{result_key(self.settings, key)}"
-            )  # every API's cache
+            await self.aredis.delete(name, *blocks, holders)
+            await self.aredis.publish(channel(self.settings), f"drop:{name}")  # every API's cache
         return None
 
     def stop(self, key: str) -> None:

@@ -610,7 +610,7 @@ class Jobs:
             "links": links(kind, handle),
             **state,
         }
-        return AttributionPublic(**common) if kind == "attribution" else AnalysisPublic(kind=kind, **common)
+        return AttributionPublic(**common) if family_of(kind) == "attribution" else AnalysisPublic(kind=kind, **common)
 
     def _fanout_progress(self, key: str, parts: int) -> dict:
         """The parts' progress summed (total known once every part has started; ETA of the slowest)."""

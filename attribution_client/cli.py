@@ -38,7 +38,7 @@ from rich.table import Column, Table
 
 from contract import tables
 from contract.jobs import HANDLE_LENGTH
-from contract.method import AnalysisKind
+from contract.method import AnalysisKind, Family
 from contract.problems import NotFound, ServiceError
 from contract.schemas import ENDED
 
@@ -98,7 +98,7 @@ def _find(client: Client, job_id: str, kind: str | None) -> tuple[str, str]:
     of this tenant's jobs (found in their list, which is read until a second match), of `kind` where given
     (attribution, analysis or an analysis' name)."""
     if len(job_id) == HANDLE_LENGTH:
-        for family in (kind,) if kind else ("attribution", "analysis"):
+        for family in (kind,) if kind else get_args(Family):
             with contextlib.suppress(NotFound):
                 return job_id, getattr(client.job(job_id, family), "kind", "attribution")
     wanted = {"analysis": ANALYSES}.get(kind or "", (kind,) if kind else None)

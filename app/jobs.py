@@ -53,11 +53,12 @@ from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
 from contract.cost import cheaper, cost_key, method_id, work
-from contract.jobs import HANDLE_LENGTH, PROBE_FUNC, Job, affinity_queue, bucket_of, part_id, queue_names
+from contract.jobs import HANDLE_LENGTH, PROBE_FUNC, affinity_queue, bucket_of, part_id, queue_names
+from contract.kinds import AnalysisPublic, Job, JobSummary
 from contract.method import Family, family_of
 from contract.problems import Conflict, InvalidInput, NotFound, TooManyRequests, Unavailable
 from contract.results import STORED, PartProgress, Stored, StoredAttribution, channel, result_key
-from contract.schemas import AnalysisPublic, AttributionPublic, AttributionResult, JobSummary, Webhook
+from contract.schemas import AttributionPublic, AttributionResult, Webhook
 from contract.scores import block_key
 from contract.settings import Settings
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from contract.jobs import InlinePoints, RecordPoints
+from contract.kinds import ANALYSES
 from contract.registry import DatasetManifest, InputSpec, Registry
 from contract.results import Stored
 from contract.schemas import Influence, LeakageRow, Match, MemorizedRecord, Suspect, TestPoint
@@ -268,7 +269,8 @@ def render(key: str, result: Stored, scores: np.ndarray, step: int, registry: Re
         return _page(key, result, body, step)
     model = registry.model(job.model.id)
     decode = model.decode if model is not None and model.input.text else None
-    body = SECTIONS[job.kind](
+    section = _attribution if job.kind == "attribution" else ANALYSES[job.kind].part("report")
+    body = section(
         result, scores, Records(dataset, decode), Queries(job.points, registry, dataset.input, decode), top_k
     )
     return _page(key, result, body, step)
@@ -331,7 +333,7 @@ def _found(r: LeakageRow) -> str:
     )
 
 
-def _leakage(result, scores, records, queries, top_k) -> str:
+def leakage(result, scores, records, queries, top_k) -> str:
     a, cal = result.analysis, result.analysis.calibration
     best = np.array([r.best.distance for r in a.rows])
     leaked = [r for r in a.rows if r.leaked]
@@ -368,7 +370,7 @@ def _leakage(result, scores, records, queries, top_k) -> str:
     return "".join(parts)
 
 
-def _mislabeled(result, scores, records, queries, top_k) -> str:
+def mislabeled(result, scores, records, queries, top_k) -> str:
     a = result.analysis
     review = a.review
     records.load(e.index for e in review[:LIST])
@@ -406,7 +408,7 @@ def _mislabeled(result, scores, records, queries, top_k) -> str:
     )
 
 
-def _memorization(result, scores, records, queries, top_k) -> str:
+def memorization(result, scores, records, queries, top_k) -> str:
     a = result.analysis
     records.load(e.index for r in a.records[:LIST] for e in [r, *r.neighbours])
     parts = [
@@ -435,14 +437,6 @@ def _memorization(result, scores, records, queries, top_k) -> str:
             f"<div><h3>supporting neighbours</h3>{records.cards(r.neighbours, _score)}</div></div>"
         )
     return "".join(parts)
-
-
-SECTIONS = {
-    "attribution": _attribution,
-    "leakage": _leakage,
-    "mislabeled": _mislabeled,
-    "memorization": _memorization,
-}
 
 
 def _page(key: str, result: Stored, body: str, step: int) -> str:

@@ -13,6 +13,7 @@ the reason, so a job never fails on input that could have been refused here.
 from __future__ import annotations
 
 from fnmatch import fnmatch
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,13 +23,13 @@ from contract.jobs import (
     DatasetRef,
     IndexJob,
     InlinePoints,
-    Job,
     LeakageJob,
     MemorizationJob,
     MislabeledJob,
     ModelRef,
     RecordPoints,
 )
+from contract.kinds import ANALYSES, Job, needs
 from contract.method import MethodConflict, MethodSettings, resolve_method
 from contract.problems import InvalidInput, NotFound, PayloadTooLarge
 from contract.registry import DatasetManifest, ModelManifest, Registry, RegistryError
@@ -38,6 +39,7 @@ from contract.schemas import (
     DatasetTest,
     IndexCreate,
     InlineTest,
+    JobCreate,
     LeakageCreate,
     MemorizationCreate,
     MislabeledCreate,
@@ -45,52 +47,84 @@ from contract.schemas import (
 )
 from contract.settings import Settings
 
-Request = AttributionCreate | LeakageCreate | MislabeledCreate | MemorizationCreate
+
+class Door(NamedTuple):
+    """What a kind's `resolve` part checks a request against: the registry, the limits, the request's model
+    and training set, and the finished index of the two (if any)."""
+
+    registry: Registry
+    settings: Settings
+    model: ModelManifest
+    dataset: DatasetManifest
+    index: IndexEntry | None
 
 
 def resolve(
-    kind: str, request: Request, registry: Registry, settings: Settings, index: IndexEntry | None = None
+    kind: str, request: JobCreate, registry: Registry, settings: Settings, index: IndexEntry | None = None
 ) -> Job:
     """The request as the payload of a job of `kind`, or the service error that says why it cannot run;
-    `index`: the finished index of the request's model and dataset, if there is one (two-stage attribution)."""
+    `index`: the finished index of the request's model and dataset, if there is one (two-stage attribution).
+    What every kind shares is checked here; the rest by the kind's `resolve` part (contract/kinds.py)."""
     model, dataset = _pair(request, registry)
     common = _common(kind, request.method, model, dataset, settings)
-    if isinstance(request, AttributionCreate):
-        if request.top_k > settings.max_top_k:
-            raise InvalidInput(f"top_k={request.top_k} exceeds the limit of {settings.max_top_k}", _loc("top_k"))
-        job = AttributionJob(test=test_points(request.test, registry, model, settings), **common)
-        return _two_stage(job, request.candidates, index, dataset)
-    if isinstance(request, LeakageCreate | MemorizationCreate) and model.task == "diffusion":
+    door = Door(registry, settings, model, dataset, index)
+    part = attribution if kind == "attribution" else ANALYSES[kind].part("resolve")
+    return part(request, common, door)
+
+
+def attribution(request: AttributionCreate, common: dict, door: Door) -> AttributionJob:
+    if request.top_k > door.settings.max_top_k:
+        raise InvalidInput(f"top_k={request.top_k} exceeds the limit of {door.settings.max_top_k}", _loc("top_k"))
+    job = AttributionJob(test=test_points(request.test, door.registry, door.model, door.settings), **common)
+    return _two_stage(job, request.candidates, door.index, door.dataset)
+
+
+def leakage(request: LeakageCreate, common: dict, door: Door) -> LeakageJob:
+    deterministic(door.model, "leakage")
+    through = _leakage_index(request.candidates, door.index, door.model, door.dataset)
+    limit = door.settings.max_index_test_points if through else door.settings.max_test_points
+    return LeakageJob(
+        test=test_points(request.test, door.registry, door.model, door.settings, limit),
+        calibration_records=request.calibration_records,
+        false_flag_rate=request.false_flag_rate,
+        **common,
+        **through,
+    )
+
+
+def mislabeled(request: MislabeledCreate, common: dict, door: Door) -> MislabeledJob:
+    model = door.model
+    if model.task != "classification":
+        raise InvalidInput(f"a mislabeled analysis needs a classification model; {model.id!r} is {model.task}")
+    reference = records(request.reference, door.registry, model, door.settings.max_reference_records, "reference")
+    return MislabeledJob(reference=reference, rank_by=request.rank_by, review_size=request.review_size, **common)
+
+
+def memorization(request: MemorizationCreate, common: dict, door: Door) -> MemorizationJob:
+    deterministic(door.model, "memorization")
+    if request.records.dataset != door.dataset.id:
         raise InvalidInput(
-            f"model {model.id!r} is a diffusion model: its per-record loss is an average over random noise draws, "
-            "so a record and its copy do not respond alike; leakage and memorization need a deterministic loss"
+            f"records.dataset must be the training dataset {door.dataset.id!r}", _loc("records", "dataset")
         )
-    if isinstance(request, LeakageCreate):
-        through = _leakage_index(request.candidates, index, model, dataset)
-        limit = settings.max_index_test_points if through else settings.max_test_points
-        return LeakageJob(
-            test=test_points(request.test, registry, model, settings, limit),
-            calibration_records=request.calibration_records,
-            false_flag_rate=request.false_flag_rate,
-            **common,
-            **through,
-        )
-    if isinstance(request, MislabeledCreate):
-        if model.task != "classification":
-            raise InvalidInput(f"a mislabeled analysis needs a classification model; {model.id!r} is {model.task}")
-        reference = records(request.reference, registry, model, settings.max_reference_records, "reference")
-        return MislabeledJob(reference=reference, rank_by=request.rank_by, review_size=request.review_size, **common)
-    if request.records.dataset != dataset.id:
-        raise InvalidInput(f"records.dataset must be the training dataset {dataset.id!r}", _loc("records", "dataset"))
     return MemorizationJob(
-        records=records(request.records, registry, model, settings.max_memorization_records, "records"),
+        records=records(request.records, door.registry, door.model, door.settings.max_memorization_records, "records"),
         neighbours=request.neighbours,
         calibration_records=request.calibration_records,
         **common,
     )
 
 
-def _pair(request: Request | IndexCreate, registry: Registry) -> tuple[ModelManifest, DatasetManifest]:
+def deterministic(model: ModelManifest, kind: str) -> None:
+    """Refuse a kind that compares records' responses (a copy responds as its original) on a model whose
+    per-record loss is random."""
+    if model.task == "diffusion":
+        raise InvalidInput(
+            f"model {model.id!r} is a diffusion model: its per-record loss is an average over random noise draws, "
+            f"so a record and its copy do not respond alike; {kind} needs a deterministic loss"
+        )
+
+
+def _pair(request: JobCreate | IndexCreate, registry: Registry) -> tuple[ModelManifest, DatasetManifest]:
     """The request's model and training set, which must take the same examples."""
     model = registry.model(request.model)
     if model is None:
@@ -123,7 +157,7 @@ def _common(
 ) -> dict:
     """What every payload carries: the model and dataset by digest, the dtype, the resolved method."""
     try:
-        method = resolve_method(kind, asked, model.method)
+        method = resolve_method(asked, model.method, needs(kind))
     except MethodConflict as exc:
         raise InvalidInput(str(exc), [{"loc": ["body", "method", f]} for f in exc.fields]) from None
     names = model.tensor_names()

@@ -36,16 +36,15 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
-from contract import tables
+from contract import kinds, tables
 from contract.jobs import HANDLE_LENGTH
-from contract.method import AnalysisKind, Family
+from contract.method import Family
 from contract.problems import NotFound, ServiceError
 from contract.schemas import ENDED
 
 from .client import Client
 
 EXIT = {"finished": 0, "failed": 1, "canceled": 3}
-ANALYSES = get_args(AnalysisKind)
 REFUSED, UNAVAILABLE = 4, 5
 app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False)
 jobs_app = typer.Typer(help="this tenant's jobs", no_args_is_help=True)
@@ -101,7 +100,7 @@ def _find(client: Client, job_id: str, kind: str | None) -> tuple[str, str]:
         for family in (kind,) if kind else get_args(Family):
             with contextlib.suppress(NotFound):
                 return job_id, getattr(client.job(job_id, family), "kind", "attribution")
-    wanted = {"analysis": ANALYSES}.get(kind or "", (kind,) if kind else None)
+    wanted = {"analysis": tuple(kinds.ANALYSES)}.get(kind or "", (kind,) if kind else None)
     matches = (
         (j.id, j.kind) for j in client.jobs(limit=200) if j.id.startswith(job_id) and (not wanted or j.kind in wanted)
     )
@@ -242,8 +241,9 @@ def _show(view) -> None:
             out.print(table)
         return
     out.print(result.summary)
-    table = Table(*tables.COLUMNS[kind])
-    for row in tables.rows(kind, result.model_dump(mode="json")):
+    answer = kinds.table(kind)
+    table = Table(*answer.columns)
+    for row in answer.rows(result.model_dump(mode="json")):
         table.add_row(*map(_number, row.values()))
     out.print(table)
 

@@ -19,9 +19,9 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 import httpx
 import numpy as np
 
+from contract.kinds import ANALYSES, AnalysisPublic, JobPage, JobSummary
 from contract.problems import ServiceError
 from contract.schemas import (
-    AnalysisPublic,
     AttributionCreate,
     AttributionPublic,
     DatasetPublic,
@@ -30,12 +30,7 @@ from contract.schemas import (
     IndexCreate,
     IndexPage,
     IndexPublic,
-    JobPage,
     JobPublic,
-    JobSummary,
-    LeakageCreate,
-    MemorizationCreate,
-    MislabeledCreate,
     ModelPublic,
     ModelRegistered,
     ModelRegistration,
@@ -65,6 +60,13 @@ class Call(Generic[T]):
 def _view(response: httpx.Response) -> JobPublic:
     data = response.json()
     return (AnalysisPublic if "kind" in data else AttributionPublic).model_validate(data)
+
+
+def _analysis(kind: str, model: str, dataset: str, method: dict | None, **fields) -> Call[JobPublic]:
+    if kind not in ANALYSES:
+        raise ValueError(f"unknown analysis kind {kind!r}; known here: {', '.join(ANALYSES)} (ATTR_ANALYSES adds more)")
+    body = ANALYSES[kind].create(model=model, dataset=dataset, method=method or {}, **fields)
+    return Call("POST", f"/v1/analyses/{kind}", _view, body.model_dump(exclude_none=True))
 
 
 def _checked(response: httpx.Response) -> httpx.Response:
@@ -144,22 +146,25 @@ class _Operations:
 
     @operation
     def leakage(self, model: str, dataset: str, test: dict, method: dict | None = None, **options) -> Call[JobPublic]:
-        body = LeakageCreate(model=model, dataset=dataset, test=test, method=method or {}, **options)
-        return Call("POST", "/v1/analyses/leakage", _view, body.model_dump(exclude_none=True))
+        return _analysis("leakage", model, dataset, method, test=test, **options)
 
     @operation
     def mislabeled(
         self, model: str, dataset: str, reference: dict, method: dict | None = None, **options
     ) -> Call[JobPublic]:
-        body = MislabeledCreate(model=model, dataset=dataset, reference=reference, method=method or {}, **options)
-        return Call("POST", "/v1/analyses/mislabeled", _view, body.model_dump(exclude_none=True))
+        return _analysis("mislabeled", model, dataset, method, reference=reference, **options)
 
     @operation
     def memorization(
         self, model: str, dataset: str, records: dict, method: dict | None = None, **options
     ) -> Call[JobPublic]:
-        body = MemorizationCreate(model=model, dataset=dataset, records=records, method=method or {}, **options)
-        return Call("POST", "/v1/analyses/memorization", _view, body.model_dump(exclude_none=True))
+        return _analysis("memorization", model, dataset, method, records=records, **options)
+
+    @operation
+    def analyze(self, kind: str, model: str, dataset: str, method: dict | None = None, **fields) -> Call[JobPublic]:
+        """Submit an analysis of any kind registered here (contract/kinds.py, ATTR_ANALYSES: an operator's
+        own too), its request checked against the kind's schema before it is sent; `fields`: the request's."""
+        return _analysis(kind, model, dataset, method, **fields)
 
     @operation
     def job(

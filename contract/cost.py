@@ -24,7 +24,8 @@ usual.
 
 from __future__ import annotations
 
-from .jobs import AttributionJob, InlinePoints, Job, LeakageJob, MemorizationJob, ModelRef, digest
+from .jobs import AttributionJob, InlinePoints, LeakageJob, ModelRef, digest
+from .kinds import Job, calibration_rows
 from .method import Method
 from .settings import Settings
 
@@ -47,8 +48,7 @@ def work(job: Job, records: int) -> int | None:
         return None
     points = job.points
     rows = len(points.inputs) if isinstance(points, InlinePoints) else len(points.indices)
-    if isinstance(job, LeakageJob | MemorizationJob):
-        rows += min(job.calibration_records, records)
+    rows += calibration_rows(job, records)
     if isinstance(job, AttributionJob) and job.index:
         return rows * min(records, 2 * job.candidates * rows)
     if isinstance(job, LeakageJob) and job.index:

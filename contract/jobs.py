@@ -1,7 +1,7 @@
-"""Job payloads: a request resolved completely at the door (app/resolve.py), one typed payload per kind,
-enqueued as JSON and run exactly as it is by the worker: as one job (`JOB_FUNC`), or, for a training set
-of several parts (DatasetManifest.parts), as one shard job per part (`PART_FUNC`, id `part_id`) and a
-reduce job (`REDUCE_FUNC`, id `key`) that RQ runs once every part has ended.
+"""Job payloads: a request resolved completely at the door (app/resolve.py), one typed payload per kind (their
+union, `Job`, is contract/kinds.py's), enqueued as JSON and run exactly as it is by the worker: as one job
+(`JOB_FUNC`), or, for a training set of several parts (DatasetManifest.parts), as one shard job per part
+(`PART_FUNC`, id `part_id`) and a reduce job (`REDUCE_FUNC`, id `key`) that RQ runs once every part has ended.
 
 The payload *is* the request's identity: `job.key` (the RQ job id and the cache key of its result) hashes
 all of it: the resolved method, every digest the result depends on (model, training set, the records used
@@ -16,20 +16,19 @@ import json
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field
 
 from .method import Method, whole
 
 __all__ = [
     "ENGINE_VERSION",
-    "JOB",
     "JOB_FUNC",
     "AttributionJob",
     "DatasetRef",
     "IndexJob",
     "IndexSettings",
     "InlinePoints",
-    "Job",
+    "JobBase",
     "LeakageJob",
     "MemorizationJob",
     "MislabeledJob",
@@ -117,7 +116,10 @@ def _unset(value) -> bool:  # a field added after a kind's first release leaves 
     return value is None or value is False
 
 
-class _Job(_Frozen):
+class JobBase(_Frozen):
+    """What every payload carries; a kind's payload adds its fields, a `kind` literal and, for an analysis,
+    `points` (the rows the engine steps on: test points, a reference group or audited records)."""
+
     engine_version: str = ENGINE_VERSION
     model: ModelRef
     dataset: DatasetRef
@@ -138,7 +140,7 @@ class _Job(_Frozen):
         return JOB_FUNC, PART_FUNC, REDUCE_FUNC
 
 
-class AttributionJob(_Job):
+class AttributionJob(JobBase):
     kind: Literal["attribution"] = "attribution"
     test: Points
     index: str | None = Field(
@@ -161,7 +163,7 @@ class AttributionJob(_Job):
 LEAKAGE_FUNCS = ("worker.leakage.run", "worker.leakage.run_part", "worker.leakage.reduce")  # through an index
 
 
-class LeakageJob(_Job):
+class LeakageJob(JobBase):
     kind: Literal["leakage"] = "leakage"
     test: Points
     calibration_records: int
@@ -185,7 +187,7 @@ class LeakageJob(_Job):
 RankBy = Literal["posterior", "combined", "loss", "harm"]  # the mislabeled analysis' orders
 
 
-class MislabeledJob(_Job):
+class MislabeledJob(JobBase):
     kind: Literal["mislabeled"] = "mislabeled"
     reference: RecordPoints
     rank_by: RankBy
@@ -196,7 +198,7 @@ class MislabeledJob(_Job):
         return self.reference
 
 
-class MemorizationJob(_Job):
+class MemorizationJob(JobBase):
     kind: Literal["memorization"] = "memorization"
     records: RecordPoints
     neighbours: int
@@ -220,7 +222,7 @@ class IndexSettings(_Frozen):
     )
 
 
-class IndexJob(_Job):
+class IndexJob(JobBase):
     """Build the training-side index of (model, dataset) for `method` (the default attribution method it
     sketches for): one part per group of shards, then the catalog entry (worker/index.py)."""
 
@@ -241,10 +243,6 @@ class IndexJob(_Job):
         first = self.basis_of or self.dataset
         return artifact_id("index-basis", self.model.digest, first.digest, self.method.model_dump_json(),
                            self.settings.model_dump_json(), self.dtype)  # fmt: skip
-
-
-Job = Annotated[AttributionJob | LeakageJob | MislabeledJob | MemorizationJob | IndexJob, Field(discriminator="kind")]
-JOB: TypeAdapter[Job] = TypeAdapter(Job)
 
 
 def artifact_id(*parts: str | int) -> str:

@@ -14,20 +14,21 @@ when the two differ in a field, a choice, a default, a preset or a rule.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
 
 __all__ = [
-    "KIND_PRESET",
-    "KIND_RULES",
     "PRESETS",
     "Family",
-    "Kind",
     "Method",
     "MethodConflict",
     "MethodDefaults",
     "MethodSettings",
+    "ATTRIBUTION",
+    "Needs",
     "family_of",
     "whole",
     "resolve_method",
@@ -44,9 +45,7 @@ def whole(**constraints: int) -> Any:
     return Annotated[int, Field(strict=True, **constraints), BeforeValidator(_whole)]
 
 
-# The kinds of job a tenant submits, stated once (tests/test_contract.py checks every table keyed by kind)
-AnalysisKind = Literal["leakage", "mislabeled", "memorization"]
-Kind = Literal["attribution", AnalysisKind]
+# The kinds of job a tenant submits are contract/kinds.py's (attribution and each registered analysis)
 Family = Literal["attribution", "analysis"]  # which routes serve a kind: /v1/attributions or /v1/analyses
 
 
@@ -107,9 +106,9 @@ class Method(BaseModel):
 def _optional(model: type[BaseModel], name: str, doc: str) -> Any:
     """`model` with every field optional (None = not set), its constraints and descriptions kept."""
     fields: dict[str, Any] = {}
-    for field, info in model.model_fields.items():
+    for name, info in model.model_fields.items():
         kind = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
-        fields[field] = (kind | None, Field(None, description=info.description))
+        fields[name] = (kind | None, Field(None, description=info.description))
     return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc, **fields)
 
 
@@ -131,28 +130,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "leakage": {"mode": "finite", "optimizer": "adam", "lr": 0.05, "score": "match", "precondition": "none"},
     "mislabeled": {"mode": "linear", "group": True, "score": "cosine", "precondition": "diag", "damping": 1e-3},
 }
-KIND_PRESET: dict[str, str] = {
-    "attribution": "attribution",
-    "leakage": "leakage",
-    "mislabeled": "mislabeled",
-    "memorization": "attribution",
-}
-# What each analysis reads off the engine (worker/analyses), so values outside these cannot be honoured:
-# field -> (allowed values, the first is taken when a preset or the model's defaults say otherwise; why)
-KIND_RULES: dict[str, dict[str, tuple[tuple, str]]] = {
-    "leakage": {
-        "score": (("signed",), "it compares each record's raw response with the test point's own"),
-        "group": ((False,), "it matches each test point on its own"),
-    },
-    "memorization": {
-        "score": (("signed",), "self-influence is a signed loss change"),
-        "group": ((False,), "each audited record is its own query"),
-    },
-    "mislabeled": {
-        "group": ((True,), "the clean reference set is one query"),
-        "score": (("cosine", "signed", "relative"), "harm is a signed loss change of the reference set"),
-    },
-}
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a kind of job needs of the method: its preset, and the values of the fields it reads off the
+    engine (worker/analyses) that it can honour: field -> (allowed values, the first taken when a preset or
+    the model's defaults say otherwise; why). An analysis states its own (contract/kinds.py)."""
+
+    kind: str = "attribution"
+    preset: PresetName = "attribution"
+    rules: Mapping[str, tuple[tuple, str]] = field(default_factory=dict)
+
+
+ATTRIBUTION = Needs()  # an attribution's: the attribution preset, every value honoured
 
 
 class MethodConflict(ValueError):
@@ -163,17 +154,17 @@ class MethodConflict(ValueError):
         self.fields = fields
 
 
-def resolve_method(kind: str, requested: MethodSettings, model_defaults: MethodDefaults) -> Method:
-    """The settings a job runs: request > preset (the request's, else the analysis') > the model's
-    defaults > the engine's. A field an analysis pins (KIND_RULES) is pinned silently when a preset or
-    the model's defaults disagree, and is a MethodConflict when the request asks for it."""
+def resolve_method(requested: MethodSettings, model_defaults: MethodDefaults, needs: Needs = ATTRIBUTION) -> Method:
+    """The settings a job runs: request > preset (the request's, else the kind's) > the model's defaults >
+    the engine's. A field the kind pins (`needs.rules`) is pinned silently when a preset or the model's
+    defaults disagree, and is a MethodConflict when the request asks for it."""
     asked = requested.model_dump(exclude_none=True, exclude={"preset"})
-    merged = {**model_defaults.model_dump(exclude_none=True), **PRESETS[requested.preset or KIND_PRESET[kind]], **asked}
-    for name, (allowed, why) in KIND_RULES.get(kind, {}).items():
+    merged = {**model_defaults.model_dump(exclude_none=True), **PRESETS[requested.preset or needs.preset], **asked}
+    for name, (allowed, why) in needs.rules.items():
         if merged.get(name, Method.model_fields[name].default) not in allowed:
             if name in asked:
                 choices = " or ".join(repr(v) for v in allowed)
-                raise MethodConflict(f"method.{name}: the {kind} analysis needs {choices} ({why})", [name])
+                raise MethodConflict(f"method.{name}: the {needs.kind} analysis needs {choices} ({why})", [name])
             merged[name] = allowed[0]
     try:
         return Method(**merged)

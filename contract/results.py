@@ -22,9 +22,9 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Discriminator, Field, Tag, TypeAdapter
 
 from .indexes import IndexShard
-from .jobs import Job
+from .kinds import AnalysisResult, Job
 from .method import family_of
-from .schemas import AnalysisResult, Execution, IndexUse, Progress, RowAttribution, Timing
+from .schemas import Execution, IndexUse, Progress, RowAttribution, Timing
 from .scores import Block
 from .settings import Settings
 

@@ -3,6 +3,9 @@
     JobCreate  -> AttributionCreate, LeakageCreate, MislabeledCreate, MemorizationCreate
     JobPublic  -> AttributionPublic, AnalysisPublic        (status, progress, `method`, `execution`, result)
 
+The types that depend on the set of kinds (AnalysisPublic, the analyses' result union, the job listing) are
+contract/kinds.py's, built from its registry.
+
 A request's `method` (MethodSettings) is resolved at the door into the job's `method` (Method); what the
 engine then actually ran (precondition and parameters as it resolved them, curvature, dtype, engine
 version, fallbacks) is the finished job's `execution`.
@@ -17,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .indexes import TRUSTED_RECALL, IndexEntry
 from .jobs import IndexSettings, RankBy
-from .method import AnalysisKind, Kind, Method, MethodDefaults, MethodSettings, whole
+from .method import Method, MethodDefaults, MethodSettings, whole
 from .registry import ID, REGISTERABLE, InputSpec
 
 Status = Literal["queued", "running", "finished", "failed", "canceled"]
@@ -300,23 +303,6 @@ class IndexPage(BaseModel):
     items: list[IndexPublic]
 
 
-class JobSummary(BaseModel):
-    id: str
-    kind: Kind
-    status: Status
-    model: str
-    dataset: str
-    created: datetime
-    links: dict[str, str]
-
-
-class JobPage(BaseModel):
-    """One page of a tenant's jobs, newest first."""
-
-    items: list[JobSummary]
-    next: str | None = Field(None, description="pass as `before` for the next page; null on the last")
-
-
 # -- analyses ------------------------------------------------------------------------------------------
 class LeakageCreate(JobCreate):
     """Which test points are (likely) present in the training set, as exact copies or near duplicates."""
@@ -527,14 +513,6 @@ class MemorizationResult(BaseModel):
     threshold: float = Field(description="reliance above which a record is an outlier")
     threshold_method: str
     records: list[MemorizedRecord]
-
-
-AnalysisResult = Annotated[LeakageResult | MislabeledResult | MemorizationResult, Field(discriminator="kind")]
-
-
-class AnalysisPublic(JobPublic):
-    kind: AnalysisKind
-    result: AnalysisResult | None = None
 
 
 class ModelPublic(BaseModel):

@@ -14,7 +14,19 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PLACEHOLDER_SECRET = "development-only-secret"
 
 
-class Settings(BaseSettings):
+class Extensions(BaseSettings):
+    """The one setting the contract reads as it is imported: the kinds it builds its types from."""
+
+    model_config = SettingsConfigDict(env_prefix="ATTR_", extra="ignore")
+
+    analyses: list[str] = Field(
+        [],
+        description="modules of an operator's own analysis kinds (JSON list), imported by every process that "
+        "imports the contract (API, worker, client); each registers its AnalysisSpec (contract/kinds.py)",
+    )
+
+
+class Settings(Extensions):
     model_config = SettingsConfigDict(env_prefix="ATTR_", extra="ignore", populate_by_name=True)
 
     environment: Literal["development", "production"] = "development"

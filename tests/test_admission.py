@@ -11,7 +11,8 @@ from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
 from contract.cost import cost_key, method_id, work
-from contract.jobs import JOB, ModelRef
+from contract.jobs import ModelRef
+from contract.kinds import JOB, needs
 from contract.method import MethodSettings, resolve_method
 from contract.registry import Registry
 from tests.conftest import start_worker, stop_worker, wait_for
@@ -41,8 +42,8 @@ def test_work_is_priced_by_the_measured_rate_and_long_work_waits_behind_short(cl
     # calibration records over the 1,437 records, 138 s, past ATTR_LONG_JOB_S (120 s)
     leak = {"model": "digits-mlp", "dataset": "digits-train", "test": {"dataset": "digits-test",
             "indices": list(range(64))}, "calibration_records": 32}  # fmt: skip
-    leak_method = method_id(resolve_method("leakage", MethodSettings(), Registry(settings.registry_dir).model(
-        "digits-mlp").method))  # fmt: skip
+    leak_method = method_id(resolve_method(MethodSettings(), Registry(settings.registry_dir).model(
+        "digits-mlp").method, needs("leakage")))  # fmt: skip
     units, slow = (64 + 32) * 1437, 1e-3
     redis.hset(key, leak_method, slow)
     long = client.post("/v1/analyses/leakage", json=leak)
@@ -109,7 +110,9 @@ def test_the_warm_up_measures_each_model_before_any_request(client, worker, sett
     m = Registry(settings.registry_dir).model("digits-mlp")
     redis = redis_lib.Redis.from_url(settings.redis_url)
     rates = redis.hgetall(cost_key(settings, ModelRef(id=m.id, digest=m.digest), settings.dtype))
-    presets = {method_id(resolve_method(kind, MethodSettings(), m.method)) for kind in ("attribution", "leakage")}
+    presets = {
+        method_id(resolve_method(MethodSettings(), m.method, needs(kind))) for kind in ("attribution", "leakage")
+    }
     assert {f.decode() for f in rates} == presets and all(float(r) > 0 for r in rates.values())
     leak = {"model": "digits-mlp", "dataset": "digits-train", "test": {"dataset": "digits-test", "indices": [0]}}
     assert client.post("/v1/analyses/leakage", json=leak).json()["admission"]["estimate_s"] > 0

@@ -17,7 +17,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from contract.schemas import AnalysisPublic
+from contract.kinds import AnalysisPublic
 from tests.conftest import ROOT
 from worker.analyses.mislabeled import NOISE_EVIDENCE, class_noise_evidence, label_prior, p_wrong
 from worker.demo import AUDIT_COPIES, AUDIT_PLANTED, audit_data

@@ -22,8 +22,9 @@ from safetensors.numpy import load_file
 
 from attribution_client import AsyncClient, Client, InvalidInput, NotFound, verify
 from contract.indexes import TRUSTED_RECALL
+from contract.kinds import AnalysisPublic
 from contract.registry import Registry
-from contract.schemas import AnalysisPublic, AttributionPublic
+from contract.schemas import AttributionPublic
 from tests.conftest import wait_for
 from tests.test_analyses import browse
 

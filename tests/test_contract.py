@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from contract.jobs import ENGINE_VERSION, AttributionJob, DatasetRef, InlinePoints, ModelRef, RecordPoints
-from contract.method import KIND_RULES, PRESETS, Method, MethodConflict, MethodDefaults, MethodSettings, resolve_method
+from contract.kinds import ANALYSES, needs, register
+from contract.method import PRESETS, Method, MethodConflict, MethodDefaults, MethodSettings, family_of, resolve_method
 from tests.conftest import PYTHON, ROOT
 
 # -- import direction: app -> contract <- worker; the engine imports none of them -------------------------
@@ -178,6 +179,7 @@ ENGINE_FINGERPRINTS = {
         "13740d5fa0eed12d",  # analyses return their typed result (contract/results.py stores it): the same JSON
         "55f1059d75084532",  # worker/analyses.py split into a module per kind: every definition as it was
         "8ba9caf133d91823",  # curvature methods register themselves (METHODS): the same estimates, dispatched
+        "d23f7c2331dd6a96",  # the ANALYSES map left worker/analyses: each AnalysisSpec names its compute part
     },
 }
 
@@ -220,31 +222,31 @@ def test_the_curvature_methods_are_the_preconditions_the_contract_names():
 # -- precedence: request > preset > the model's defaults > the engine's ---------------------------------
 def test_precedence_request_over_preset_over_model_over_engine():
     model = MethodDefaults(optimizer="adam", lr=1e-3, mode="finite", damping=0.5)
-    leakage = resolve_method("leakage", MethodSettings(), model)
+    leakage = resolve_method(MethodSettings(), model, needs("leakage"))
     assert (leakage.lr, leakage.optimizer) == (PRESETS["leakage"]["lr"], "adam")  # preset over the model
     assert leakage.damping == 0.5  # the model's, where the preset is silent
     assert leakage.steps == Method().steps  # the engine's, where all are silent
-    asked = resolve_method("leakage", MethodSettings(lr=0.2), model)
+    asked = resolve_method(MethodSettings(lr=0.2), model, needs("leakage"))
     assert asked.lr == 0.2  # the request over everything
-    plain = resolve_method("attribution", MethodSettings(), model)
+    plain = resolve_method(MethodSettings(), model, needs("attribution"))
     assert (plain.lr, plain.mode) == (1e-3, "finite")  # the attribution preset names nothing: model defaults
-    named = resolve_method("attribution", MethodSettings(preset="mislabeled"), model)
+    named = resolve_method(MethodSettings(preset="mislabeled"), model, needs("attribution"))
     assert named.group and named.score == "cosine" and named.mode == "linear"
 
 
 def test_an_analysis_pins_what_it_reads_and_refuses_a_request_against_it():
     finite = MethodDefaults(mode="finite")
-    mislabeled = resolve_method("mislabeled", MethodSettings(), finite)
+    mislabeled = resolve_method(MethodSettings(), finite, needs("mislabeled"))
     assert mislabeled.mode == "linear" and mislabeled.score == "cosine"  # the preset beats the manifest
-    assert resolve_method("leakage", MethodSettings(), MethodDefaults()).score == "signed"  # pinned, not "match"
-    for kind, rules in KIND_RULES.items():
-        for name, (allowed, _why) in rules.items():
+    assert resolve_method(MethodSettings(), MethodDefaults(), needs("leakage")).score == "signed"  # pinned, not "match"
+    for kind, spec in ANALYSES.items():
+        for name, (allowed, _why) in spec.method.rules.items():
             other = next(v for v in CHOICES[name] if v not in allowed)
-            with pytest.raises(MethodConflict, match=f"method.{name}") as caught:
-                resolve_method(kind, MethodSettings(**{name: other}), MethodDefaults())
+            with pytest.raises(MethodConflict, match=f"method.{name}: the {kind} analysis") as caught:
+                resolve_method(MethodSettings(**{name: other}), MethodDefaults(), spec.method)
             assert caught.value.fields == [name]
     with pytest.raises(MethodConflict, match="needs mode='linear'"):
-        resolve_method("mislabeled", MethodSettings(mode="finite"), MethodDefaults())  # the preset's cosine
+        resolve_method(MethodSettings(mode="finite"), MethodDefaults(), needs("mislabeled"))  # the preset's cosine
 
 
 # -- identity: everything the result depends on, nothing else ---------------------------------------------
@@ -297,20 +299,34 @@ def test_verified_reads_hash_each_file_version_once(registry_dir, tmp_path):
         dataset.read([0])
 
 
-def test_every_table_keyed_by_kind_names_the_contracts_kinds():
-    """A kind is stated once (contract.method.Kind); each place that does something per kind names them all."""
-    from app.report import SECTIONS
-    from contract import tables
-    from contract.jobs import Job
-    from contract.method import KIND_PRESET, AnalysisKind, Kind
-    from contract.schemas import AnalysisResult
-    from worker.analyses import ANALYSES
+def test_every_type_keyed_by_kind_is_built_from_the_one_registry():
+    """A kind is stated once (contract/kinds.py): the literals, the payload and result unions, the routes and
+    each spec's parts in the API and the worker all come from the registry, and agree with it."""
+    from app.main import create_app
+    from contract.kinds import JOB, AnalysisKind, AnalysisPublic, AnalysisResult, Job, JobSummary, Kind
+    from contract.settings import Settings
 
     def kinds(union) -> set[str]:  # the `kind` of each member of a discriminated union
         members = typing.get_args(typing.get_args(union)[0])
         return {m.model_fields["kind"].default for m in members}
 
     every, analyses = set(typing.get_args(Kind)), set(typing.get_args(AnalysisKind))
-    assert every == {"attribution"} | analyses == kinds(Job) - {"index"}
-    assert every == set(SECTIONS) == set(tables.COLUMNS) == set(KIND_PRESET)
-    assert analyses == set(ANALYSES) == kinds(AnalysisResult)
+    assert analyses == set(ANALYSES) == kinds(AnalysisResult) and every == {"attribution"} | analyses
+    assert kinds(Job) == every | {"index"} and JOB.json_schema()["discriminator"]["propertyName"] == "kind"
+    assert set(typing.get_args(AnalysisPublic.model_fields["kind"].annotation)) == analyses
+    assert set(typing.get_args(JobSummary.model_fields["kind"].annotation)) == every
+    paths = create_app(Settings()).openapi()["paths"]
+    for kind, spec in ANALYSES.items():
+        assert paths[f"/v1/analyses/{kind}"]["post"]["operationId"] == f"create_{kind}_analysis"
+        assert all(callable(spec.part(part)) for part in ("resolve", "report", "compute"))
+        assert spec.method.kind == kind and family_of(kind) == "analysis"
+    assert family_of("attribution") == "attribution" and needs("attribution").rules == {}
+
+
+def test_a_kind_is_refused_where_its_types_do_not_name_it():
+    spec = ANALYSES["leakage"]
+    with pytest.raises(ValueError, match="the name 'leakage' is taken"):
+        register(spec)
+    with pytest.raises(ValueError, match=r"MislabeledResult.kind must be Literal\['other'\]"):
+        register(dataclasses.replace(spec, kind="other", result=ANALYSES["mislabeled"].result))
+    assert set(ANALYSES) == {"leakage", "mislabeled", "memorization"}

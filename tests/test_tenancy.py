@@ -13,7 +13,8 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from app.keys import main as keys_main
-from contract.schemas import AttributionPublic, JobPage
+from contract.kinds import JobPage
+from contract.schemas import AttributionPublic
 from tests.conftest import queued_jobs
 
 TEST = {"dataset": "digits-test", "indices": [0, 1]}

@@ -49,6 +49,7 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
 from contract.jobs import ModelRef, queue_names
+from contract.kinds import needs
 from contract.method import MethodConflict, MethodSettings, resolve_method
 from contract.registry import Registry, RegistryError
 from contract.results import heartbeat
@@ -342,7 +343,7 @@ class WarmWorker(SimpleWorker):
                 started = time.perf_counter()
                 try:
                     for kind in ("attribution", "leakage"):  # both engines stay warm (within the budget)
-                        method = resolve_method(kind, MethodSettings(), m.method)
+                        method = resolve_method(MethodSettings(), m.method, needs(kind))
                         fi = jobs.engine(ctx, m, d, method, self.settings.dtype)
                         for n in range(len(d.shards)):
                             jobs.prepare_shard(ctx, fi, m, d, n, self.settings.dtype)

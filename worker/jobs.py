@@ -33,25 +33,22 @@ from rq.job import JobStatus
 
 from contract.jobs import (
     ENGINE_VERSION,
-    JOB,
     AttributionJob,
     DatasetRef,
     InlinePoints,
-    Job,
-    LeakageJob,
-    MislabeledJob,
     ModelRef,
     RecordPoints,
     echo,
     part_id,
 )
+from contract.kinds import ANALYSES, JOB, Job, calibration_rows
 from contract.method import Method
 from contract.registry import DatasetManifest, ModelManifest, Registry, RegistryError
 from contract.results import Calibrated, Ends, Fitted, StoredAnalysis, StoredAttribution, SweepPart
 from contract.schemas import Execution, Influence, Progress, RowAttribution, TestPoint, Timing
 from contract.settings import Settings
 
-from .analyses import ANALYSES, Evidence
+from .analyses import Evidence
 from .forward_inf import AttributionInputError, Calibration, ForwardInf, Mirror, MirrorConfig
 from .store import Store
 from .warm import Warm
@@ -268,7 +265,8 @@ def sweep_part(job: Job, ctx: Context, reporter: Reporter, first: int, stop: int
     per_shard = [passes * -(-s.size // config.batch_size) for s in data_m.shards[first:stop]]
     total, parts, calibrated = sum(per_shard), [], []
     # mislabeled: every part fits the same calibration (the same reference set and model)
-    calibrator = fi.calibration(test) if isinstance(job, MislabeledJob) else None
+    spec = ANALYSES.get(job.kind)
+    calibrator = fi.calibration(test) if spec is not None and spec.calibrated else None
     for i, n in enumerate(range(first, stop)):
         before = sum(per_shard[:i])
         prepare_shard(ctx, fi, model_m, data_m, n, job.dtype)
@@ -347,7 +345,7 @@ def finish(job: Job, ctx: Context, summaries: list[SweepPart]) -> dict:
         "columns": first.columns,
     }
     record_ids = ctx.warm.record_ids(data_m)
-    tests = echoed(ctx, job.points) if isinstance(job, AttributionJob | LeakageJob) else []
+    tests = echoed(ctx, job.test) if "test" in type(job).model_fields else []
     for test, prediction in zip(tests, first.predictions or [], strict=False):
         test.update(prediction.model_dump())  # classification: the true label, and what the model predicts
     if isinstance(job, AttributionJob):
@@ -364,8 +362,9 @@ def finish(job: Job, ctx: Context, summaries: list[SweepPart]) -> dict:
             shards = range(len(data_m.shards))
             labels = torch.from_numpy(np.concatenate([data_m.rows(n, keys=("targets",))["targets"] for n in shards]))
         base = torch.cat([_stored_base(ctx, model_m, data_m, n, job.dtype) for n in range(len(data_m.shards))])
-        extra = _leakage_inputs(job, ctx, model_m, data_m) if isinstance(job, LeakageJob) else {}
-        if isinstance(job, MislabeledJob):
+        spec = ANALYSES[job.kind]
+        extra = _inputs(job, ctx, model_m, data_m) if spec.inputs else {}
+        if spec.calibrated:
             calibrator = Calibration(**first.calibrated.calibration.model_dump())
             parts, classes = [s.calibrated.block for s in summaries], len(calibrator.bias)
             log_probabilities = [ctx.store.get_block(_calibrated(job.key), b, classes) for b in parts]
@@ -386,7 +385,7 @@ def finish(job: Job, ctx: Context, summaries: list[SweepPart]) -> dict:
             tests=tests,
             **extra,
         )
-        analysis = ANALYSES[job.kind](evidence, job)
+        analysis = spec.part("compute")(evidence, job)
         timing.store_s += time.perf_counter() - t
         common["shape"] = (evidence.n, data_m.size)  # the calibration rows are the analysis' own business
         result = StoredAnalysis(**common, analysis=analysis)
@@ -412,9 +411,10 @@ def request_rows(job: Job, ctx: Context, model_m: ModelManifest, data_m: Dataset
     return test
 
 
-def _leakage_inputs(job: LeakageJob, ctx: Context, model_m: ModelManifest, data_m: DatasetManifest) -> dict:
-    """What leakage compares besides the model's response (Evidence's fields): the training and test
-    inputs as vectors, or as text where the model reads text; nothing for other token inputs."""
+def _inputs(job: Job, ctx: Context, model_m: ModelManifest, data_m: DatasetManifest) -> dict:
+    """What a kind that compares inputs (AnalysisSpec.inputs: leakage) reads besides the model's response
+    (Evidence's fields): the training and test inputs as vectors, or as text where the model reads text;
+    nothing for other token inputs."""
     spec = model_m.input
     if spec.dtype != "float32" and spec.text is None:
         return {}  # read nothing: token ids without text have only the copy rule
@@ -528,10 +528,11 @@ def execution(fi: ForwardInf, job: Job, mirror: Mirror) -> Execution:
 
 
 def calibration_records(job: Job, data_m: DatasetManifest) -> torch.Tensor:
-    """Training records that leakage and memorization add as queries, to calibrate their thresholds."""
-    if job.kind not in ("leakage", "memorization"):
+    """Training records a kind adds as queries to calibrate its thresholds (AnalysisSpec.calibrates), spread
+    evenly over the training set."""
+    count = calibration_rows(job, data_m.size)
+    if not count:
         return torch.empty(0, dtype=torch.int64)
-    count = min(job.calibration_records, data_m.size)
     return torch.linspace(0, data_m.size - 1, count).round().long().unique()
 
 

@@ -1,12 +1,13 @@
-"""Data-governance analyses: leakage, mislabeled data, memorization. Each is a job like an attribution
-(same lifecycle, progress, cache, cancel and tenancy), with an answer instead of a score matrix."""
+"""Data-governance analyses: one POST route per registered kind (contract/kinds.py: leakage, mislabeled data,
+memorization, and an operator's own). Each is a job like an attribution (same lifecycle, progress, cache,
+cancel and tenancy), with an answer instead of a score matrix."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
 
-from contract.schemas import AnalysisPublic, LeakageCreate, MemorizationCreate, MislabeledCreate
+from contract.kinds import ANALYSES, AnalysisPublic, AnalysisSpec
 
 from ..auth import Reader, Submitter
 from ..deps import IndexesDep, JobsDep, RegistryDep, SettingsDep
@@ -22,38 +23,29 @@ CREATED = {
 }
 
 
-@router.post("/leakage", operation_id="create_leakage_analysis", **CREATED)
-async def create_leakage(
-    body: LeakageCreate,
-    who: Submitter,
-    jobs: JobsDep,
-    registry: RegistryDep,
-    settings: SettingsDep,
-    indexes: IndexesDep,
-) -> Response:
-    """Which test points are present in the training set: per test point the closest training record,
-    a calibrated leaked/not decision (threshold and calibration reported) and the 5 closest as evidence.
-    Where the model and dataset have an index, any number of test points (up to ATTR_MAX_INDEX_TEST_POINTS),
-    each confirmed against its most similar records."""
-    return await shared.create("leakage", body, who, jobs, registry, settings, indexes)
+def _create(spec: AnalysisSpec) -> None:
+    """POST /v1/analyses/<kind>: the kind's request body, resolved by its own rules (contract/kinds.py)."""
+
+    async def create(
+        body, who: Submitter, jobs: JobsDep, registry: RegistryDep, settings: SettingsDep, indexes: IndexesDep
+    ) -> Response:
+        return await shared.create(spec.kind, body, who, jobs, registry, settings, indexes)
+
+    create.__annotations__["body"] = spec.create  # the others are this module's names
+    name = f"create_{spec.kind}"
+    router.add_api_route(
+        f"/{spec.kind}",
+        create,
+        methods=["POST"],
+        name=name,
+        operation_id=f"{name}_analysis",
+        description=spec.describe,
+        **CREATED,
+    )
 
 
-@router.post("/mislabeled", operation_id="create_mislabeled_analysis", **CREATED)
-async def create_mislabeled(
-    body: MislabeledCreate, who: Submitter, jobs: JobsDep, registry: RegistryDep, settings: SettingsDep
-) -> Response:
-    """Training records ranked by how likely their label is wrong, a review list with its expected
-    precision, and per-class summaries."""
-    return await shared.create("mislabeled", body, who, jobs, registry, settings)
-
-
-@router.post("/memorization", operation_id="create_memorization_analysis", **CREATED)
-async def create_memorization(
-    body: MemorizationCreate, who: Submitter, jobs: JobsDep, registry: RegistryDep, settings: SettingsDep
-) -> Response:
-    """For each requested training record: how much the model relies on it (and its exact copies) for
-    its own prediction versus its supporting neighbours; ranked, with outliers flagged."""
-    return await shared.create("memorization", body, who, jobs, registry, settings)
+for _spec in ANALYSES.values():
+    _create(_spec)
 
 
 @router.get("/{analysis_id}", operation_id="get_analysis", response_model=AnalysisPublic, responses=READ)
@@ -95,8 +87,8 @@ async def get_analysis_report(analysis_id: JobId, who: Reader, jobs: JobsDep, re
 
 @router.get("/{analysis_id}/export", operation_id="export_analysis", response_class=Response, responses=EXPORT)
 async def export_analysis(analysis_id: JobId, who: Reader, jobs: JobsDep, format: Table = "csv") -> Response:
-    """The answer as one table (contract/tables.py): leakage a row per test point (its best match), mislabeled
-    the review list, memorization the audited records: CSV (for a spreadsheet) or JSON Lines."""
+    """The answer as one table (its kind's, contract/tables.py): leakage a row per test point (its best match),
+    mislabeled the review list, memorization the audited records: CSV (for a spreadsheet) or JSON Lines."""
     return await shared.export(jobs, analysis_id, who, "analysis", format, None)
 
 

@@ -13,10 +13,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from contract import tables
-from contract.jobs import InlinePoints, Job, LeakageJob
-from contract.method import Family, Kind
+from contract.jobs import InlinePoints, LeakageJob
+from contract.kinds import Job, JobPage, Kind, table
+from contract.method import Family
 from contract.problems import Conflict, InvalidInput
-from contract.schemas import JobPage, Problem, Status
+from contract.schemas import JobCreate, Problem, Status
 
 from .. import metrics
 from ..auth import Principal, Reader
@@ -24,7 +25,6 @@ from ..deps import JobsDep
 from ..indexes import Indexes
 from ..jobs import Jobs, links
 from ..report import CSP, ROWS, SAMPLE, render
-from ..resolve import Request as JobRequest
 from ..resolve import resolve
 from ..webhooks import check
 
@@ -50,7 +50,7 @@ Window = Annotated[
 
 
 async def create(
-    kind: str, body: JobRequest, who: Principal, jobs: Jobs, registry, settings, indexes: Indexes | None = None
+    kind: str, body: JobCreate, who: Principal, jobs: Jobs, registry, settings, indexes: Indexes | None = None
 ) -> Response:
     """Resolve (422 when it cannot run), then enqueue or join (202 + Location) or answer from the cache.
     `indexes`: where an attribution may find the index of its model and dataset (two-stage)."""
@@ -204,7 +204,7 @@ async def export(jobs: Jobs, handle: str, who: Principal, family: Family, format
     if view.status != "finished":
         raise Conflict(f"{handle!r} is {view.status}: no result")
     kind = getattr(view, "kind", "attribution")
-    text = await run_in_threadpool(lambda: tables.export(kind, view.result.model_dump(mode="json"), format))
+    text = await run_in_threadpool(lambda: tables.export(table(kind), view.result.model_dump(mode="json"), format))
     disposition = f'attachment; filename="{kind}-{handle}.{format}"'
     return Response(text, media_type=tables.FORMATS[format], headers={"content-disposition": disposition})
 

@@ -180,6 +180,7 @@ ENGINE_FINGERPRINTS = {
         "55f1059d75084532",  # worker/analyses.py split into a module per kind: every definition as it was
         "8ba9caf133d91823",  # curvature methods register themselves (METHODS): the same estimates, dispatched
         "d23f7c2331dd6a96",  # the ANALYSES map left worker/analyses: each AnalysisSpec names its compute part
+        "de5ceebaa4a2b49d",  # stacking "auto" timed on a slice of the first batch: the same two ways, chosen sooner
     },
 }
 

@@ -17,6 +17,7 @@ from worker.forward_inf import (
     build,
 )
 from worker.forward_inf.curvature import LOWRANK_TOLERANCE, Indefinite, _nystrom, top_eigen
+from worker.forward_inf.sweep import PROBE_SHARE
 
 
 @pytest.fixture
@@ -86,6 +87,20 @@ def test_stacking_strategies_agree(problem, mode):
     }
     torch.testing.assert_close(results["vmap"], results["loop"], rtol=1e-10, atol=1e-15)
     torch.testing.assert_close(results["auto"], results["loop"], rtol=1e-10, atol=1e-15)
+
+
+def test_the_stacking_choice_is_timed_on_a_slice_of_the_first_batch(problem):
+    """ "auto" times each way twice (a warm-up, then timed) on PROBE_SHARE of the first batch, then sweeps
+    the batch once by the faster: a large model does not pay four full batches for the choice."""
+    model, x, y = problem
+    config = MirrorConfig.preset("testing", mode="finite", batch_size=16)
+    fi = ForwardInf(model, Classification(), config).prepare((x, y))
+    seen = []
+    model.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    fi.scores((x[:5], y[:5]))  # 5 parameter sets over batches of 16, 16, 8
+    probe = round(16 * PROBE_SHARE)
+    assert seen.count(probe) == 2 + 2 * 5  # vmap: one forward per call; the loop: one per parameter set
+    assert seen.count(16) in (2, 2 * 5)  # each full batch once, by the way chosen
 
 
 def test_base_losses_are_computed_once_per_training_point(problem):

@@ -22,6 +22,18 @@ Progress = Callable[[int, int | None], None]
 PreparedBatches = Iterable[dict]
 
 
+# stacking "auto" times its two ways on this share of the first batch: 4 slice passes instead of 4 batch
+# passes (GPT-2 124M at k = 8 on 2 CPU cores: the choice cost 213.8 s over a batch of 8, docs/benchmarks.md)
+PROBE_SHARE = 0.25
+
+
+def _slice(batch: dict, share: float) -> dict:
+    """The first `share` of a prepared batch's records (at least one): each (B, ...) entry cut to them."""
+    rows = len(batch["index"])
+    n = max(1, round(rows * share))
+    return {k: v[:n] if torch.is_tensor(v) and v.dim() and len(v) == rows else v for k, v in batch.items()}
+
+
 def sweep(
     fm: Functional,
     task,
@@ -37,8 +49,9 @@ def sweep(
 
     `stacking` says how the k parameter sets meet a batch: "vmap" (one batched forward; wins for small
     models and on GPUs), "loop" (k forwards over the batch while it is in cache; wins for convolutions
-    on CPU, whose batched-weight rule is slow), or "auto": time both on the first batch (after a
-    warm-up call each) and keep the faster. Returns the scores and the stacking used.
+    on CPU, whose batched-weight rule is slow), or "auto": time both on a slice of the first batch
+    (PROBE_SHARE of its records, after a warm-up call each) and keep the faster. Returns the scores and
+    the stacking used.
     """
     k = next(iter(deltas.values())).shape[0]
     if mode == "finite":
@@ -73,14 +86,15 @@ def sweep(
         for done, batch in enumerate(batches, 1):
             if k == 1:
                 value = by_loop(batch)
-            elif stacking == "auto":  # each way once to warm up, then timed
-                timings = {}
+            elif stacking == "auto":  # each way once to warm up, then timed, on a slice
+                probe, timings = _slice(batch, PROBE_SHARE), {}
                 for name, way in ways.items():
-                    way(batch)
+                    way(probe)
                     start = time.perf_counter()
-                    value = way(batch)
+                    way(probe)
                     timings[name] = time.perf_counter() - start
                 stacking = min(timings, key=timings.get)
+                value = ways[stacking](batch)
             else:
                 value = ways[stacking](batch)
             if mode == "finite":

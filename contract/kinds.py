@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from typing import Annotated, Any, Literal, Union
@@ -88,7 +88,7 @@ class AnalysisSpec:
     resolve: str
     report: str
     compute: str
-    method: Needs = field(default_factory=Needs)
+    method: Needs
     calibrates: bool = False
     inputs: bool = False
     calibrated: bool = False

@@ -1,12 +1,13 @@
 """Scaling over the training set's size and over workers, through the real registry, HTTP and RQ.
 
     python -m bench.scale [--sizes 1e5,1e6,1e7] [--quick] [--out bench/out/scale.json]
-        [--warm-mb 512[,0]] [--methods finite,default] [--ks 1,16] [--no-workers]
+        [--warm-mb 512[,0]] [--methods finite,default] [--ks 1,16] [--size-workers 1[,2]] [--no-workers]
 
 Synthetic data on disk (64-d Gaussian inputs, labels from a random linear teacher) registered in shards of
 `--shard` records; an MLP 64-64-10 and a CNN (two 3x3 convolutions, width 16, on the inputs as 1x8x8
 images) trained on 100k of them for a few seconds. For each size, a fresh redis-server, the API and
-workers (each `ATTR_TORCH_THREADS=1`, a warm budget of `--warm-mb`), then one request per setting:
+`--size-workers` workers (each `ATTR_TORCH_THREADS=1`, a warm budget of `--warm-mb`), then one request per
+setting:
   - wall time from POST to the finished result (long polls), training records scored per second;
   - peak RSS of each worker process (VmHWM) and Redis' peak memory;
   - per training record, the request's time over plain `no_grad` inference (forward + loss) of the same
@@ -203,6 +204,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="of: " + ", ".join(METHODS))
     parser.add_argument("--ks", default="1,16", help="test points per request")
     parser.add_argument("--no-workers", action="store_true", help="skip 1 vs 2 workers")
+    parser.add_argument("--size-workers", default="1", help="workers serving the size rows; several (1,2): each")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "scale.json")
     args = parser.parse_args()
@@ -223,11 +225,12 @@ def main() -> None:
         build_registry(root, sizes, args.shard, tmp)
         print(f"registry built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         fresh = itertools.count()  # test point indices: every request is new (no cache hit)
-        runs = [] if args.workers_only else itertools.product(sizes, budgets)
-        for n, mb in runs:
+        size_workers = [int(w) for w in args.size_workers.split(",")]
+        runs = [] if args.workers_only else itertools.product(sizes, budgets, size_workers)
+        for n, mb, workers in runs:
             for name in ("mlp", "cnn") if n == 10**6 else ("mlp",):
                 dataset = f"synth-{name}-{n}"
-                with service(root, 1, env | budget(mb)) as (http, client, pool):
+                with service(root, workers, env | budget(mb)) as (http, client, pool):
                     for method in methods:
                         settings = METHODS[method]
                         first = run(http, request(name, dataset, settings, 1, fresh))  # the one-off setup
@@ -245,6 +248,7 @@ def main() -> None:
                                     "model": name,
                                     "records": n,
                                     "warm_mb": mb or "default",
+                                    "workers": workers,
                                     "parts": -(-n // args.shard),
                                     "method": method,
                                     "k": k,
@@ -275,13 +279,14 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=1))
     print(f"\n{result['machine']}\n")
     print(
-        "| model | records | parts | warm MB | method | k | first s | wall s | records/s | x inference | worker peak RSS MB "
-        "| Redis peak MB |"
+        "| model | records | parts | workers | warm MB | method | k | first s | wall s | records/s | x inference "
+        "| worker peak RSS MB | Redis peak MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['records']:,} | {r['parts']} | {r['warm_mb']} | {r['method']} | {r['k']} | {r['first_s']} | {r['wall_s']} | "
+            f"| {r['model']} | {r['records']:,} | {r['parts']} | {r['workers']} | {r['warm_mb']} | {r['method']} | {r['k']} "
+            f"| {r['first_s']} | {r['wall_s']} | "
             f"{r['records_per_s']:,} | {r['over_inference']} | {r['worker_peak_rss_mb']} | {r['redis_peak_mb']} |"
         )
     if scaling:

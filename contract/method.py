@@ -106,9 +106,9 @@ class Method(BaseModel):
 def _optional(model: type[BaseModel], name: str, doc: str) -> Any:
     """`model` with every field optional (None = not set), its constraints and descriptions kept."""
     fields: dict[str, Any] = {}
-    for name, info in model.model_fields.items():
+    for key, info in model.model_fields.items():
         kind = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
-        fields[name] = (kind | None, Field(None, description=info.description))
+        fields[key] = (kind | None, Field(None, description=info.description))
     return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc, **fields)
 
 

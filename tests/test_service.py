@@ -267,6 +267,9 @@ def test_openapi_operation_ids_are_stable(client):
         "readiness",
         "metrics",
     }
+    schemas = set(spec["components"]["schemas"])  # named as the contract's classes are (a client generator's names)
+    assert all(name[0].isupper() for name in schemas), sorted(schemas)
+    assert {"MethodDefaults", "MethodSettings", "AnalysisPublic", "JobPage", "LeakageCreate", "Problem"} <= schemas
     docs, redoc = client.get("/docs"), client.get("/redoc")
     assert docs.status_code == redoc.status_code == 200
     for page in (docs.text, redoc.text):  # every asset from this service (the browser test renders them offline)

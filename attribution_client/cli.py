@@ -3,6 +3,7 @@
     attribution attribute digits-mlp digits-train --test-dataset digits-test --indices 0,1 --top-k 5
     attribution attribute digits-mlp digits-train --inputs points.npy --targets labels.npy
     attribution leakage | mislabeled | memorization ...
+    attribution analyze KIND MODEL DATASET --fields '{...}'   (any kind known here, ATTR_ANALYSES's too)
     attribution jobs list | show ID | cancel ID
     attribution models list | show ID        attribution datasets list
     attribution report ID --open
@@ -145,14 +146,14 @@ def _span(first: int, last: int | None = None) -> range:
     return range(first, (first if last is None else last) + 1)
 
 
-def _method(text: str | None) -> dict:
+def _object(text: str | None, option: str = "--method", example: str = '{"precondition": "ekfac"}') -> dict:
     try:
-        method = json.loads(text or "{}")
+        value = json.loads(text or "{}")
     except ValueError:
-        method = None
-    if not isinstance(method, dict):
-        raise typer.BadParameter(f'--method {text!r}: a JSON object, e.g. \'{{"precondition": "ekfac"}}\'')
-    return method
+        value = None
+    if not isinstance(value, dict):
+        raise typer.BadParameter(f"{option} {text!r}: a JSON object, e.g. '{example}'")
+    return value
 
 
 def _array(path: Path) -> list:
@@ -278,7 +279,7 @@ def attribute(
 ):
     """Which training records made the model predict this? Top proponents and opponents per test point."""
     test = _points(test_dataset, indices, records, inputs, targets, texts)
-    _submit(ctx, wait, as_json, out_file, "attribute", model, dataset, test, top_k, _method(method))
+    _submit(ctx, wait, as_json, out_file, "attribute", model, dataset, test, top_k, _object(method))
 
 
 @app.command()
@@ -298,7 +299,7 @@ def leakage(
 ):
     """Which test points are in the training set (calibrated; the closest records as evidence)?"""
     test = _points(test_dataset, indices, records, inputs, targets, None)
-    _submit(ctx, wait, as_json, out_file, "leakage", model, dataset, test, _method(method))
+    _submit(ctx, wait, as_json, out_file, "leakage", model, dataset, test, _object(method))
 
 
 @app.command()
@@ -316,7 +317,7 @@ def mislabeled(
 ):
     """Which training labels are likely wrong (a review list with its expected precision)?"""
     reference = _points(reference_dataset, indices, records, None, None, None)
-    _submit(ctx, wait, as_json, out_file, "mislabeled", model, dataset, reference, _method(method))
+    _submit(ctx, wait, as_json, out_file, "mislabeled", model, dataset, reference, _object(method))
 
 
 @app.command()
@@ -333,7 +334,27 @@ def memorization(
 ):
     """How much does the model rely on these training records themselves (and their copies)?"""
     audited = _points(dataset, indices, records, None, None, None)
-    _submit(ctx, wait, as_json, out_file, "memorization", model, dataset, audited, _method(method))
+    _submit(ctx, wait, as_json, out_file, "memorization", model, dataset, audited, _object(method))
+
+
+@app.command()
+def analyze(
+    ctx: typer.Context,
+    kind: str,
+    model: str,
+    dataset: str,
+    fields: Annotated[str, typer.Option(help="the request's other fields as a JSON object")] = "{}",
+    method: Method = None,
+    wait: Wait = True,
+    as_json: AsJson = False,
+    out_file: OutFile = None,
+):
+    """Any analysis kind this client knows, an operator's own (ATTR_ANALYSES) too; the request's fields as JSON."""
+    if kind not in kinds.ANALYSES:
+        known = ", ".join(kinds.ANALYSES)
+        raise typer.BadParameter(f"unknown analysis kind {kind!r}; known here: {known} (ATTR_ANALYSES adds more)")
+    body = _object(fields, "--fields", '{"test": {"dataset": "digits-test", "indices": [0]}}')
+    _submit(ctx, wait, as_json, out_file, "analyze", kind, model, dataset, _object(method), **body)
 
 
 @jobs_app.command("list")

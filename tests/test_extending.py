@@ -14,6 +14,7 @@ import pytest
 
 from attribution_client import Client
 from tests.conftest import PYTHON, ROOT, free_port, ready, start_worker, stop_worker, subprocess_env, wait_for
+from tests.test_client import ATTRIBUTION
 
 KIND = ["tests.example_kind"]
 
@@ -69,6 +70,21 @@ def test_an_operators_kind_is_one_module_and_one_setting(extended):
     assert "strongest responders" in page and responders[0]["record_id"] in page
     listed = http.get("/v1/jobs", params={"kind": "strongest"}).json()["items"]
     assert [j["kind"] for j in listed] == ["strongest"]
+
+    # the CLI, where the same setting names it: the request checked against its schema, its table printed
+    env = {"ATTR_URL": extended, "ATTR_ANALYSES": json.dumps(KIND), "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    fields = json.dumps({"test": body["test"], "count": 4})
+    shown = subprocess.run(
+        [str(ATTRIBUTION), "analyze", "strongest", "digits-mlp", "digits-train", "--fields", fields],
+        capture_output=True, text=True, timeout=180, env=env,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "strongest responders" in shown.stdout and responders[0]["record_id"] in shown.stdout
+    refused = subprocess.run(
+        [str(ATTRIBUTION), "analyze", "strongest", "digits-mlp", "digits-train", "--fields", '{"count": 0}'],
+        capture_output=True, text=True, timeout=180, env=env,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "count" in refused.stderr
 
 
 def test_the_shipped_service_has_no_such_kind(client):

@@ -50,8 +50,9 @@ def sweep(
     `stacking` says how the k parameter sets meet a batch: "vmap" (one batched forward; wins for small
     models and on GPUs), "loop" (k forwards over the batch while it is in cache; wins for convolutions
     on CPU, whose batched-weight rule is slow), or "auto": time both on a slice of the first batch
-    (PROBE_SHARE of its records, after a warm-up call each) and keep the faster. Returns the scores and
-    the stacking used.
+    (PROBE_SHARE of its records, after a warm-up call each) and keep the faster (so two engines may choose
+    differently: the ways' scores agree to float rounding, not bit for bit). Returns the scores and the
+    stacking used.
     """
     k = next(iter(deltas.values())).shape[0]
     if mode == "finite":

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from . import tables
 from .jobs import AttributionJob, IndexJob, JobBase, LeakageJob, MemorizationJob, MislabeledJob
-from .method import PRESETS, Method, Needs
+from .method import ATTRIBUTION, PRESETS, Method, Needs
 from .schemas import (
     JobCreate,
     JobPublic,
@@ -205,7 +205,7 @@ for _module in Extensions().analyses:  # an operator's kinds register themselves
 
 def needs(kind: str) -> Needs:
     """What a job of `kind` needs of the method (contract.method.resolve_method)."""
-    return ANALYSES[kind].method if kind in ANALYSES else Needs()
+    return ANALYSES[kind].method if kind in ANALYSES else ATTRIBUTION
 
 
 def calibration_rows(job: JobBase, records: int) -> int:

@@ -276,8 +276,7 @@ def live(big_settings):
     digits-big training set runs for seconds, with progress). Yields the base URL."""
     port = free_port()
     env = subprocess_env(big_settings, ATTR_WARM_ON_START="false", ATTR_EVENTS_INTERVAL_S=0.1)
-    uvicorn = [PYTHON, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port), "--log-level", "error"]
-    procs = [subprocess.Popen(uvicorn, cwd=ROOT, env=env)]
+    procs = [start_api(env, port)]
     procs.append(start_worker(big_settings, f"live-{port}"))  # batches of 32: a job runs for seconds
     base = f"http://127.0.0.1:{port}"
     try:
@@ -287,6 +286,12 @@ def live(big_settings):
         for proc in procs:
             proc.kill()
             proc.wait(10)
+
+
+def start_api(env: dict, port: int) -> subprocess.Popen:
+    """uvicorn serving the API on `port`, as users run it."""
+    uvicorn = [PYTHON, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port), "--log-level", "error"]
+    return subprocess.Popen(uvicorn, cwd=ROOT, env=env)
 
 
 def ready(base: str) -> bool:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from attribution_client import Client
-from tests.conftest import PYTHON, ROOT, free_port, ready, start_worker, stop_worker, subprocess_env, wait_for
+from tests.conftest import ROOT, free_port, ready, start_api, start_worker, stop_worker, subprocess_env, wait_for
 from tests.test_client import ATTRIBUTION
 
 KIND = ["tests.example_kind"]
@@ -24,8 +24,7 @@ def extended(settings):
     """uvicorn and a worker, both with the example kind named in ATTR_ANALYSES. Yields the base URL."""
     port = free_port()
     env = subprocess_env(settings, ATTR_ANALYSES=json.dumps(KIND), ATTR_WARM_ON_START="false")
-    uvicorn = [PYTHON, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port), "--log-level", "error"]
-    api = subprocess.Popen(uvicorn, cwd=ROOT, env=env)
+    api = start_api(env, port)
     worker = start_worker(settings, f"extended-{port}", ATTR_ANALYSES=json.dumps(KIND), ATTR_BATCH_SIZE=256)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, ROOT, free_port, ready, subprocess_env, wait_for
+from tests.conftest import PYTHON, ROOT, free_port, ready, start_api, subprocess_env, wait_for
 
 pytestmark = pytest.mark.slow
 CHECKS = "all"
@@ -42,8 +42,7 @@ def test_schemathesis_finds_nothing(settings, tmp_path, capsys):
         ATTR_SUBMIT_RATE_PER_MINUTE=100_000,  # quotas have their own tests; here they would hide the rest
         ATTR_MAX_ACTIVE_JOBS_PER_TENANT=100_000,
     )
-    uvicorn = [PYTHON, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port), "--log-level", "error"]
-    procs = [subprocess.Popen(uvicorn, cwd=ROOT, env=env)]
+    procs = [start_api(env, port)]
     procs.append(subprocess.Popen([PYTHON, "-m", "worker"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL))
     base = f"http://127.0.0.1:{port}"
     try:

@@ -2,6 +2,7 @@
 tokenizer (full and LoRA), and the cost of one query on a 124M-parameter GPT-2 configuration.
 
     python -m bench.families [--queries 60] [--epochs 40] [--timing-records 32] [--only facts|timing]
+        [--ks 1,8] [--preconditions none,auto] [--ways auto]
 
 Fact tracing (worker/corpus.py, 200 entities): a byte-level BPE tokenizer (`tokenizers`, 512 tokens)
 trained on the corpus; a GPT-2 (transformers, 4 layers, width 128) trained on it here; a LoRA adapter
@@ -9,12 +10,13 @@ trained on the corpus; a GPT-2 (transformers, 4 layers, width 128) trained on it
 Queries "X lives in" + " C."; ground truth: the sentences stating that fact. MRR and recall@10 for
 Forward-INF settings (the engine in-process: the service returns the same scores, tests/test_families.py),
 explicit per-example gradient dot products and BM25. Timing: GPT-2 124M (random weights), sequences of 128
-tokens, k = 1 and 8 test points: wall seconds and peak RSS of one query over `--timing-records` sequences,
-scaled linearly to 10k (the sweep is one forward pass per record per k), against the model's own no_grad
-forward + loss over the same records in the same batches, measured just before each row; for k > 1 after
-one untimed query (the engine's one-off choice of stacking, which a warm worker keeps). Peak RSS is the process's
-lifetime peak, so each row's is an upper bound set by the rows before it: run one row per process for its
-own (`--only timing --ks 8 --preconditions none`).
+tokens, k = 1 and 8 test points, per precondition and per stacking way (`--ways`, e.g. vmap,layers: one
+engine each, the curvature estimated once): the mirrored step and the sweep of one query over
+`--timing-records` sequences (the query scaled linearly to 10k), the sweep against the model's own no_grad
+forward + loss over the same records in the same batches, measured just before each row; each after one
+untimed query (the engine's one-off choice of its way per k, which a warm worker keeps). Peak RSS is the
+process's lifetime peak, so each row's is an upper bound set by the rows before it: run one row per process
+for its own (`--only timing --ks 8 --preconditions none`).
 """
 
 from __future__ import annotations
@@ -153,8 +155,8 @@ def timing(args) -> None:
     task = make_task("causal-lm")
     print(f"\nGPT-2 {size / 1e6:.0f}M parameters, {n} sequences of 128 tokens, batch 8, float32, CPU (2 cores)")
     print(
-        "| k | precondition | stacking | setup s | mirror + sweep s | per 10k records (scaled) s | inference s | "
-        "x inference per test point | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|"
+        "| precondition | way | k | setup s | mirror s | sweep s | per 10k records (scaled) s | inference s | "
+        "sweep x inference per test point | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|---|"
     )
 
     def inference() -> float:  # the model's own no_grad forward + loss over the same records and batches
@@ -165,22 +167,31 @@ def timing(args) -> None:
         return time.perf_counter() - start
 
     inference()  # warm: first calls allocate
-    for k in args.ks:
-        for precondition in args.preconditions:
-            reference = inference()
+    for precondition in args.preconditions:
+        curvature = None  # estimated once per precondition, shared by its ways' engines (as the fleet shares it)
+        for way in args.ways:
             start = time.perf_counter()
-            fi = ForwardInf(model, task, MirrorConfig(precondition=precondition, batch_size=8, curvature_samples=n))
+            config = MirrorConfig(precondition=precondition, batch_size=8, curvature_samples=n, stacking=way)
+            fi = ForwardInf(model, task, config)
+            if curvature is not None:
+                fi.use(curvature)
             fi.prepare(train)
-            if k > 1:  # one-off per engine, as a worker keeps it: stacking="auto" times vmap and a loop on a batch
-                fi.scores({"inputs": train["inputs"][:k]})
-            setup = time.perf_counter() - start
-            start = time.perf_counter()
-            fi.scores({"inputs": train["inputs"][:k]})
-            query = time.perf_counter() - start
-            print(
-                f"| {k} | {fi.precondition} | {fi.execution()['stacking']} | {setup:.1f} | {query:.1f} | "
-                f"{query * 10_000 / n:.0f} | {reference:.2f} | {query / reference / k:.2f} | {rss_mb():.0f} |"
-            )
+            curvature, setup = fi.curvature, time.perf_counter() - start
+            for k in args.ks:
+                test = {"inputs": train["inputs"][:k]}
+                fi.scores(test)  # one-off per engine and k, as a worker keeps it: "auto" chooses its way
+                reference = inference()
+                start = time.perf_counter()
+                mirror = fi.mirror(test)
+                stepped = time.perf_counter()
+                fi.sweep(mirror)
+                done = time.perf_counter()
+                print(
+                    f"| {fi.precondition} | {fi.execution()['stacking']} | {k} | {setup:.1f} | {stepped - start:.1f} "
+                    f"| {done - stepped:.1f} | {(done - start) * 10_000 / n:.0f} | {reference:.2f} "
+                    f"| {(done - stepped) / reference / k:.2f} | {rss_mb():.0f} |",
+                    flush=True,
+                )
 
 
 def main() -> None:
@@ -191,6 +202,7 @@ def main() -> None:
     parser.add_argument("--only", choices=("facts", "timing"), help="one part (peak RSS is the process's)")
     parser.add_argument("--ks", type=lambda v: [int(k) for k in v.split(",")], default=[1, 8], help="timing: k values")
     parser.add_argument("--preconditions", type=lambda v: v.split(","), default=["none", "auto"])
+    parser.add_argument("--ways", type=lambda v: v.split(","), default=["auto"], help="timing: stacking values")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.only != "timing":

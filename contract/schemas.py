@@ -236,7 +236,7 @@ class Execution(BaseModel):
     parameters: list[str] = Field(description="names of the perturbed parameters")
     parameter_count: int
     curvature: CurvatureInfo | None
-    stacking: str = Field(description="how several test points met a batch: vmap, loop, or single")
+    stacking: str = Field(description="how the test points met a batch: vmap, loop, layers, or single")
     dtype: str
     device: str
     engine_version: str

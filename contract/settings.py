@@ -135,7 +135,7 @@ class Settings(Extensions):
     # worker
     device: str = Field("auto", description='"auto" (cuda if available, else cpu), "cpu", "cuda:0", ...')
     torch_threads: int = Field(0, description="a worker's torch threads (0: torch's default, every core)")
-    stacking: Literal["auto", "vmap", "loop"] = Field(
+    stacking: Literal["auto", "vmap", "loop", "layers"] = Field(
         "auto", description="how several test points meet a batch (engine: MirrorConfig.stacking); auto measures"
     )
     dtype: Literal["float32", "float64"] = Field(

@@ -181,6 +181,9 @@ ENGINE_FINGERPRINTS = {
         "8ba9caf133d91823",  # curvature methods register themselves (METHODS): the same estimates, dispatched
         "d23f7c2331dd6a96",  # the ANALYSES map left worker/analyses: each AnalysisSpec names its compute part
         "de5ceebaa4a2b49d",  # stacking "auto" timed on a slice of the first batch: the same two ways, chosen sooner
+        # linear mode's "layers" way (layers.py): the same derivatives from one backward pass, agreeing with the
+        # jvp to rounding (auto checks it on its probe); a Tail keeps its output gradients
+        "11ad17404a775c9a",
     },
 }
 

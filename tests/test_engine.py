@@ -17,6 +17,8 @@ from worker.forward_inf import (
     build,
 )
 from worker.forward_inf.curvature import LOWRANK_TOLERANCE, Indefinite, _nystrom, top_eigen
+from worker.forward_inf.layers import linear_layers
+from worker.forward_inf.mirror import Functional
 from worker.forward_inf.sweep import PROBE_SHARE
 
 
@@ -77,16 +79,59 @@ def test_test_points_swept_together_equal_separate_calls(problem, optimizer, mod
     torch.testing.assert_close(together, apart, rtol=1e-6, atol=1e-15)
 
 
+@pytest.mark.parametrize("k", [1, 5])
 @pytest.mark.parametrize("mode", ["finite", "linear"])
-def test_stacking_strategies_agree(problem, mode):
+def test_stacking_strategies_agree(problem, mode, k):
     model, x, y = problem
     config = MirrorConfig.preset("testing", mode=mode, optimizer="adam", batch_size=16)
-    results = {
-        way: ForwardInf(model, Classification(), config.replace(stacking=way)).prepare((x, y)).scores((x[:5], y[:5]))
-        for way in ("vmap", "loop", "auto")
-    }
-    torch.testing.assert_close(results["vmap"], results["loop"], rtol=1e-10, atol=1e-15)
-    torch.testing.assert_close(results["auto"], results["loop"], rtol=1e-10, atol=1e-15)
+    results, used = {}, {}
+    for way in ("vmap", "loop", "layers", "auto"):
+        fi = ForwardInf(model, Classification(), config.replace(stacking=way)).prepare((x, y))
+        results[way], used[way] = fi.scores((x[:k], y[:k])), fi.execution()["stacking"]
+    for way in ("vmap", "layers", "auto"):
+        torch.testing.assert_close(results[way], results["loop"], rtol=1e-10, atol=1e-15)
+    # the layers' terms from one backward pass where the mode is linear (every parameter is a Linear's)
+    assert used["layers"] == ("layers" if mode == "linear" else "single" if k == 1 else "loop")
+    assert used["vmap"] == ("single" if k == 1 else "vmap")
+
+
+class BatchMixing(torch.nn.Module):
+    """A Linear on each record plus the batch's mean: a record's loss depends on the others in its batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        out = self.layer(x)
+        return out + out.mean(0)
+
+
+def test_the_layers_way_is_chosen_only_where_it_agrees_with_the_jvp(problem):
+    """ "layers" reads each record's gradient from its batch's summed loss: where records interact, "auto"
+    finds it differs from the jvp on its probe and keeps a jvp way."""
+    _, x, y = problem
+    torch.manual_seed(0)
+    model = BatchMixing().double()
+    config = MirrorConfig.preset("testing", batch_size=16)
+    scores = {}
+    for way in ("loop", "layers", "auto"):
+        fi = ForwardInf(model, Classification(), config.replace(stacking=way)).prepare((x, y))
+        scores[way] = fi.scores((x[:3], y[:3]))
+    assert not torch.allclose(scores["layers"], scores["loop"], rtol=1e-3)  # pinned, it is wrong here
+    assert fi.execution()["stacking"] in ("vmap", "loop")
+    torch.testing.assert_close(scores["auto"], scores["loop"], rtol=1e-10, atol=1e-15)
+
+
+def test_the_layers_way_leaves_out_tied_and_nonlinear_parameters():
+    tied = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False))
+    tied[1].weight = tied[0].weight
+    assert linear_layers(Functional(tied, ("*",))) is None  # the weight reaches the loss through the embedding too
+    mlp = build("mlp", {"in_features": 6, "hidden": [8], "out_features": 3})
+    assert [layer.module for layer in linear_layers(Functional(mlp, ("*",)))] == ["net.1", "net.3"]
+    norm = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.LayerNorm(6))
+    assert linear_layers(Functional(norm, ("*",))) is None
+    assert linear_layers(Functional(norm, ("0.*",))) is not None
 
 
 def test_the_stacking_choice_is_timed_on_a_slice_of_the_first_batch(problem):
@@ -471,9 +516,17 @@ def test_a_perturbed_last_layer_runs_alone_on_its_inputs_with_the_same_scores(mo
     config = MirrorConfig.preset("testing", mode=mode, precondition=precondition, damping=0.1, lr=1e-3)
     fi = ForwardInf(net, Classification(), config.replace(params=("3.*",))).prepare((x, y))
     whole = ForwardInf(Scaled(net), Classification(), config.replace(params=("net.3.*",))).prepare((x, y))
-    assert fi.tail is not None and whole.tail is None and fi.tail_inputs.shape == (30, 4 * 6 * 6)
+    assert fi.tail is not None and whole.tail is None and fi.tail_inputs.inputs.shape == (30, 4 * 6 * 6)
     assert any("the sweep runs '3' alone" in note for note in fi.execution()["notes"])
-    torch.testing.assert_close(fi.scores((x[:4], y[:4])), whole.scores((x[:4], y[:4])), rtol=1e-9, atol=1e-12)
+    expected = whole.scores((x[:4], y[:4]))
+    torch.testing.assert_close(fi.scores((x[:4], y[:4])), expected, rtol=1e-9, atol=1e-12)
+    if mode == "linear":  # a linear head: its output gradients are kept too, and its sweep is products alone
+        assert fi.tail_inputs.grads.shape == (30, 3)
+        kept = ForwardInf(net, Classification(), config.replace(params=("3.*",), stacking="layers")).prepare((x, y))
+        seen = []
+        net[3].register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+        torch.testing.assert_close(kept.scores((x[:4], y[:4])), expected, rtol=1e-9, atol=1e-12)
+        assert kept.execution()["stacking"] == "layers" and 30 not in seen  # no forward over the training set
 
 
 def test_a_last_layer_alone_still_refuses_data_the_model_cannot_take():

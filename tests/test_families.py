@@ -104,6 +104,22 @@ def test_linear_mode_equals_per_example_gradient_dot_products_on_gpt2(tmp_path):
     torch.testing.assert_close(scores, expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_layers_way_equals_the_jvp_on_gpt2_conv1d_layers(tmp_path, k):
+    """K-FAC perturbs GPT-2's Conv1D layers alone, so linear mode can read their terms from one backward
+    pass: by products with the inputs at k = 1, by each sequence's gradient at k = 3 (10 positions)."""
+    gpt2(tmp_path, vocab=48)
+    model = families.load("transformers:causal-lm", tmp_path, "model.safetensors", {})
+    train = {"inputs": torch.randint(1, 48, (12, 10), generator=torch.Generator().manual_seed(3))}
+    config = MirrorConfig(precondition="kfac", dtype="float64", lr=0.1, safeguard="none")
+    scores, used = {}, {}
+    for way in ("loop", "layers"):
+        fi = ForwardInf(model, make_task("causal-lm"), config.replace(stacking=way)).prepare(train)
+        scores[way], used[way] = fi.scores({"inputs": train["inputs"][:k]}), fi.execution()["stacking"]
+    assert used == {"loop": "single" if k == 1 else "loop", "layers": "layers"}
+    torch.testing.assert_close(scores["layers"], scores["loop"], rtol=1e-9, atol=1e-12)
+
+
 def test_kronecker_curvature_covers_gpt2_conv1d_layers(tmp_path):
     """transformers' Conv1D (weight (in, out)) is factored like nn.Linear: K-FAC on it solves the explicit
     Kronecker system."""

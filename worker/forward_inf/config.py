@@ -56,8 +56,10 @@ class MirrorConfig:
         batch_size: training points per forward batch in the sweep.
         max_param_sets: perturbed parameter sets swept together (each training batch is read once per
             group of this many test points); halved automatically on out-of-memory.
-        stacking: how several parameter sets meet a training batch: "vmap", "loop", or "auto" (time
-            both on the first batch, keep the faster; the results agree to rounding).
+        stacking: how parameter sets meet a training batch: "vmap", "loop", "layers" (linear mode where
+            every perturbed parameter is a linear layer's: the layers' terms read from one backward pass,
+            layers.py; elsewhere "loop"), or "auto" (time them on a slice of the first batch, keep the
+            fastest, per number of sets; the results agree to rounding).
         device: torch device string; None keeps the model where it is.
         dtype: "float32" or "float64"; None keeps the model's dtype.
         adam_betas, adam_eps: Adam's constants.
@@ -99,7 +101,7 @@ class MirrorConfig:
     group: bool = False
     batch_size: int = 512
     max_param_sets: int = 16
-    stacking: Literal["auto", "vmap", "loop"] = "auto"
+    stacking: Literal["auto", "vmap", "loop", "layers"] = "auto"
     device: str | None = None
     dtype: Literal["float32", "float64"] | None = None
     adam_betas: tuple[float, float] = (0.9, 0.999)

@@ -28,7 +28,8 @@ from .curvature import (
 )
 from .data import Batch, Examples, spread
 from .kronecker import Kronecker, factored_layers
-from .mirror import Functional, Mirror, Tail, mirror_step
+from .layers import linear_layers, output_grads
+from .mirror import Functional, Mirror, Tail, TailInputs, mirror_step
 from .sketch import Basis, basis, project
 from .sweep import Progress, sweep
 from .tasks import TEST_INDEX_OFFSET, Calibration, Task, fit_calibration
@@ -65,9 +66,10 @@ class ForwardInf:
         self.norms: torch.Tensor | None = None  # score="cosine": each training point's last-layer gradient norm
         self.curvature: Curvature | Kronecker | None = None
         self.tail: Tail | None = None  # the perturbed module alone, on the training set's inputs to it:
-        self.tail_inputs: torch.Tensor | None = None  # (N, ...) by position (prepare)
+        self.tail_inputs: TailInputs | None = None  # by position (prepare)
         self.precondition = self.config.precondition  # "auto" is resolved by plan(train)
-        self._stacking = self.config.stacking  # "auto" resolves on the first batched sweep
+        self._ways: dict[int, str] = {}  # parameter sets per pass -> how they meet a batch ("auto": chosen once)
+        self._way = "single"  # the last pass's way, for execution()
         self.notes: list[str] = []  # choices the engine made on its own (plan), in words
         self.exact_fallback: bool | None = None  # "lowrank": may it build the exact Hessian (None: if it fits)
 
@@ -179,7 +181,7 @@ class ForwardInf:
         base: torch.Tensor | None = None,
         progress: Progress | None = None,
         norms: torch.Tensor | None = None,
-        tail_inputs: torch.Tensor | None = None,
+        tail_inputs: TailInputs | None = None,
     ) -> ForwardInf:
         """Bind the training set and compute its base losses once (or adopt `base`, computed before
         for the same model and training set; likewise `norms`, last_layer_norms(train), for
@@ -214,7 +216,8 @@ class ForwardInf:
 
     def execution(self) -> dict:
         """What this engine runs, as plain data: the resolved precondition and perturbed parameters, the
-        curvature, stacking ("single" while only one parameter set has been swept), dtype, device, notes."""
+        curvature, stacking (the last pass's way: "single" for one parameter set by the jvp), dtype, device,
+        notes."""
         c = self.curvature if self.precondition != "none" else None
         notes = list(self.notes)
         if c is not None and c.clipped:
@@ -248,7 +251,7 @@ class ForwardInf:
             if c is None
             else {"kind": c.kind, "damping": c.damping, "samples": c.samples, "clipped_eigenvalues": c.clipped}
             | ({"rank": len(c.factor)} if c.kind == "lowrank" else {}),
-            "stacking": "single" if self._stacking == "auto" else self._stacking,
+            "stacking": self._way,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "notes": notes,
@@ -305,7 +308,7 @@ class ForwardInf:
         batches = self._batches(self.train, validate=validate)
         if self.tail is None:
             return self.fm, batches
-        return self.tail, ({**b, "inputs": self.tail_inputs[b["index"]]} for b in batches)
+        return self.tail, ({**b, **self.tail_inputs.rows(b)} for b in batches)
 
     def _tail(self) -> Tail | None:
         """The perturbed parameters' module alone, where they are all of one childless module and the task
@@ -317,41 +320,46 @@ class ForwardInf:
         mine = {f"{name}.{p}" for p, _ in module.named_parameters()}
         return Tail(self.fm, name) if next(module.children(), None) is None and mine == set(self.fm.theta) else None
 
-    def tail_inputs_of(self, train) -> torch.Tensor | None:
-        """(N, ...) each training point's input to the perturbed module, by position, from one forward pass
-        (prepare() keeps it: the base losses and the sweep then run that module alone); None where there is
-        no such Tail or the inputs would take over TAIL_INPUTS_BYTES."""
+    def tail_inputs_of(self, train) -> TailInputs | None:
+        """Each training point's input to the perturbed module, by position, from one forward pass, and in
+        linear mode over a linear module the loss gradients at its output (prepare() keeps them: the base
+        losses and the sweep then run that module alone, or products alone); None where there is no such
+        Tail or they would take over TAIL_INPUTS_BYTES."""
         if self.precondition == "auto":
             self.plan(train)
         if (tail := self._tail()) is None:
             return None
-        parts, order, size = [], [], 0
+        linear = self.config.mode == "linear" and linear_layers(tail) is not None
+        parts, grads, order, size = [], [], [], 0
         examples = Examples(train, self.config.batch_size, "training set")
         for n, batch in enumerate(self._batches(examples), 1):
             if n == 1:  # the first batch doubles as the check that model and data fit
                 part = tail.capture(lambda batch=batch: self._checked_forward(batch, examples.what))
             else:
                 part = tail.capture(lambda batch=batch: self.task.forward(self.fm.caller(self.fm.theta), batch))
-            size += 0 if part is None else part.numel() * part.element_size()
+            if part is not None and linear:
+                grads.append(output_grads(tail, self.task, {**batch, "inputs": part}))
+            size += sum(t.numel() * t.element_size() for t in (part, *grads[-1:]) if t is not None)
             if part is None or size > TAIL_INPUTS_BYTES:
                 return None
             parts.append(part)
             order.append(batch["index"])
-        return torch.cat(parts)[torch.cat(order).argsort()]
+        by_position = torch.cat(order).argsort()
+        return TailInputs(torch.cat(parts)[by_position], torch.cat(grads)[by_position] if linear else None)
 
-    def _on_tail(self, batches: list[Batch], inputs: torch.Tensor | None) -> tuple[Functional, list[Batch]]:
+    def _on_tail(self, batches: list[Batch], inputs: TailInputs | None) -> tuple[Functional, list[Batch]]:
         """(the Functional and the batches to fit curvature on): the Tail on its inputs where there is one,
         taken from `inputs` (the bound training set's, by position) or else captured batch by batch."""
         tail = self._tail()
         if tail is not None and inputs is not None:
-            return tail, [{**b, "inputs": inputs[b["index"]]} for b in batches]
+            return tail, [{**b, "inputs": inputs.inputs[b["index"]]} for b in batches]
         run = [lambda b=b: self.task.forward(self.fm.caller(self.fm.theta), b) for b in batches]
         captured = [tail.capture(r) for r in run] if tail is not None else [None]
         if any(i is None for i in captured):
             return self.fm, batches
         return tail, [{**b, "inputs": i} for b, i in zip(batches, captured, strict=True)]
 
-    def estimate_curvature(self, train, tail_inputs: torch.Tensor | None = None) -> Curvature | Kronecker:
+    def estimate_curvature(self, train, tail_inputs: TailInputs | None = None) -> Curvature | Kronecker:
         """The damped curvature of the mean training loss (self.precondition, config.damping), from at
         most `config.curvature_samples` training points spread evenly over the set (the exact Hessian
         costs one HVP per parameter per batch). prepare() calls this once when needed; for a training
@@ -533,7 +541,7 @@ class ForwardInf:
             fm, batches = self._training(validate=False)
             part = {n: d[lo:hi] for n, d in deltas.items()}
             try:
-                row, self._stacking = sweep(
+                row, way = sweep(
                     fm,
                     self.task,
                     batches,
@@ -541,9 +549,11 @@ class ForwardInf:
                     self.config.mode,
                     self.base,
                     self.config.sign,
-                    self._stacking,
+                    self._ways.get(hi - lo, self.config.stacking),
                     report,
                 )
+                self._ways[hi - lo] = way
+                self._way = "single" if hi - lo == 1 and way == "loop" else way
             except (RuntimeError, torch.OutOfMemoryError) as exc:
                 if not _is_oom(exc) or size == 1:
                     raise

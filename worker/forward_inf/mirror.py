@@ -100,6 +100,29 @@ class Tail(Functional):
 
 
 @dataclass
+class TailInputs:
+    """What a Tail's sweep reads per training point, by position: its module's input and, for linear mode
+    over a linear module, the loss gradient at its output (layers.py). Both depend on the model and the
+    training set alone: computed once (ForwardInf.tail_inputs_of)."""
+
+    inputs: torch.Tensor  # (N, ...)
+    grads: torch.Tensor | None = None  # (N, ..., out)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.inputs, self.grads) if t is not None)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> TailInputs:
+        return TailInputs(*(None if t is None else t.to(device, dtype) for t in (self.inputs, self.grads)))
+
+    def rows(self, batch: dict) -> dict:
+        """A batch's entries for the Tail: its rows of these (its index is a range, data.Examples: a slice
+        takes them as a view where indexing by the tensor would copy them)."""
+        rows = slice(int(batch["index"][0]), int(batch["index"][-1]) + 1)
+        return {"inputs": self.inputs[rows]} | ({} if self.grads is None else {"tail_grads": self.grads[rows]})
+
+
+@dataclass
 class Mirror:
     """The outcome of the mirrored step(s) for k rows (test points, or 1 in group mode).
 

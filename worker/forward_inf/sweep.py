@@ -4,7 +4,8 @@
     linear:  score[j, i] = sign * d/de L(theta + e * first_j; z_i) at e = 0     (torch.func.jvp)
 
 The k parameter sets are swept together with vmap, so each training batch is read once per group of
-test points; with k = 1 the model runs unbatched (vmap adds nothing there). The base losses
+test points; with k = 1 the model runs unbatched (vmap adds nothing there). In linear mode over linear
+layers alone the jvp can give way to those layers' terms from one backward pass (layers.py). The base losses
 L(theta; z_i) depend only on the model and the training set: ForwardInf.prepare computes them once.
 """
 
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.func import jvp, vmap
 
+from .layers import derivatives, linear_layers
 from .mirror import Functional, Params
 
 Progress = Callable[[int, int | None], None]
@@ -25,6 +27,27 @@ PreparedBatches = Iterable[dict]
 # stacking "auto" times its two ways on this share of the first batch: 4 slice passes instead of 4 batch
 # passes (GPT-2 124M at k = 8 on 2 CPU cores: the choice cost 213.8 s over a batch of 8, docs/benchmarks.md)
 PROBE_SHARE = 0.25
+AGREE = 1e-3  # the "layers" way's largest difference from the jvp's on the probe, over the jvp's largest value
+
+
+def _choose(ways: dict[str, Callable], batch: dict) -> str:
+    """The fastest of `ways` on a slice of `batch` (each run once to warm up, then timed), "layers" only
+    where it ran and agrees with the jvp ("loop") there: it assumes each record's loss is its own."""
+    probe, timings, values = _slice(batch, PROBE_SHARE), {}, {}
+    for name, way in ways.items():
+        try:
+            way(probe)
+            start = time.perf_counter()
+            values[name] = way(probe)
+            timings[name] = time.perf_counter() - start
+        except (RuntimeError, IndexError):
+            if name != "layers":
+                raise
+    if "layers" in timings:
+        reference = values["loop"]
+        if not (values["layers"] - reference).abs().max() <= AGREE * reference.abs().max():
+            del timings["layers"]
+    return min(timings, key=timings.get)
 
 
 def _slice(batch: dict, share: float) -> dict:
@@ -49,10 +72,12 @@ def sweep(
 
     `stacking` says how the k parameter sets meet a batch: "vmap" (one batched forward; wins for small
     models and on GPUs), "loop" (k forwards over the batch while it is in cache; wins for convolutions
-    on CPU, whose batched-weight rule is slow), or "auto": time both on a slice of the first batch
-    (PROBE_SHARE of its records, after a warm-up call each) and keep the faster (so two engines may choose
-    differently: the ways' scores agree to float rounding, not bit for bit). Returns the scores and the
-    stacking used.
+    on CPU, whose batched-weight rule is slow), "layers" (linear mode where every perturbed parameter is a
+    linear layer's: one forward and one backward pass, then k products per layer, layers.py), or "auto":
+    time those that apply on a slice of the first batch (PROBE_SHARE of its records, after a warm-up call
+    each) and keep the fastest (so two engines may choose differently: the ways' scores agree to float
+    rounding, not bit for bit). A way that does not apply (vmap for one set, layers elsewhere) is "loop".
+    Returns the scores and the way used.
     """
     k = next(iter(deltas.values())).shape[0]
     if mode == "finite":
@@ -81,23 +106,17 @@ def sweep(
     def by_vmap(batch):
         return vmap(one, in_dims=(0, None))(stacked, batch)
 
-    ways = {"loop": by_loop, "vmap": by_vmap}
+    ways = {"loop": by_loop, "vmap": by_vmap} if k > 1 else {"loop": by_loop}  # one set: vmap adds nothing
+    if mode == "linear" and (layers := linear_layers(fm)) is not None:
+        ways["layers"] = lambda batch: derivatives(fm, task, batch, layers, stacked)
+    if stacking != "auto" and stacking not in ways:
+        stacking = "loop"
     out = []
     with torch.no_grad():
         for done, batch in enumerate(batches, 1):
-            if k == 1:
-                value = by_loop(batch)
-            elif stacking == "auto":  # each way once to warm up, then timed, on a slice
-                probe, timings = _slice(batch, PROBE_SHARE), {}
-                for name, way in ways.items():
-                    way(probe)
-                    start = time.perf_counter()
-                    way(probe)
-                    timings[name] = time.perf_counter() - start
-                stacking = min(timings, key=timings.get)
-                value = ways[stacking](batch)
-            else:
-                value = ways[stacking](batch)
+            if stacking == "auto":
+                stacking = _choose(ways, batch) if len(ways) > 1 else "loop"
+            value = ways[stacking](batch)
             if mode == "finite":
                 value = value - base[batch["index"]]
             out.append(sign * value)

@@ -1,7 +1,7 @@
 """Linear mode: the sweep's cost per test point over plain inference, per precondition and per way.
 
     python -m bench.linear [--n 100000] [--ks 1,16] [--preconditions none,auto,diag,kfac,ekfac]
-        [--ways vmap,layers]
+        [--ways vmap,layers] [--batch 1024]
 
 The issue-35 MLP (64-256-10, 19,210 parameters) on random records, one torch thread (set here). Each
 precondition's engine is prepared once per way (its one-off setup is not timed), then one sweep of k test
@@ -21,7 +21,10 @@ import time
 
 import torch
 
+from contract.settings import Settings
 from worker.forward_inf import Classification, ForwardInf, MirrorConfig, build
+
+BATCH = Settings.model_fields["batch_size"].default
 
 
 def main() -> None:
@@ -30,17 +33,20 @@ def main() -> None:
     parser.add_argument("--ks", default="1,16")
     parser.add_argument("--preconditions", default="none,auto,diag,kfac,ekfac")
     parser.add_argument("--ways", default="vmap,layers")
+    parser.add_argument("--batch", type=int, default=BATCH, help="records per batch (default: the service's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build("mlp", {"in_features": 64, "hidden": [256], "out_features": 10}).eval()
     x, y = torch.randn(args.n, 64), torch.randint(0, 10, (args.n,))
-    print(f"torch {torch.__version__}, 1 thread, N={args.n}")
+    print(f"torch {torch.__version__}, 1 thread, N={args.n}, batch {args.batch}")
     print("| k | precondition | perturbed | way | sweep s | inference s | per test point / inference |")
     print("|---|---|---|---|---|---|---|")
     for precondition in args.preconditions.split(","):
         for way in args.ways.split(","):
-            config = MirrorConfig(mode="linear", lr=1e-3, batch_size=256, precondition=precondition, stacking=way)
+            config = MirrorConfig(
+                mode="linear", lr=1e-3, batch_size=args.batch, precondition=precondition, stacking=way
+            )
             fi = ForwardInf(model, Classification(), config).prepare((x, y))
             for k in map(int, args.ks.split(",")):
                 mirror = fi.mirror((torch.randn(k, 64), torch.randint(0, 10, (k,))))
@@ -49,8 +55,8 @@ def main() -> None:
                 for _ in range(3):
                     with torch.no_grad():
                         start = time.perf_counter()
-                        for i in range(0, args.n, 256):
-                            fi.task.criterion(model(x[i : i + 256]), {"targets": y[i : i + 256]})
+                        for i in range(0, args.n, args.batch):
+                            fi.task.criterion(model(x[i : i + args.batch]), {"targets": y[i : i + args.batch]})
                         infer = time.perf_counter() - start
                     start = time.perf_counter()
                     fi.sweep(mirror)

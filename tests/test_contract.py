@@ -184,6 +184,7 @@ ENGINE_FINGERPRINTS = {
         # linear mode's "layers" way (layers.py): the same derivatives from one backward pass, agreeing with the
         # jvp to rounding (auto checks it on its probe); a Tail keeps its output gradients
         "11ad17404a775c9a",
+        "e82f7a633029de7f",  # the layers way multiplies low-rank weight tangents as factors: the same sums
     },
 }
 

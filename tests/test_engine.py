@@ -17,7 +17,7 @@ from worker.forward_inf import (
     build,
 )
 from worker.forward_inf.curvature import LOWRANK_TOLERANCE, Indefinite, _nystrom, top_eigen
-from worker.forward_inf.layers import linear_layers
+from worker.forward_inf.layers import linear_layers, weights
 from worker.forward_inf.mirror import Functional
 from worker.forward_inf.sweep import PROBE_SHARE
 
@@ -93,6 +93,23 @@ def test_stacking_strategies_agree(problem, mode, k):
     # the layers' terms from one backward pass where the mode is linear (every parameter is a Linear's)
     assert used["layers"] == ("layers" if mode == "linear" else "single" if k == 1 else "loop")
     assert used["vmap"] == ("single" if k == 1 else "vmap")
+
+
+@pytest.mark.parametrize("precondition", ["none", "diag"])
+def test_the_layers_way_multiplies_low_rank_tangents_as_factors(problem, precondition):
+    """A plain gradient step on one record moves each linear layer's weight by a rank-1 matrix (delta a^T):
+    the layers way keeps it as factors (u, v) and its scores equal the jvp's; a diagonal preconditioner
+    rescales it entry by entry (dense)."""
+    model, x, y = problem
+    config = MirrorConfig.preset("testing", precondition=precondition, damping=0.1, batch_size=16)
+    fi = ForwardInf(model, Classification(), config.replace(stacking="layers")).prepare((x, y))
+    first = fi.mirror((x[:5], y[:5])).first
+    kept = weights(linear_layers(fi.fm), first)
+    assert [w.u is not None for w in kept.values()] == [precondition == "none"] * 2
+    if precondition == "none":
+        assert all(w.u.shape == (5, w.dense.shape[1], 1) for w in kept.values())  # rank 1 per test point
+    loop = ForwardInf(model, Classification(), config.replace(stacking="loop")).prepare((x, y))
+    torch.testing.assert_close(fi.scores((x[:5], y[:5])), loop.scores((x[:5], y[:5])), rtol=1e-10, atol=1e-15)
 
 
 class BatchMixing(torch.nn.Module):

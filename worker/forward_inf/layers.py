@@ -17,6 +17,7 @@ choice (sweep.py) checks it against the jvp on its probe before using it.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
@@ -39,11 +40,55 @@ def linear_layers(fm: Functional) -> list[Layer] | None:
     return layers if owned == set(fm.theta) and not shared else None
 
 
-def derivatives(fm: Functional, task, batch: dict, layers: list[Layer], tangents: Params) -> torch.Tensor:
-    """(k, B) directional derivatives of each record's loss along k tangents ((k, *shape) per parameter),
-    from one forward pass that keeps the layers' inputs and one backward pass to their outputs; where the
-    batch carries its loss gradients at a Tail's output ("tail_grads", kept by the engine: they depend on
-    the model and the training set alone), from products alone."""
+RANK_PROBE = 8  # columns of the range finder that looks for low-rank weight tangents (`weights`)
+
+
+@dataclass
+class Weights:
+    """A layer's k weight tangents as the sweep multiplies them, (k, out, in): dense, or where all k have
+    rank r below RANK_PROBE (a plain gradient step on a record: rank 1 per position; K-FAC's too), as
+    factors dW = u v^T, u (k, out, r) and v (k, in, r)."""
+
+    dense: torch.Tensor
+    u: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+
+def weights(layers: list[Layer], tangents: Params) -> dict[str, Weights]:
+    """Each layer's weight tangents (module name -> Weights), factored where their rank is low: a random
+    range finder of RANK_PROBE columns (Halko et al. 2011, arXiv 0909.4061) finds the rank r, and the
+    factors are kept where they reproduce the tangents to rounding (max(out, in) * eps of their norm, the
+    rank rule numpy's matrix_rank uses). Once per query: its cost is about 2 * RANK_PROBE products of the
+    layer's weight per test point."""
+    out = {}
+    for layer in layers:
+        dw = tangents[layer.weight]
+        dw = dw.transpose(1, 2) if layer.transposed else dw  # (k, out, in)
+        k, width, depth = dw.shape
+        probe = min(RANK_PROBE, width, depth)
+        tol = max(width, depth) * torch.finfo(dw.dtype).eps
+        gen = torch.Generator(dw.device).manual_seed(0)
+        sketch = dw @ torch.randn(depth, probe, generator=gen, dtype=dw.dtype, device=dw.device)  # (k, out, probe)
+        basis, values, _ = torch.linalg.svd(sketch, full_matrices=False)
+        rank = max(1, int((values > tol * values[:, :1]).sum(1).max()))
+        if rank < probe:
+            u = basis[..., :rank]  # (k, out, r)
+            v = dw.transpose(1, 2) @ u  # (k, in, r)
+            if torch.linalg.matrix_norm(dw - u @ v.transpose(1, 2)).max() <= tol * torch.linalg.matrix_norm(dw).max():
+                out[layer.module] = Weights(dw, u, v)
+                continue
+        out[layer.module] = Weights(dw)
+    return out
+
+
+def derivatives(fm: Functional, task, batch: dict, layers: list[Layer], tangents: Params, kept: dict[str, Weights]):
+    """(k, B) directional derivatives of each record's loss along k tangents ((k, *shape) per parameter;
+    `kept`: their weights as `weights` gives them), from one forward pass that keeps the layers' inputs and
+    one backward pass to their outputs; where the batch carries its loss gradients at a Tail's output
+    ("tail_grads", kept by the engine: they depend on the model and the training set alone), from products
+    alone. Per layer, the cheapest of three equal sums (FLOPs per record, T positions, k tangents):
+    the inputs times each tangent (k T out in), each record's gradient then k dot products ((T + k) out
+    in), or the factors (k T r (out + in))."""
     if "tail_grads" in batch:
         seen = [(layers[0], batch["inputs"], batch["tail_grads"])]
     else:
@@ -53,14 +98,23 @@ def derivatives(fm: Functional, task, batch: dict, layers: list[Layer], tangents
     total = some.new_zeros(some.shape[0], rows)  # (k, B)
     for layer, a, delta in seen:
         a, delta = a.reshape(rows, -1, a.shape[-1]), delta.reshape(rows, -1, delta.shape[-1])  # (B, T, in), (B, T, out)
-        dw = tangents[layer.weight]  # (k, out, in), or (k, in, out) transposed
-        dw = dw.transpose(1, 2) if layer.transposed else dw
-        k, width, depth = dw.shape
-        if k * a.shape[1] <= a.shape[1] + k:  # k products with the inputs
-            moved = (a @ dw.reshape(k * width, depth).T).view(rows, -1, k, width)  # (B, T, k, out)
-            total += torch.einsum("btko,bto->kb", moved, delta)
-        else:  # each record's gradient once, then k dot products
-            total += torch.einsum("boi,koi->kb", torch.einsum("bto,bti->boi", delta, a), dw)
+        w = kept[layer.module]
+        k, width, depth = w.dense.shape
+        t = a.shape[1]
+        cost = {"products": k * t * width * depth, "gradients": (t + k) * width * depth}
+        if w.u is not None:
+            cost["factors"] = k * t * w.u.shape[2] * (width + depth)
+        way = min(cost, key=cost.get)
+        if way == "factors":
+            r = w.u.shape[2]
+            left = delta @ w.u.permute(1, 0, 2).reshape(width, k * r)  # (B, T, k r)
+            right = a @ w.v.permute(1, 0, 2).reshape(depth, k * r)  # (B, T, k r)
+            total += (left * right).view(rows, t, k, r).sum((1, 3)).T
+        elif way == "products":
+            moved = (a @ w.dense.reshape(k * width, depth).T).view(rows, t, k, width)  # (B, T, k, out)
+            total += (moved * delta[:, :, None]).sum((1, 3)).T
+        else:
+            total += torch.einsum("boi,koi->kb", torch.einsum("bto,bti->boi", delta, a), w.dense)
         if layer.bias:
             total += tangents[layer.bias] @ delta.sum(1).T
     return total

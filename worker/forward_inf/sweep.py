@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.func import jvp, vmap
 
-from .layers import derivatives, linear_layers
+from .layers import derivatives, linear_layers, weights
 from .mirror import Functional, Params
 
 Progress = Callable[[int, int | None], None]
@@ -108,7 +108,8 @@ def sweep(
 
     ways = {"loop": by_loop, "vmap": by_vmap} if k > 1 else {"loop": by_loop}  # one set: vmap adds nothing
     if mode == "linear" and (layers := linear_layers(fm)) is not None:
-        ways["layers"] = lambda batch: derivatives(fm, task, batch, layers, stacked)
+        kept = weights(layers, stacked)  # factored where their rank is low: once per sweep
+        ways["layers"] = lambda batch: derivatives(fm, task, batch, layers, stacked, kept)
     if stacking != "auto" and stacking not in ways:
         stacking = "loop"
     out = []

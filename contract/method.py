@@ -54,6 +54,8 @@ def family_of(kind: str) -> Family:
 
 
 PresetName = Literal["attribution", "leakage", "mislabeled"]
+# finite mode subtracts two losses a small step apart: at bf16's 3 digits the difference is rounding
+AUTOCAST_LINEAR = "autocast needs mode='linear' (finite mode's loss differences vanish in reduced precision)"
 
 
 class Method(BaseModel):
@@ -87,6 +89,12 @@ class Method(BaseModel):
         "Kronecker-factored, any size (nn.Linear and nn.Conv2d layers only; others are left unperturbed); auto: the "
         "low-rank Hessian where affordable",
     )
+    autocast: Literal["none", "bfloat16", "float16"] = Field(
+        "none",
+        description="linear mode: the sweep's forward (and backward) in this precision by torch.autocast, the "
+        "mirrored step and the curvature at full precision; faster where the hardware has it (GPUs, CPUs with bf16 "
+        "units), scores to about 2-3 significant digits (docs/benchmarks.md, 'Reduced precision')",
+    )
     damping: Annotated[float, Field(strict=True, ge=0, le=1e6)] | Literal["auto"] = Field(
         "auto",
         description="added to the curvature's diagonal; auto: the weight decay the model was trained with, read "
@@ -100,6 +108,8 @@ class Method(BaseModel):
             raise ValueError("score='cosine' needs mode='linear' (a unit-norm first-order step)")
         if self.precondition != "none" and self.damping != "auto" and self.damping <= 0:
             raise ValueError("precondition needs damping > 0 (a classifier's curvature is singular without it)")
+        if self.autocast != "none" and self.mode != "linear":
+            raise ValueError(AUTOCAST_LINEAR)
         return self
 
 

@@ -185,6 +185,7 @@ ENGINE_FINGERPRINTS = {
         # jvp to rounding (auto checks it on its probe); a Tail keeps its output gradients
         "11ad17404a775c9a",
         "e82f7a633029de7f",  # the layers way multiplies low-rank weight tangents as factors: the same sums
+        "50d1705614c59efb",  # MirrorConfig.autocast, off by default (a method field: jobs that set it are new jobs)
     },
 }
 

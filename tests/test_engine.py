@@ -112,6 +112,25 @@ def test_the_layers_way_multiplies_low_rank_tangents_as_factors(problem, precond
     torch.testing.assert_close(fi.scores((x[:5], y[:5])), loop.scores((x[:5], y[:5])), rtol=1e-10, atol=1e-15)
 
 
+@pytest.mark.parametrize("way", ["loop", "layers"])
+def test_autocast_sweeps_in_reduced_precision_close_to_full(way):
+    """bfloat16 autocast: the sweep runs in it (the scores differ from full precision's), the scores come
+    back in the model's dtype and keep their order to bf16's rounding; finite mode refuses it."""
+    torch.manual_seed(0)
+    model = build("mlp", {"in_features": 16, "hidden": [32], "out_features": 4})
+    x, y = torch.randn(300, 16), torch.randint(0, 4, (300,))
+    config = MirrorConfig(precondition="none", stacking=way)
+    full = ForwardInf(model, Classification(), config).prepare((x, y)).scores((x[:3], y[:3]))
+    fi = ForwardInf(model, Classification(), config.replace(autocast="bfloat16")).prepare((x, y))
+    reduced = fi.scores((x[:3], y[:3]))
+    assert reduced.dtype == torch.float32 and not torch.equal(reduced, full)
+    assert ((reduced - full).norm() / full.norm()) < 0.02
+    for a, b in zip(full, reduced, strict=True):
+        assert len(set(a.topk(10).indices.tolist()) & set(b.topk(10).indices.tolist())) >= 8
+    with pytest.raises(AttributionInputError, match="autocast needs mode='linear'"):
+        MirrorConfig(mode="finite", autocast="bfloat16")
+
+
 class BatchMixing(torch.nn.Module):
     """A Linear on each record plus the batch's mean: a record's loss depends on the others in its batch."""
 

@@ -86,6 +86,9 @@ class MirrorConfig:
             "auto": curvature.auto_damping (the model's own weight decay where it sits at an L2 optimum,
             and the floor for parameters it did not decay; else a measured rule per curvature kind).
         curvature_samples: training points (spread evenly over the set) the curvature is estimated from.
+        autocast: "bfloat16" or "float16": linear mode's sweep (forward, and the layers way's backward)
+            under torch.autocast in that precision; the mirrored step, the curvature and the base losses
+            stay at `dtype`. "none": full precision.
         safeguard: for memorised test points under SGD, "normalize" rescales the gradient to unit norm
             before the step, so the row still ranks training points; "none" leaves it (rows near zero).
             Adam and signSGD steps are scale-free already.
@@ -111,6 +114,7 @@ class MirrorConfig:
     precondition: Literal["auto", "none", "diag", "hessian", "lowrank", "kfac", "ekfac"] = "auto"
     damping: float | Literal["auto"] = "auto"
     curvature_samples: int = 4096
+    autocast: Literal["none", "bfloat16", "float16"] = "none"
 
     def __post_init__(self) -> None:
         for name, choices in _choices(type(self)).items():
@@ -123,6 +127,8 @@ class MirrorConfig:
         for name in ("steps", "batch_size", "max_param_sets", "curvature_samples"):
             if int(getattr(self, name)) < 1:
                 raise AttributionInputError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.autocast != "none" and self.mode != "linear":
+            raise AttributionInputError("autocast needs mode='linear' (loss differences vanish in reduced precision)")
         if self.score == "cosine" and self.mode != "linear":
             raise AttributionInputError("score='cosine' needs mode='linear' (a unit-norm first-order step)")
         if self.precondition != "none" and self.damping != "auto" and self.damping <= 0:

@@ -551,6 +551,7 @@ class ForwardInf:
                     self.config.sign,
                     self._ways.get(hi - lo, self.config.stacking),
                     report,
+                    self.config.autocast,
                 )
                 self._ways[hi - lo] = way
                 self._way = "single" if hi - lo == 1 and way == "loop" else way

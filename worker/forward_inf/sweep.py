@@ -11,6 +11,8 @@ L(theta; z_i) depend only on the model and the training set: ForwardInf.prepare 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterable
 
@@ -30,7 +32,7 @@ PROBE_SHARE = 0.25
 AGREE = 1e-3  # the "layers" way's largest difference from the jvp's on the probe, over the jvp's largest value
 
 
-def _choose(ways: dict[str, Callable], batch: dict) -> str:
+def _choose(ways: dict[str, Callable], batch: dict, agree: float = AGREE) -> str:
     """The fastest of `ways` on a slice of `batch` (each run once to warm up, then timed), "layers" only
     where it ran and agrees with the jvp ("loop") there: it assumes each record's loss is its own."""
     probe, timings, values = _slice(batch, PROBE_SHARE), {}, {}
@@ -45,7 +47,7 @@ def _choose(ways: dict[str, Callable], batch: dict) -> str:
                 raise
     if "layers" in timings:
         reference = values["loop"]
-        if not (values["layers"] - reference).abs().max() <= AGREE * reference.abs().max():
+        if not (values["layers"] - reference).abs().max() <= agree * reference.abs().max():
             del timings["layers"]
     return min(timings, key=timings.get)
 
@@ -67,6 +69,7 @@ def sweep(
     sign: float,
     stacking: str = "auto",
     progress: Progress | None = None,
+    autocast: str = "none",
 ) -> tuple[torch.Tensor, str]:
     """(k, N) scores of every training point for k parameter-set deltas ((k, *shape) each).
 
@@ -77,7 +80,9 @@ def sweep(
     time those that apply on a slice of the first batch (PROBE_SHARE of its records, after a warm-up call
     each) and keep the fastest (so two engines may choose differently: the ways' scores agree to float
     rounding, not bit for bit). A way that does not apply (vmap for one set, layers elsewhere) is "loop".
-    Returns the scores and the way used.
+    `autocast` ("bfloat16", "float16"): every way runs under torch.autocast in that precision (linear
+    mode; "layers" must then agree with the jvp to that precision's rounding). Returns the scores and the
+    way used.
     """
     k = next(iter(deltas.values())).shape[0]
     if mode == "finite":
@@ -112,12 +117,20 @@ def sweep(
         ways["layers"] = lambda batch: derivatives(fm, task, batch, layers, stacked, kept)
     if stacking != "auto" and stacking not in ways:
         stacking = "loop"
+    full = next(iter(stacked.values())).dtype  # the scores' dtype, whatever the autocast
+    if autocast == "none":
+        precision, agree = contextlib.nullcontext, AGREE
+    else:
+        reduced = getattr(torch, autocast)
+        precision = functools.partial(torch.autocast, next(iter(stacked.values())).device.type, reduced)
+        agree = max(AGREE, 10 * torch.finfo(reduced).eps)
     out = []
     with torch.no_grad():
         for done, batch in enumerate(batches, 1):
-            if stacking == "auto":
-                stacking = _choose(ways, batch) if len(ways) > 1 else "loop"
-            value = ways[stacking](batch)
+            with precision():
+                if stacking == "auto":
+                    stacking = _choose(ways, batch, agree) if len(ways) > 1 else "loop"
+                value = ways[stacking](batch).to(full)  # (k, B)
             if mode == "finite":
                 value = value - base[batch["index"]]
             out.append(sign * value)

@@ -343,3 +343,28 @@ def test_the_ekfac_auto_took_for_an_indefinite_hessian_is_stored_and_adopted_by_
     solved = [fi.curvature.solve(grads) for fi in engines]
     for name in solved[0]:
         assert torch.equal(solved[0][name], solved[1][name]), name
+
+
+def test_a_streamed_shard_is_read_a_batch_ahead_by_a_thread(big_settings, monkeypatch):
+    """A shard over the warm budget is read batch by batch (worker.warm.Stream), each next batch by a
+    thread while the sweep computes on this one: the same batches as a plain read, read ahead."""
+    import threading
+
+    from worker.warm import Stream
+
+    d = Registry(big_settings.registry_dir).dataset("digits-big")
+    plain = list(d.batches(0, 4096))
+    readers, rows = [], type(d).rows
+
+    def seen(self, *args, **kwargs):  # records the reading thread, then reads as before
+        readers.append(threading.current_thread().name)
+        return rows(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(d), "rows", seen)
+    batches = iter(Stream(d, 0, 4096))
+    first = next(batches)
+    wait_for(lambda: len(readers) == 2, timeout=30)  # the second batch is read before it is asked for
+    streamed = [first, *batches]
+    assert len(streamed) == len(plain) > 2 and all(name.startswith("prefetch") for name in readers)
+    for a, b in zip(plain, streamed, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(torch.from_numpy(a[k]), b[k]) for k in a)

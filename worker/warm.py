@@ -16,6 +16,7 @@ import json
 import os
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -288,15 +289,21 @@ class Warm:
 
 
 class Stream:
-    """Shard n of a dataset as a re-iterable of batches, each read from its file when reached (the
-    engine's data protocol, worker/forward_inf/data.py): sweeping it holds one batch, whatever its size."""
+    """Shard n of a dataset as a re-iterable of batches read from its file (the engine's data protocol,
+    worker/forward_inf/data.py), each next one read by a thread while the sweep computes on this one:
+    sweeping it holds two batches, whatever its size, and reads overlap compute (file reads release the
+    GIL)."""
 
     def __init__(self, d: DatasetManifest, n: int, batch_size: int):
         self.d, self.n, self.batch_size = d, n, batch_size
 
     def __iter__(self):
-        for arrays in self.d.batches(self.n, self.batch_size):
-            yield {k: torch.from_numpy(v) for k, v in arrays.items()}
+        batches = self.d.batches(self.n, self.batch_size)
+        with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as reader:
+            ahead = reader.submit(next, batches, None)
+            while (arrays := ahead.result()) is not None:
+                ahead = reader.submit(next, batches, None)
+                yield {k: torch.from_numpy(v) for k, v in arrays.items()}
 
     def size(self) -> int:
         return self.d.shards[self.n].size

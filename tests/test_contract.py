@@ -186,6 +186,7 @@ ENGINE_FINGERPRINTS = {
         "11ad17404a775c9a",
         "e82f7a633029de7f",  # the layers way multiplies low-rank weight tangents as factors: the same sums
         "50d1705614c59efb",  # MirrorConfig.autocast, off by default (a method field: jobs that set it are new jobs)
+        "79e169563bb91303",  # the layers way bounds each record's gradients held per layer (GRADIENTS_BYTES)
     },
 }
 

@@ -21,7 +21,7 @@ from app.resolve import encode_text
 from contract.registry import Registry
 from contract.schemas import TextTest
 from worker.corpus import fact_corpus
-from worker.forward_inf import ForwardInf, MirrorConfig, families, make_task
+from worker.forward_inf import ForwardInf, MirrorConfig, families, layers, make_task
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -105,9 +105,10 @@ def test_linear_mode_equals_per_example_gradient_dot_products_on_gpt2(tmp_path):
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_the_layers_way_equals_the_jvp_on_gpt2_conv1d_layers(tmp_path, k):
+def test_the_layers_way_equals_the_jvp_on_gpt2_conv1d_layers(tmp_path, k, monkeypatch):
     """K-FAC perturbs GPT-2's Conv1D layers alone, so linear mode can read their terms from one backward
-    pass: by products with the inputs at k = 1, by each sequence's gradient at k = 3 (10 positions)."""
+    pass: by products with the inputs at k = 1, by each sequence's gradient at k = 3 (10 positions), or
+    by the products where those gradients would not fit."""
     gpt2(tmp_path, vocab=48)
     model = families.load("transformers:causal-lm", tmp_path, "model.safetensors", {})
     train = {"inputs": torch.randint(1, 48, (12, 10), generator=torch.Generator().manual_seed(3))}
@@ -118,6 +119,8 @@ def test_the_layers_way_equals_the_jvp_on_gpt2_conv1d_layers(tmp_path, k):
         scores[way], used[way] = fi.scores({"inputs": train["inputs"][:k]}), fi.execution()["stacking"]
     assert used == {"loop": "single" if k == 1 else "loop", "layers": "layers"}
     torch.testing.assert_close(scores["layers"], scores["loop"], rtol=1e-9, atol=1e-12)
+    monkeypatch.setattr(layers, "GRADIENTS_BYTES", 0)  # no room for each sequence's gradient: the products
+    torch.testing.assert_close(fi.scores({"inputs": train["inputs"][:k]}), scores["loop"], rtol=1e-9, atol=1e-12)
 
 
 def test_kronecker_curvature_covers_gpt2_conv1d_layers(tmp_path):

@@ -41,6 +41,7 @@ def linear_layers(fm: Functional) -> list[Layer] | None:
 
 
 RANK_PROBE = 8  # columns of the range finder that looks for low-rank weight tangents (`weights`)
+GRADIENTS_BYTES = 1 << 28  # a batch's per-record gradients of one layer held at most (else the products)
 
 
 @dataclass
@@ -101,7 +102,9 @@ def derivatives(fm: Functional, task, batch: dict, layers: list[Layer], tangents
         w = kept[layer.module]
         k, width, depth = w.dense.shape
         t = a.shape[1]
-        cost = {"products": k * t * width * depth, "gradients": (t + k) * width * depth}
+        cost = {"products": k * t * width * depth}
+        if rows * width * depth * a.element_size() <= GRADIENTS_BYTES:  # (B, out, in) at once
+            cost["gradients"] = (t + k) * width * depth
         if w.u is not None:
             cost["factors"] = k * t * w.u.shape[2] * (width + depth)
         way = min(cost, key=cost.get)

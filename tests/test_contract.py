@@ -187,6 +187,7 @@ ENGINE_FINGERPRINTS = {
         "e82f7a633029de7f",  # the layers way multiplies low-rank weight tangents as factors: the same sums
         "50d1705614c59efb",  # MirrorConfig.autocast, off by default (a method field: jobs that set it are new jobs)
         "79e169563bb91303",  # the layers way bounds each record's gradients held per layer (GRADIENTS_BYTES)
+        "791ba53e774d639b",  # the tangents' rank is found only when the layers way runs
     },
 }
 

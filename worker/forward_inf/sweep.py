@@ -26,7 +26,7 @@ Progress = Callable[[int, int | None], None]
 PreparedBatches = Iterable[dict]
 
 
-# stacking "auto" times its two ways on this share of the first batch: 4 slice passes instead of 4 batch
+# stacking "auto" times its ways on this share of the first batch: 2 slice passes per way instead of 2 batch
 # passes (GPT-2 124M at k = 8 on 2 CPU cores: the choice cost 213.8 s over a batch of 8, docs/benchmarks.md)
 PROBE_SHARE = 0.25
 AGREE = 1e-3  # the "layers" way's largest difference from the jvp's on the probe, over the jvp's largest value
@@ -113,8 +113,8 @@ def sweep(
 
     ways = {"loop": by_loop, "vmap": by_vmap} if k > 1 else {"loop": by_loop}  # one set: vmap adds nothing
     if mode == "linear" and (layers := linear_layers(fm)) is not None:
-        kept = weights(layers, stacked)  # factored where their rank is low: once per sweep
-        ways["layers"] = lambda batch: derivatives(fm, task, batch, layers, stacked, kept)
+        kept = functools.cache(lambda: weights(layers, stacked))  # factored where their rank is low: once, if used
+        ways["layers"] = lambda batch: derivatives(fm, task, batch, layers, stacked, kept())
     if stacking != "auto" and stacking not in ways:
         stacking = "loop"
     full = next(iter(stacked.values())).dtype  # the scores' dtype, whatever the autocast
